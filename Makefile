@@ -1,0 +1,33 @@
+# `make test` sets itself up on a fresh machine: a Python 3.12 virtual
+# environment in .venv, the pinned requirements, the package in editable mode.
+SHELL := /bin/bash
+VENV ?= .venv
+# python3.12 from PATH, or pyenv's 3.12 when its shim is not the active one.
+PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python3.12; do \
+  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+PY := $(VENV)/bin/python
+
+.PHONY: test lint format setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found; install it (pyenv install 3.12) or pass PYTHON312=/path/to/python3.12" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q tests
+
+lint: setup
+	$(PY) -m ruff check mnv2_flax tests tools configs
+	$(PY) -m ruff format --check mnv2_flax tests tools configs
+
+format: setup
+	$(PY) -m ruff format mnv2_flax tests tools configs
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,338 @@
+"""MobileNetV2 (Sandler et al. 2018) as pure Flax Linen modules.
+
+The architecture follows the paper's Table 2 and the authors' TF-slim code to
+the last channel: 17 inverted residual blocks between a 3x3 stem and a 1x1
+head, channels rounded with `make_divisible(v, 8)`, the head kept at 1280
+channels for width multipliers up to 1.0.
+
+Two numerics conventions are selectable so that published weights load:
+`padding='tf'` (TF 'SAME', TF-slim/Keras checkpoints) and `padding='torch'`
+(symmetric padding 1, torchvision/timm checkpoints). They differ only in the
+stride-2 3x3 convolutions applied to an even-sized input.
+
+Usage:
+  model = MobileNetV2(num_classes=10, width_multiplier=0.5)
+  variables = model.init(jax.random.key(0), images_nhwc, train=False)
+  logits = model.apply(variables, images_nhwc, train=False)
+  logits, updates = model.apply(variables, images_nhwc, train=True,
+                                mutable=['batch_stats'],
+                                rngs={'dropout': key})
+"""
+
+from collections.abc import Callable, Sequence
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ModuleDef = Any
+Dtype = Any
+
+# Paper Table 2: (expansion t, output channels c, repeats n, first stride s).
+BLOCK_SPECS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+MIN_RESOLUTION = 32
+
+PADDINGS = ('tf', 'torch')
+SHORTCUTS = ('bottleneck', 'expansion', 'none')
+BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
+INIT_SCHEMES = ('tf_slim', 'torchvision')
+
+# The published variants, by name. Resolution is a property of the input, not
+# of the model: `mobilenet_v2_100` serves every row 1.0/96 ... 1.0/224.
+PRESETS: dict[str, dict[str, Any]] = {
+    'mobilenet_v2_035': dict(width_multiplier=0.35),
+    'mobilenet_v2_050': dict(width_multiplier=0.5),
+    'mobilenet_v2_075': dict(width_multiplier=0.75),
+    'mobilenet_v2_100': dict(width_multiplier=1.0),
+    'mobilenet_v2_130': dict(width_multiplier=1.3),
+    'mobilenet_v2_140': dict(width_multiplier=1.4),
+}
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+  """Rounds `value` to the nearest multiple of `divisor`, never below 90%.
+
+  The rule shared by TF-slim, Keras, torchvision and timm: at least `divisor`,
+  and if rounding lost more than 10% of `value`, one more `divisor` is added.
+  """
+  rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+  if rounded < 0.9 * value:
+    rounded += divisor
+  return rounded
+
+
+def _kernel_inits(scheme: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """Returns (conv kernel init, dense kernel init) of a reference codebase."""
+  if scheme == 'tf_slim':
+    # mobilenet.training_scope: truncated normal, stddev of the untruncated
+    # distribution 0.09, for conv, depthwise and the logits layer alike.
+    trunc = nn.initializers.truncated_normal(stddev=0.09)
+    return trunc, trunc
+  # torchvision: kaiming_normal_(mode='fan_out') on convs (a depthwise kernel's
+  # fan-out is 9 * C in both frameworks), normal(0, 0.01) on the classifier.
+  return (nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+          nn.initializers.normal(stddev=0.01))
+
+
+def _check_choice(field: str, value: Any, valid: Sequence[Any]) -> None:
+  if value not in valid:
+    raise ValueError(f'{field}={value!r} is not valid; expected one of '
+                     f'{", ".join(repr(v) for v in valid)}.')
+
+
+def _check_images(x: jax.Array) -> None:
+  if x.ndim != 4:
+    raise ValueError(f'images must have rank 4 (batch, height, width, 3), '
+                     f'got shape {tuple(x.shape)}.')
+  if x.shape[-1] != 3:
+    raise ValueError(f'images must have 3 channels (NHWC layout), got '
+                     f'{x.shape[-1]} in shape {tuple(x.shape)}.')
+  height, width = x.shape[1:3]
+  if min(height, width) < MIN_RESOLUTION:
+    raise ValueError(f'image resolution {height}x{width} is too small; '
+                     f'height and width must be >= {MIN_RESOLUTION}.')
+
+
+class InvertedResidual(nn.Module):
+  """The inverted residual block with a linear bottleneck (paper Fig. 3b).
+
+  1x1 expansion + BN + ReLU6 (absent when `expand_ratio` is 1), 3x3 depthwise
+  conv with `strides` + BN + ReLU6, 1x1 projection + BN with no activation.
+  With `shortcut='bottleneck'` the input is added to the output exactly when
+  `strides == 1` and the input and output channel counts are equal.
+
+  Attributes:
+    features: output channels of the projection.
+    strides: stride of the depthwise convolution.
+    expand_ratio: hidden width = round(expand_ratio * input channels).
+    bottleneck_activation: 'linear' (the paper) or 'relu6' after the
+      projection (Fig. 6a ablation).
+    shortcut: 'bottleneck' (the paper), 'expansion' (Fig. 6b: the block adds
+      the previous block's expanded activation, passed as `expansion_skip`, to
+      its own) or 'none'.
+    depthwise_padding: padding of the 3x3 depthwise conv, in `nn.Conv` terms.
+    conv: a `nn.Conv` constructor with dtype and initialiser bound.
+    norm: a `nn.BatchNorm` constructor with momentum, epsilon, axis_name bound.
+  """
+
+  features: int
+  strides: int = 1
+  expand_ratio: float = 6
+  bottleneck_activation: str = 'linear'
+  shortcut: str = 'bottleneck'
+  depthwise_padding: Any = 'SAME'
+  conv: ModuleDef = functools.partial(nn.Conv, use_bias=False)
+  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.997,
+                                      epsilon=1e-3)
+
+  def has_residual(self, in_channels: int) -> bool:
+    """Whether the bottleneck residual applies for this input width."""
+    return (self.shortcut == 'bottleneck' and self.strides == 1
+            and in_channels == self.features)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               expansion_skip: jax.Array | None = None,
+               return_expanded: bool = False):
+    """Applies the block.
+
+    Args:
+      x: input of shape (N, H, W, C_in).
+      train: batch statistics and their update when True, running averages
+        when False.
+      expansion_skip: with `shortcut='expansion'`, the previous block's
+        expanded activation, added to this block's when the shapes agree.
+      return_expanded: also return the expanded activation (input of the
+        depthwise conv), for chaining `shortcut='expansion'` blocks.
+
+    Returns:
+      The output of shape (N, H / strides, W / strides, features), and the
+      expanded activation if `return_expanded`.
+    """
+    norm = functools.partial(self.norm, use_running_average=not train)
+    in_channels = x.shape[-1]
+    hidden = int(round(in_channels * self.expand_ratio))
+    h = x
+    if self.expand_ratio != 1:
+      h = self.conv(hidden, (1, 1), name='expand_conv')(h)
+      h = nn.relu6(norm(name='expand_bn')(h))
+    if (self.shortcut == 'expansion' and expansion_skip is not None
+        and expansion_skip.shape == h.shape):
+      h = h + expansion_skip
+    expanded = h
+    self.sow('intermediates', 'expanded', expanded)
+    h = self.conv(hidden, (3, 3), strides=self.strides,
+                  padding=self.depthwise_padding, feature_group_count=hidden,
+                  name='depthwise_conv')(h)
+    h = nn.relu6(norm(name='depthwise_bn')(h))
+    h = self.conv(self.features, (1, 1), name='project_conv')(h)
+    h = norm(name='project_bn')(h)
+    if self.bottleneck_activation == 'relu6':
+      h = nn.relu6(h)
+    if self.has_residual(in_channels):
+      h = h + x
+    return (h, expanded) if return_expanded else h
+
+
+class MobileNetV2(nn.Module):
+  """MobileNetV2 classifier on NHWC images.
+
+  Attributes:
+    num_classes: classifier outputs; 0 removes the classifier and the model
+      returns the pooled features.
+    width_multiplier: scales every layer's channels (rounded to multiples of
+      8); the 1280-channel head is only scaled above 1.0.
+    dropout_rate: dropout before the classifier (rng stream 'dropout').
+    bn_momentum: Flax momentum of the running averages (TF-slim decay 0.997;
+      torch momentum 0.1 is 0.9 here).
+    bn_epsilon: BatchNorm epsilon (TF-slim 1e-3, torch 1e-5).
+    bn_axis_name: pmap axis name over which batch statistics are averaged.
+    dtype: computation dtype (for example jnp.bfloat16); logits are float32.
+    param_dtype: parameter dtype.
+    padding: 'tf' (TF 'SAME') or 'torch' (symmetric 1) for the 3x3 convs.
+    init_scheme: kernel initialisers of 'tf_slim' or 'torchvision'.
+    expand_ratio: overrides t=6 of every bottleneck row (the first row keeps
+      t=1 as in the paper).
+    bottleneck_activation: 'linear' (paper) or 'relu6' (Fig. 6a ablation).
+    shortcut: 'bottleneck' (paper), 'expansion' or 'none' (Fig. 6b). With
+      'expansion', the bottleneck residuals are removed and each block's
+      expanded activation (after expansion conv, BN and ReLU6) is added to the
+      next block's expanded activation whenever their shapes are equal: this
+      happens exactly after the 10 blocks that carry a bottleneck residual in
+      the paper's design (stride 1, equal in/out channels), since the next
+      block expands the same channels at the same resolution.
+  """
+
+  num_classes: int = 1000
+  width_multiplier: float = 1.0
+  dropout_rate: float = 0.2
+  bn_momentum: float = 0.997
+  bn_epsilon: float = 1e-3
+  bn_axis_name: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  padding: str = 'tf'
+  init_scheme: str = 'tf_slim'
+  expand_ratio: float | None = None
+  bottleneck_activation: str = 'linear'
+  shortcut: str = 'bottleneck'
+
+  def __post_init__(self):
+    if not isinstance(self.width_multiplier, (int, float)) or (
+        self.width_multiplier <= 0):
+      raise ValueError(f'width_multiplier={self.width_multiplier!r} is not '
+                       'valid; expected a number > 0 (published: 0.35, 0.5, '
+                       '0.75, 1.0, 1.3, 1.4).')
+    if not isinstance(self.num_classes, int) or self.num_classes < 0:
+      raise ValueError(f'num_classes={self.num_classes!r} is not valid; '
+                       'expected an integer >= 0 (0 = no classifier).')
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f'dropout_rate={self.dropout_rate!r} is not valid; '
+                       'expected 0 <= dropout_rate < 1.')
+    if not 0 <= self.bn_momentum <= 1:
+      raise ValueError(f'bn_momentum={self.bn_momentum!r} is not valid; '
+                       'expected a value in [0, 1].')
+    if not self.bn_epsilon > 0:
+      raise ValueError(f'bn_epsilon={self.bn_epsilon!r} is not valid; '
+                       'expected a value > 0.')
+    if self.expand_ratio is not None and not self.expand_ratio > 0:
+      raise ValueError(f'expand_ratio={self.expand_ratio!r} is not valid; '
+                       'expected None (the paper\'s 6) or a number > 0.')
+    _check_choice('padding', self.padding, PADDINGS)
+    _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
+    _check_choice('shortcut', self.shortcut, SHORTCUTS)
+    _check_choice('bottleneck_activation', self.bottleneck_activation,
+                  BOTTLENECK_ACTIVATIONS)
+    super().__post_init__()
+
+  @property
+  def stem_channels(self) -> int:
+    return make_divisible(STEM_CHANNELS * self.width_multiplier)
+
+  @property
+  def head_channels(self) -> int:
+    return make_divisible(HEAD_CHANNELS * max(1.0, self.width_multiplier))
+
+  def block_configs(self) -> list[tuple[float, int, int]]:
+    """Per block (expand ratio, output channels, stride), in order."""
+    configs = []
+    for t, c, n, s in BLOCK_SPECS:
+      if t != 1 and self.expand_ratio is not None:
+        t = self.expand_ratio
+      channels = make_divisible(c * self.width_multiplier)
+      configs += [(t, channels, s if i == 0 else 1) for i in range(n)]
+    return configs
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False,
+               features_only: bool = False) -> jax.Array:
+    """Runs the network.
+
+    Args:
+      x: images of shape (N, H, W, 3), H and W >= 32.
+      train: BatchNorm uses (and updates, with `mutable=['batch_stats']`) batch
+        statistics, and dropout is active, when True.
+      features_only: return the globally pooled features (N, head_channels)
+        instead of the logits, for fine-tuning and linear probes.
+
+    Returns:
+      float32 logits (N, num_classes), or the pooled features.
+    """
+    _check_images(x)
+    conv_init, dense_init = _kernel_inits(self.init_scheme)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=conv_init)
+    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
+                             epsilon=self.bn_epsilon, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             axis_name=self.bn_axis_name)
+    pad_3x3 = 'SAME' if self.padding == 'tf' else ((1, 1), (1, 1))
+
+    x = jnp.asarray(x, self.dtype)
+    x = conv(self.stem_channels, (3, 3), strides=2, padding=pad_3x3,
+             name='stem_conv')(x)
+    x = nn.relu6(norm(use_running_average=not train, name='stem_bn')(x))
+
+    skip = None
+    for i, (t, channels, stride) in enumerate(self.block_configs()):
+      block = InvertedResidual(
+          features=channels, strides=stride, expand_ratio=t,
+          bottleneck_activation=self.bottleneck_activation,
+          shortcut=self.shortcut, depthwise_padding=pad_3x3, conv=conv,
+          norm=norm, name=f'block_{i + 1:02d}')
+      in_channels = x.shape[-1]
+      x, expanded = block(x, train, expansion_skip=skip, return_expanded=True)
+      # The expanded activation feeds the next block's only where the paper's
+      # design has a bottleneck residual (stride 1, equal channels).
+      skip = expanded if (self.shortcut == 'expansion' and stride == 1
+                          and in_channels == channels) else None
+
+    x = conv(self.head_channels, (1, 1), name='head_conv')(x)
+    x = nn.relu6(norm(use_running_average=not train, name='head_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    if features_only or self.num_classes == 0:
+      return x.astype(jnp.float32)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 param_dtype=self.param_dtype, kernel_init=dense_init,
+                 name='classifier')(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(name: str, **kwargs: Any) -> MobileNetV2:
+  """Builds a published variant by name (see PRESETS), with overrides."""
+  _check_choice('name', name, tuple(PRESETS))
+  return MobileNetV2(**{**PRESETS[name], **kwargs})
