@@ -27,8 +27,8 @@ from mnv2_flax import models
 # The MobileNetV2 fields that reproduce torchvision's numerics: symmetric
 # padding, BN epsilon 1e-5 and torch momentum 0.1 (Flax 0.9), its initialisers.
 TORCHVISION_KWARGS: dict[str, Any] = dict(
-    padding='torch', bn_epsilon=1e-5, bn_momentum=0.9,
-    init_scheme='torchvision')
+  padding='torch', bn_epsilon=1e-5, bn_momentum=0.9, init_scheme='torchvision'
+)
 
 # Keys of a torch state dict that hold no model state.
 _IGNORED_SUFFIXES = ('.num_batches_tracked',)
@@ -63,7 +63,7 @@ def _torch_prefixes(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 
 
 def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-  """The torch layout of a Flax array shape (HWIO -> OIHW, (in, out) -> (out, in))."""
+  """Torch layout of a Flax shape: HWIO -> OIHW, (in, out) -> (out, in)."""
   if len(flax_shape) == 4:
     h, w, i, o = flax_shape
     return (o, i, h, w)
@@ -74,20 +74,38 @@ def _layer_entries(path: str, prefix: str):
   """Yields (collection, flax path, torch key, to_flax) for one layer."""
   if path.endswith('_bn'):
     for flax_name, torch_name in (('scale', 'weight'), ('bias', 'bias')):
-      yield 'params', (*path.split('/'), flax_name), f'{prefix}.{torch_name}', (
-          lambda a: a)
-    for flax_name, torch_name in (('mean', 'running_mean'),
-                                  ('var', 'running_var')):
-      yield 'batch_stats', (*path.split('/'), flax_name), (
-          f'{prefix}.{torch_name}'), lambda a: a
+      yield (
+        'params',
+        (*path.split('/'), flax_name),
+        f'{prefix}.{torch_name}',
+        (lambda a: a),
+      )
+    for flax_name, torch_name in (
+      ('mean', 'running_mean'),
+      ('var', 'running_var'),
+    ):
+      yield (
+        'batch_stats',
+        (*path.split('/'), flax_name),
+        (f'{prefix}.{torch_name}'),
+        lambda a: a,
+      )
   elif path == 'classifier':
-    yield 'params', ('classifier', 'kernel'), f'{prefix}.weight', (
-        lambda a: a.T)  # Linear (out, in) -> Dense (in, out).
+    yield (
+      'params',
+      ('classifier', 'kernel'),
+      f'{prefix}.weight',
+      (lambda a: a.T),
+    )  # Linear (out, in) -> Dense (in, out).
     yield 'params', ('classifier', 'bias'), f'{prefix}.bias', lambda a: a
   else:
     # Conv OIHW -> HWIO; a depthwise (C, 1, 3, 3) becomes (3, 3, 1, C).
-    yield 'params', (*path.split('/'), 'kernel'), f'{prefix}.weight', (
-        lambda a: a.transpose(2, 3, 1, 0))
+    yield (
+      'params',
+      (*path.split('/'), 'kernel'),
+      f'{prefix}.weight',
+      (lambda a: a.transpose(2, 3, 1, 0)),
+    )
 
 
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
@@ -102,8 +120,9 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def from_torchvision(state_dict: Mapping[str, Any], **model_kwargs: Any
-                     ) -> dict[str, Any]:
+def from_torchvision(
+  state_dict: Mapping[str, Any], **model_kwargs: Any
+) -> dict[str, Any]:
   """Converts a torchvision-layout MobileNetV2 state dict to Flax variables.
 
   Args:
@@ -120,31 +139,40 @@ def from_torchvision(state_dict: Mapping[str, Any], **model_kwargs: Any
     ValueError: naming every missing, unexpected or mis-shaped entry.
   """
   model = torchvision_model(**model_kwargs)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+    )
+  )
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   problems, used = [], set()
   for path, prefix in _torch_prefixes(shapes['params']):
     for collection, flax_path, key, to_flax in _layer_entries(path, prefix):
       expected = tuple(_get(shapes[collection], flax_path).shape)
       if key not in state_dict:
-        problems.append(f'missing {key!r} (for {"/".join(flax_path)}, '
-                        f'expected shape {_torch_shape(expected)})')
+        problems.append(
+          f'missing {key!r} (for {"/".join(flax_path)}, '
+          f'expected shape {_torch_shape(expected)})'
+        )
         continue
       used.add(key)
       value = to_flax(np.asarray(state_dict[key], dtype=np.float32))
       if value.shape != expected:
         problems.append(
-            f'{key!r} has shape {tuple(np.shape(state_dict[key]))}, expected '
-            f'{_torch_shape(expected)} for {"/".join(flax_path)} '
-            f'of width_multiplier={model.width_multiplier}, '
-            f'num_classes={model.num_classes}')
+          f'{key!r} has shape {tuple(np.shape(state_dict[key]))}, expected '
+          f'{_torch_shape(expected)} for {"/".join(flax_path)} '
+          f'of width_multiplier={model.width_multiplier}, '
+          f'num_classes={model.num_classes}'
+        )
         continue
       _set(variables[collection], flax_path, value)
-  unexpected = sorted(k for k in state_dict if k not in used
-                      and not k.endswith(_IGNORED_SUFFIXES))
+  unexpected = sorted(
+    k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+  )
   problems += [f'unexpected {k!r}' for k in unexpected]
   if problems:
-    raise ValueError('state dict does not match a torchvision MobileNetV2: '
-                     + '; '.join(problems))
+    raise ValueError(
+      'state dict does not match a torchvision MobileNetV2: '
+      + '; '.join(problems)
+    )
   return variables

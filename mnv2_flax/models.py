@@ -32,13 +32,13 @@ Dtype = Any
 
 # Paper Table 2: (expansion t, output channels c, repeats n, first stride s).
 BLOCK_SPECS: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 2),
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
+  (1, 16, 1, 1),
+  (6, 24, 2, 2),
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
@@ -52,12 +52,12 @@ INIT_SCHEMES = ('tf_slim', 'torchvision')
 # The published variants, by name. Resolution is a property of the input, not
 # of the model: `mobilenet_v2_100` serves every row 1.0/96 ... 1.0/224.
 PRESETS: dict[str, dict[str, Any]] = {
-    'mobilenet_v2_035': dict(width_multiplier=0.35),
-    'mobilenet_v2_050': dict(width_multiplier=0.5),
-    'mobilenet_v2_075': dict(width_multiplier=0.75),
-    'mobilenet_v2_100': dict(width_multiplier=1.0),
-    'mobilenet_v2_130': dict(width_multiplier=1.3),
-    'mobilenet_v2_140': dict(width_multiplier=1.4),
+  'mobilenet_v2_035': dict(width_multiplier=0.35),
+  'mobilenet_v2_050': dict(width_multiplier=0.5),
+  'mobilenet_v2_075': dict(width_multiplier=0.75),
+  'mobilenet_v2_100': dict(width_multiplier=1.0),
+  'mobilenet_v2_130': dict(width_multiplier=1.3),
+  'mobilenet_v2_140': dict(width_multiplier=1.4),
 }
 
 
@@ -82,27 +82,37 @@ def _kernel_inits(scheme: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     return trunc, trunc
   # torchvision: kaiming_normal_(mode='fan_out') on convs (a depthwise kernel's
   # fan-out is 9 * C in both frameworks), normal(0, 0.01) on the classifier.
-  return (nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
-          nn.initializers.normal(stddev=0.01))
+  return (
+    nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
+    nn.initializers.normal(stddev=0.01),
+  )
 
 
 def _check_choice(field: str, value: Any, valid: Sequence[Any]) -> None:
   if value not in valid:
-    raise ValueError(f'{field}={value!r} is not valid; expected one of '
-                     f'{", ".join(repr(v) for v in valid)}.')
+    raise ValueError(
+      f'{field}={value!r} is not valid; expected one of '
+      f'{", ".join(repr(v) for v in valid)}.'
+    )
 
 
 def _check_images(x: jax.Array) -> None:
   if x.ndim != 4:
-    raise ValueError(f'images must have rank 4 (batch, height, width, 3), '
-                     f'got shape {tuple(x.shape)}.')
+    raise ValueError(
+      f'images must have rank 4 (batch, height, width, 3), '
+      f'got shape {tuple(x.shape)}.'
+    )
   if x.shape[-1] != 3:
-    raise ValueError(f'images must have 3 channels (NHWC layout), got '
-                     f'{x.shape[-1]} in shape {tuple(x.shape)}.')
+    raise ValueError(
+      f'images must have 3 channels (NHWC layout), got '
+      f'{x.shape[-1]} in shape {tuple(x.shape)}.'
+    )
   height, width = x.shape[1:3]
   if min(height, width) < MIN_RESOLUTION:
-    raise ValueError(f'image resolution {height}x{width} is too small; '
-                     f'height and width must be >= {MIN_RESOLUTION}.')
+    raise ValueError(
+      f'image resolution {height}x{width} is too small; '
+      f'height and width must be >= {MIN_RESOLUTION}.'
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -134,18 +144,26 @@ class InvertedResidual(nn.Module):
   shortcut: str = 'bottleneck'
   depthwise_padding: Any = 'SAME'
   conv: ModuleDef = functools.partial(nn.Conv, use_bias=False)
-  norm: ModuleDef = functools.partial(nn.BatchNorm, momentum=0.997,
-                                      epsilon=1e-3)
+  norm: ModuleDef = functools.partial(
+    nn.BatchNorm, momentum=0.997, epsilon=1e-3
+  )
 
   def has_residual(self, in_channels: int) -> bool:
     """Whether the bottleneck residual applies for this input width."""
-    return (self.shortcut == 'bottleneck' and self.strides == 1
-            and in_channels == self.features)
+    return (
+      self.shortcut == 'bottleneck'
+      and self.strides == 1
+      and in_channels == self.features
+    )
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               expansion_skip: jax.Array | None = None,
-               return_expanded: bool = False):
+  def __call__(
+    self,
+    x: jax.Array,
+    train: bool = False,
+    expansion_skip: jax.Array | None = None,
+    return_expanded: bool = False,
+  ):
     """Applies the block.
 
     Args:
@@ -168,14 +186,22 @@ class InvertedResidual(nn.Module):
     if self.expand_ratio != 1:
       h = self.conv(hidden, (1, 1), name='expand_conv')(h)
       h = nn.relu6(norm(name='expand_bn')(h))
-    if (self.shortcut == 'expansion' and expansion_skip is not None
-        and expansion_skip.shape == h.shape):
+    if (
+      self.shortcut == 'expansion'
+      and expansion_skip is not None
+      and expansion_skip.shape == h.shape
+    ):
       h = h + expansion_skip
     expanded = h
     self.sow('intermediates', 'expanded', expanded)
-    h = self.conv(hidden, (3, 3), strides=self.strides,
-                  padding=self.depthwise_padding, feature_group_count=hidden,
-                  name='depthwise_conv')(h)
+    h = self.conv(
+      hidden,
+      (3, 3),
+      strides=self.strides,
+      padding=self.depthwise_padding,
+      feature_group_count=hidden,
+      name='depthwise_conv',
+    )(h)
     h = nn.relu6(norm(name='depthwise_bn')(h))
     h = self.conv(self.features, (1, 1), name='project_conv')(h)
     h = norm(name='project_bn')(h)
@@ -231,30 +257,45 @@ class MobileNetV2(nn.Module):
 
   def __post_init__(self):
     if not isinstance(self.width_multiplier, (int, float)) or (
-        self.width_multiplier <= 0):
-      raise ValueError(f'width_multiplier={self.width_multiplier!r} is not '
-                       'valid; expected a number > 0 (published: 0.35, 0.5, '
-                       '0.75, 1.0, 1.3, 1.4).')
+      self.width_multiplier <= 0
+    ):
+      raise ValueError(
+        f'width_multiplier={self.width_multiplier!r} is not '
+        'valid; expected a number > 0 (published: 0.35, 0.5, '
+        '0.75, 1.0, 1.3, 1.4).'
+      )
     if not isinstance(self.num_classes, int) or self.num_classes < 0:
-      raise ValueError(f'num_classes={self.num_classes!r} is not valid; '
-                       'expected an integer >= 0 (0 = no classifier).')
+      raise ValueError(
+        f'num_classes={self.num_classes!r} is not valid; '
+        'expected an integer >= 0 (0 = no classifier).'
+      )
     if not 0 <= self.dropout_rate < 1:
-      raise ValueError(f'dropout_rate={self.dropout_rate!r} is not valid; '
-                       'expected 0 <= dropout_rate < 1.')
+      raise ValueError(
+        f'dropout_rate={self.dropout_rate!r} is not valid; '
+        'expected 0 <= dropout_rate < 1.'
+      )
     if not 0 <= self.bn_momentum <= 1:
-      raise ValueError(f'bn_momentum={self.bn_momentum!r} is not valid; '
-                       'expected a value in [0, 1].')
+      raise ValueError(
+        f'bn_momentum={self.bn_momentum!r} is not valid; '
+        'expected a value in [0, 1].'
+      )
     if not self.bn_epsilon > 0:
-      raise ValueError(f'bn_epsilon={self.bn_epsilon!r} is not valid; '
-                       'expected a value > 0.')
+      raise ValueError(
+        f'bn_epsilon={self.bn_epsilon!r} is not valid; expected a value > 0.'
+      )
     if self.expand_ratio is not None and not self.expand_ratio > 0:
-      raise ValueError(f'expand_ratio={self.expand_ratio!r} is not valid; '
-                       'expected None (the paper\'s 6) or a number > 0.')
+      raise ValueError(
+        f'expand_ratio={self.expand_ratio!r} is not valid; '
+        "expected None (the paper's 6) or a number > 0."
+      )
     _check_choice('padding', self.padding, PADDINGS)
     _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
-    _check_choice('bottleneck_activation', self.bottleneck_activation,
-                  BOTTLENECK_ACTIVATIONS)
+    _check_choice(
+      'bottleneck_activation',
+      self.bottleneck_activation,
+      BOTTLENECK_ACTIVATIONS,
+    )
     super().__post_init__()
 
   @property
@@ -276,8 +317,9 @@ class MobileNetV2(nn.Module):
     return configs
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               features_only: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool = False, features_only: bool = False
+  ) -> jax.Array:
     """Runs the network.
 
     Args:
@@ -292,33 +334,55 @@ class MobileNetV2(nn.Module):
     """
     _check_images(x)
     conv_init, dense_init = _kernel_inits(self.init_scheme)
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             kernel_init=conv_init)
-    norm = functools.partial(nn.BatchNorm, momentum=self.bn_momentum,
-                             epsilon=self.bn_epsilon, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             axis_name=self.bn_axis_name)
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=conv_init,
+    )
+    norm = functools.partial(
+      nn.BatchNorm,
+      momentum=self.bn_momentum,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      axis_name=self.bn_axis_name,
+    )
     pad_3x3 = 'SAME' if self.padding == 'tf' else ((1, 1), (1, 1))
 
     x = jnp.asarray(x, self.dtype)
-    x = conv(self.stem_channels, (3, 3), strides=2, padding=pad_3x3,
-             name='stem_conv')(x)
+    x = conv(
+      self.stem_channels, (3, 3), strides=2, padding=pad_3x3, name='stem_conv'
+    )(x)
     x = nn.relu6(norm(use_running_average=not train, name='stem_bn')(x))
 
     skip = None
     for i, (t, channels, stride) in enumerate(self.block_configs()):
       block = InvertedResidual(
-          features=channels, strides=stride, expand_ratio=t,
-          bottleneck_activation=self.bottleneck_activation,
-          shortcut=self.shortcut, depthwise_padding=pad_3x3, conv=conv,
-          norm=norm, name=f'block_{i + 1:02d}')
+        features=channels,
+        strides=stride,
+        expand_ratio=t,
+        bottleneck_activation=self.bottleneck_activation,
+        shortcut=self.shortcut,
+        depthwise_padding=pad_3x3,
+        conv=conv,
+        norm=norm,
+        name=f'block_{i + 1:02d}',
+      )
       in_channels = x.shape[-1]
       x, expanded = block(x, train, expansion_skip=skip, return_expanded=True)
       # The expanded activation feeds the next block's only where the paper's
       # design has a bottleneck residual (stride 1, equal channels).
-      skip = expanded if (self.shortcut == 'expansion' and stride == 1
-                          and in_channels == channels) else None
+      skip = (
+        expanded
+        if (
+          self.shortcut == 'expansion'
+          and stride == 1
+          and in_channels == channels
+        )
+        else None
+      )
 
     x = conv(self.head_channels, (1, 1), name='head_conv')(x)
     x = nn.relu6(norm(use_running_average=not train, name='head_bn')(x))
@@ -326,9 +390,13 @@ class MobileNetV2(nn.Module):
     if features_only or self.num_classes == 0:
       return x.astype(jnp.float32)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 param_dtype=self.param_dtype, kernel_init=dense_init,
-                 name='classifier')(x)
+    x = nn.Dense(
+      self.num_classes,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=dense_init,
+      name='classifier',
+    )(x)
     return x.astype(jnp.float32)
 
 

@@ -38,6 +38,7 @@ from mnv2_flax import models
 @dataclasses.dataclass(frozen=True)
 class Layer:
   """One parameterised layer: its path, output shape, parameters and MACs."""
+
   name: str
   kind: str
   output_shape: tuple[int, ...]
@@ -48,6 +49,7 @@ class Layer:
 @dataclasses.dataclass(frozen=True)
 class ModelStats:
   """Totals over the model, and the per-layer rows they are summed from."""
+
   params: int
   params_no_bn: int
   batch_stats: int
@@ -55,8 +57,12 @@ class ModelStats:
   layers: tuple[Layer, ...]
 
   def as_dict(self) -> dict[str, int]:
-    return dict(params=self.params, params_no_bn=self.params_no_bn,
-                batch_stats=self.batch_stats, macs=self.macs)
+    return dict(
+      params=self.params,
+      params_no_bn=self.params_no_bn,
+      batch_stats=self.batch_stats,
+      macs=self.macs,
+    )
 
 
 def _size(tree: Any) -> int:
@@ -69,8 +75,9 @@ def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
   return tree
 
 
-def count(model: models.MobileNetV2,
-          resolution: int | tuple[int, int] = 224) -> ModelStats:
+def count(
+  model: models.MobileNetV2, resolution: int | tuple[int, int] = 224
+) -> ModelStats:
   """Counts parameters and MACs of `model` on one image of `resolution`.
 
   Args:
@@ -81,11 +88,13 @@ def count(model: models.MobileNetV2,
   Returns:
     The totals and the per-layer rows.
   """
-  height, width = ((resolution, resolution) if isinstance(resolution, int)
-                   else resolution)
+  height, width = (
+    (resolution, resolution) if isinstance(resolution, int) else resolution
+  )
   images = jnp.zeros((1, height, width, 3), model.dtype)
   variables = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), images, train=False))
+    lambda: model.init(jax.random.key(0), images, train=False)
+  )
 
   # The filter runs while tracing, in call order; it records that order,
   # which the returned (key-sorted) pytree does not keep.
@@ -93,14 +102,22 @@ def count(model: models.MobileNetV2,
 
   def is_counted(module: nn.Module, method_name: str) -> bool:
     counted = method_name == '__call__' and isinstance(
-        module, (nn.Conv, nn.Dense, nn.BatchNorm))
+      module, (nn.Conv, nn.Dense, nn.BatchNorm)
+    )
     if counted:
       call_order.append(tuple(module.scope.path))
     return counted
 
-  _, state = jax.eval_shape(lambda v: model.apply(
-      v, images, train=False, capture_intermediates=is_counted,
-      mutable=['intermediates']), variables)
+  _, state = jax.eval_shape(
+    lambda v: model.apply(
+      v,
+      images,
+      train=False,
+      capture_intermediates=is_counted,
+      mutable=['intermediates'],
+    ),
+    variables,
+  )
 
   layers = []
   for path in call_order:
@@ -109,47 +126,60 @@ def count(model: models.MobileNetV2,
     kernel = layer_params.get('kernel')
     # A conv's kernel (kh, kw, in/groups, out) is applied once per output
     # position; a dense kernel (in, out) once per image.
-    macs = (math.prod(output.shape[1:-1]) * math.prod(kernel.shape)
-            if kernel is not None else 0)
-    kind = ('BatchNorm' if kernel is None
-            else 'Dense' if kernel.ndim == 2 else 'Conv')
-    layers.append(Layer('/'.join(path), kind, tuple(output.shape[1:]),
-                        _size(layer_params), macs))
+    macs = (
+      math.prod(output.shape[1:-1]) * math.prod(kernel.shape)
+      if kernel is not None
+      else 0
+    )
+    kind = (
+      'BatchNorm' if kernel is None else 'Dense' if kernel.ndim == 2 else 'Conv'
+    )
+    layers.append(
+      Layer(
+        '/'.join(path), kind, tuple(output.shape[1:]), _size(layer_params), macs
+      )
+    )
 
   params = _size(variables['params'])
   bn_params = sum(layer.params for layer in layers if layer.kind == 'BatchNorm')
   return ModelStats(
-      params=params,
-      params_no_bn=params - bn_params,
-      batch_stats=_size(variables.get('batch_stats', {})),
-      macs=sum(layer.macs for layer in layers),
-      layers=tuple(layers))
+    params=params,
+    params_no_bn=params - bn_params,
+    batch_stats=_size(variables.get('batch_stats', {})),
+    macs=sum(layer.macs for layer in layers),
+    layers=tuple(layers),
+  )
 
 
 def format_table(stats: ModelStats) -> str:
   """A readable per-layer table with the totals."""
-  rows = [f'{"layer":<32} {"kind":<10} {"output":>16} {"params":>10} '
-          f'{"MACs":>12}']
+  rows = [
+    f'{"layer":<32} {"kind":<10} {"output":>16} {"params":>10} {"MACs":>12}'
+  ]
   for layer in stats.layers:
     shape = 'x'.join(str(d) for d in layer.output_shape)
-    rows.append(f'{layer.name:<32} {layer.kind:<10} {shape:>16} '
-                f'{layer.params:>10,} {layer.macs:>12,}')
+    rows.append(
+      f'{layer.name:<32} {layer.kind:<10} {shape:>16} '
+      f'{layer.params:>10,} {layer.macs:>12,}'
+    )
   rows.append('-' * len(rows[0]))
   rows.append(f'params (with BN scale/bias): {stats.params:,}')
   rows.append(f'params without BN:           {stats.params_no_bn:,}')
   rows.append(f'BN running statistics:       {stats.batch_stats:,}')
-  rows.append(f'MACs per image:              {stats.macs:,} '
-              f'({stats.macs / 1e6:.2f}M)')
+  rows.append(
+    f'MACs per image:              {stats.macs:,} ({stats.macs / 1e6:.2f}M)'
+  )
   return '\n'.join(rows)
 
 
 _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
-_RESOLUTION = flags.DEFINE_integer('resolution', 224,
-                                   'Input height and width.')
+_RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input height and width.')
 _NUM_CLASSES = flags.DEFINE_integer(
-    'num_classes', 1000, 'Classifier outputs (TF-slim checkpoints: 1001).')
-_JSON = flags.DEFINE_bool('json', False,
-                          'Print one JSON object instead of the table.')
+  'num_classes', 1000, 'Classifier outputs (TF-slim checkpoints: 1001).'
+)
+_JSON = flags.DEFINE_bool(
+  'json', False, 'Print one JSON object instead of the table.'
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -157,15 +187,23 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   try:
-    model = models.MobileNetV2(num_classes=_NUM_CLASSES.value,
-                               width_multiplier=_WIDTH.value)
+    model = models.MobileNetV2(
+      num_classes=_NUM_CLASSES.value, width_multiplier=_WIDTH.value
+    )
     stats = count(model, _RESOLUTION.value)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
   if _JSON.value:
-    print(json.dumps(dict(width_multiplier=_WIDTH.value,
-                          resolution=_RESOLUTION.value,
-                          num_classes=_NUM_CLASSES.value, **stats.as_dict())))
+    print(
+      json.dumps(
+        dict(
+          width_multiplier=_WIDTH.value,
+          resolution=_RESOLUTION.value,
+          num_classes=_NUM_CLASSES.value,
+          **stats.as_dict(),
+        )
+      )
+    )
   else:
     print(format_table(stats))
 

@@ -31,9 +31,13 @@ from torch import nn
 
 # (model name, width multiplier, classes, [(input name, N, H, W)]).
 MODELS = (
-    ('w035', 0.35, 100, [('r32', 2, 32, 32), ('r97', 2, 97, 97),
-                         ('r64x48', 1, 64, 48)]),
-    ('w100', 1.0, 10, [('r33', 2, 33, 33), ('r224', 1, 224, 224)]),
+  (
+    'w035',
+    0.35,
+    100,
+    [('r32', 2, 32, 32), ('r97', 2, 97, 97), ('r64x48', 1, 64, 48)],
+  ),
+  ('w100', 1.0, 10, [('r33', 2, 33, 33), ('r224', 1, 224, 224)]),
 )
 
 
@@ -46,9 +50,12 @@ def _make_divisible(v, divisor=8):
 
 def _conv_bn_relu6(inp, oup, kernel, stride=1, groups=1):
   return nn.Sequential(
-      nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups,
-                bias=False),
-      nn.BatchNorm2d(oup), nn.ReLU6(inplace=True))
+    nn.Conv2d(
+      inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False
+    ),
+    nn.BatchNorm2d(oup),
+    nn.ReLU6(inplace=True),
+  )
 
 
 class InvertedResidual(nn.Module):
@@ -61,9 +68,11 @@ class InvertedResidual(nn.Module):
     layers = []
     if expand_ratio != 1:
       layers.append(_conv_bn_relu6(inp, hidden, 1))
-    layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
-               nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-               nn.BatchNorm2d(oup)]
+    layers += [
+      _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+      nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+      nn.BatchNorm2d(oup),
+    ]
     self.conv = nn.Sequential(*layers)
 
   def forward(self, x):
@@ -75,8 +84,15 @@ class MobileNetV2(nn.Module):
 
   def __init__(self, num_classes=1000, width_mult=1.0):
     super().__init__()
-    settings = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    settings = [
+      (1, 16, 1, 1),
+      (6, 24, 2, 2),
+      (6, 32, 3, 2),
+      (6, 64, 4, 2),
+      (6, 96, 3, 1),
+      (6, 160, 3, 2),
+      (6, 320, 1, 1),
+    ]
     inp = _make_divisible(32 * width_mult)
     self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
     features = [_conv_bn_relu6(3, inp, 3, 2)]
@@ -87,8 +103,9 @@ class MobileNetV2(nn.Module):
         inp = oup
     features.append(_conv_bn_relu6(inp, self.last_channel, 1))
     self.features = nn.Sequential(*features)
-    self.classifier = nn.Sequential(nn.Dropout(0.2),
-                                    nn.Linear(self.last_channel, num_classes))
+    self.classifier = nn.Sequential(
+      nn.Dropout(0.2), nn.Linear(self.last_channel, num_classes)
+    )
 
   def forward(self, x):
     x = self.features(x)
@@ -99,8 +116,10 @@ class MobileNetV2(nn.Module):
 def build(width, num_classes):
   try:
     import torchvision  # pylint: disable=g-import-not-at-top
-    return torchvision.models.mobilenet_v2(width_mult=width,
-                                           num_classes=num_classes), True
+
+    return torchvision.models.mobilenet_v2(
+      width_mult=width, num_classes=num_classes
+    ), True
   except ImportError:
     return MobileNetV2(num_classes=num_classes, width_mult=width), False
 
@@ -137,11 +156,21 @@ def randomise(model, generator):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default=os.path.join(
-      os.path.dirname(__file__), '..', 'tests', 'testdata',
-      'torch_mobilenet_v2.npz'))
-  parser.add_argument('--check_against_torchvision', action='store_true',
-                      help='Assert that the replica equals torchvision.')
+  parser.add_argument(
+    '--out',
+    default=os.path.join(
+      os.path.dirname(__file__),
+      '..',
+      'tests',
+      'testdata',
+      'torch_mobilenet_v2.npz',
+    ),
+  )
+  parser.add_argument(
+    '--check_against_torchvision',
+    action='store_true',
+    help='Assert that the replica equals torchvision.',
+  )
   args = parser.parse_args()
   torch.manual_seed(0)
   generator = torch.Generator().manual_seed(0)
@@ -149,14 +178,19 @@ def main():
   for name, width, classes, inputs in MODELS:
     model, is_torchvision = build(width, classes)
     scales = randomise(model, generator)
-    entry = dict(name=name, width_multiplier=width, num_classes=classes,
-                 built_with='torchvision' if is_torchvision else 'replica',
-                 inputs=[])
+    entry = dict(
+      name=name,
+      width_multiplier=width,
+      num_classes=classes,
+      built_with='torchvision' if is_torchvision else 'replica',
+      inputs=[],
+    )
     for key, value in model.state_dict().items():
       value = value.numpy()
       if key in scales:
-        arrays[f'{name}/q/{key}'] = np.round(
-            value / scales[key]).astype(np.int8)
+        arrays[f'{name}/q/{key}'] = np.round(value / scales[key]).astype(
+          np.int8
+        )
         arrays[f'{name}/scale/{key}'] = np.float32(scales[key])
       else:
         arrays[f'{name}/sd/{key}'] = value
@@ -164,15 +198,16 @@ def main():
       x_nchw = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
       with torch.no_grad():
         logits = model(x_nchw).numpy()
-      arrays[f'{name}/input/{input_name}'] = x_nchw.permute(0, 2, 3,
-                                                            1).numpy()
+      arrays[f'{name}/input/{input_name}'] = x_nchw.permute(0, 2, 3, 1).numpy()
       arrays[f'{name}/logits/{input_name}'] = logits
       entry['inputs'].append(input_name)
     if args.check_against_torchvision:
       import torchvision  # pylint: disable=g-import-not-at-top
+
       replica = MobileNetV2(num_classes=classes, width_mult=width)
-      reference = torchvision.models.mobilenet_v2(width_mult=width,
-                                                  num_classes=classes)
+      reference = torchvision.models.mobilenet_v2(
+        width_mult=width, num_classes=classes
+      )
       reference.load_state_dict(model.state_dict())
       replica.load_state_dict(model.state_dict())
       x = torch.rand(2, 3, 97, 75, generator=generator)
@@ -181,8 +216,12 @@ def main():
       print(f'{name}: replica vs torchvision max abs diff {diff:.3g}')
       assert diff == 0.0, diff
     meta['models'].append(entry)
-    print(name, entry['built_with'], 'logit std',
-          float(np.std(arrays[f'{name}/logits/{inputs[0][0]}'])))
+    print(
+      name,
+      entry['built_with'],
+      'logit std',
+      float(np.std(arrays[f'{name}/logits/{inputs[0][0]}'])),
+    )
   arrays['meta'] = np.array(json.dumps(meta))
   np.savez_compressed(args.out, **arrays)
   print('wrote', os.path.abspath(args.out), os.path.getsize(args.out), 'bytes')
