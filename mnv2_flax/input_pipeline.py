@@ -1,0 +1,451 @@
+"""tensorflow-datasets to per-device batches for the pmap-ed training loop.
+
+Any tfds image-classification dataset (`config.data.name`) is read from
+`config.data.data_dir` without touching the network when it is there. The
+train split is sharded per process, shuffled and augmented reproducibly from
+`config.seed` (Inception-style random resized crop, horizontal flip);
+evaluation uses a central crop and pads its last batches with masked examples
+so that every example of the split is counted exactly once, whatever the
+number of processes and devices. Batches come out as numpy dicts
+`{'image': (local_devices, per_device_batch, H, W, 3) float32, 'label': int32,
+'mask': float32}`; `prefetch_to_device` puts them on the devices.
+
+Benchmark of the host pipeline:
+  python -m mnv2_flax.input_pipeline --config=configs/quickstart.py --benchmark
+"""
+
+from collections.abc import Iterator
+import dataclasses
+import math
+import os
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+import flax.jax_utils
+import jax
+import ml_collections
+from ml_collections import config_flags
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from mnv2_flax import fashion_mnist
+
+# torchvision/timm normalisation; 'inception' maps [0, 255] to [-1, 1].
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+NORMALIZATIONS = ('inception', 'imagenet')
+
+IMAGENET_HOW_TO = (
+  'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar '
+  'and ILSVRC2012_img_val.tar in {manual_dir} (or set config.data.manual_dir '
+  'to their directory) and run again; they are prepared once into '
+  '{data_dir}.'
+)
+
+
+class DataError(ValueError):
+  """The configured data cannot be read; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMeta:
+  """What the rest of the code needs to know about a dataset."""
+
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+def check_data_config(config: ml_collections.ConfigDict) -> None:
+  """Validates `config.data` before anything is read; one clear error."""
+  data = config.data
+
+  def fail(field, valid):
+    raise ValueError(
+      f'config.data.{field}={data[field]!r} is not valid; expected {valid}.'
+    )
+
+  if not isinstance(data.image_size, int) or data.image_size < 32:
+    fail('image_size', 'an integer >= 32 (the model needs >= 32 pixels)')
+  if data.normalization not in NORMALIZATIONS:
+    fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
+  lo, hi = data.crop_area_range
+  if not 0 < lo <= hi <= 1:
+    fail('crop_area_range', '(min, max) with 0 < min <= max <= 1')
+  lo, hi = data.crop_aspect_range
+  if not 0 < lo <= hi:
+    fail('crop_aspect_range', '(min, max) with 0 < min <= max')
+  if not 0 < data.eval_crop_fraction <= 1:
+    fail('eval_crop_fraction', 'a fraction in (0, 1]')
+  if not data.shuffle_buffer > 0:
+    fail('shuffle_buffer', 'a positive integer')
+
+
+def _data_dir(config: ml_collections.ConfigDict) -> str:
+  return os.path.expanduser(config.data.data_dir or '~/tensorflow_datasets')
+
+
+def get_builder(config: ml_collections.ConfigDict):
+  """The tfds builder of `config.data.name`, prepared in the data_dir.
+
+  Fashion-MNIST is prepared from local idx files on first use; other datasets
+  are prepared only with `config.data.download=True`.
+
+  Raises:
+    DataError: unknown dataset, or data that is not there (with what to do).
+  """
+  check_data_config(config)
+  name, data_dir = config.data.name, _data_dir(config)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(
+      f'config.data.name={name!r} is not a tfds dataset; use a registered '
+      'image-classification dataset such as fashion_mnist, cifar10, '
+      'imagenette or imagenet2012.'
+    ) from None
+  if _is_prepared(builder):
+    return builder
+  manual_dir = config.data.manual_dir or os.path.join(
+    data_dir, 'downloads', 'manual'
+  )
+  if name == 'fashion_mnist':
+    try:
+      fashion_mnist.prepare(data_dir, config.data.manual_dir)
+    except fashion_mnist.IdxError as e:
+      raise DataError(
+        f'fashion_mnist is not prepared in {data_dir} and cannot be: {e}'
+      ) from None
+    return tfds.builder(name, data_dir=data_dir)
+  if name.startswith('imagenet2012') and not os.path.exists(
+    os.path.join(manual_dir, 'ILSVRC2012_img_train.tar')
+  ):
+    raise DataError(
+      f'{name} is not prepared in {data_dir}. '
+      + IMAGENET_HOW_TO.format(manual_dir=manual_dir, data_dir=data_dir)
+    )
+  if not config.data.download and not name.startswith('imagenet2012'):
+    raise DataError(
+      f'{name} is not prepared in {data_dir}. Set config.data.download=True '
+      'on a machine with internet access to download and prepare it once, '
+      'or point config.data.data_dir to where it is prepared.'
+    )
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+  )
+  return builder
+
+
+def _is_prepared(builder) -> bool:
+  return os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json'))
+
+
+def _check_split(builder, split: str, field: str) -> None:
+  base = split.split('[')[0]
+  if base not in builder.info.splits:
+    raise DataError(
+      f'{field}={split!r}: {builder.info.name} has no split '
+      f'{base!r}; it has {sorted(builder.info.splits)}.'
+    )
+
+
+def dataset_meta(builder, config: ml_collections.ConfigDict) -> DatasetMeta:
+  """Classes and example counts, from the dataset's info."""
+  _check_split(builder, config.data.train_split, 'config.data.train_split')
+  _check_split(builder, config.data.eval_split, 'config.data.eval_split')
+  return DatasetMeta(
+    num_classes=builder.info.features['label'].num_classes,
+    num_train_examples=builder.info.splits[
+      config.data.train_split
+    ].num_examples,
+    num_eval_examples=builder.info.splits[config.data.eval_split].num_examples,
+  )
+
+
+def per_process_batch_size(
+  global_batch: int, field: str, process_count: int
+) -> int:
+  """Checks `global_batch` against the devices; returns this process's."""
+  devices = jax.local_device_count() * process_count
+  if global_batch <= 0 or global_batch % devices:
+    raise ValueError(
+      f'{field}={global_batch} must be a positive multiple of '
+      f'the global device count {devices} (for example '
+      f'{devices * max(1, round(global_batch / devices))}).'
+    )
+  return global_batch // process_count
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def _normalize(image: tf.Tensor, config: ml_collections.ConfigDict):
+  image = tf.cast(image, tf.float32)
+  if config.data.normalization == 'inception':
+    return image / 127.5 - 1.0
+  return (image - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def _decode_and_random_crop(data, shape, seed, config):
+  """Inception-style crop of a random area/aspect, decoding only the crop."""
+  bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    bounding_boxes=bbox,
+    seed=seed,
+    min_object_covered=config.data.crop_min_object_covered,
+    aspect_ratio_range=tuple(config.data.crop_aspect_range),
+    area_range=tuple(config.data.crop_area_range),
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
+  )
+  offset_y, offset_x, _ = tf.unstack(begin)
+  height, width, _ = tf.unstack(size)
+  window = tf.stack([offset_y, offset_x, height, width])
+  if isinstance(data, tuple):  # (jpeg bytes,): decode the window only
+    return tf.image.decode_and_crop_jpeg(data[0], window, channels=3)
+  return tf.image.crop_to_bounding_box(data, offset_y, offset_x, height, width)
+
+
+def _central_crop(data, shape, fraction):
+  height, width = shape[0], shape[1]
+  side = tf.cast(
+    fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32
+  )
+  offset_y, offset_x = (height - side + 1) // 2, (width - side + 1) // 2
+  if isinstance(data, tuple):
+    return tf.image.decode_and_crop_jpeg(
+      data[0], tf.stack([offset_y, offset_x, side, side]), channels=3
+    )
+  return tf.image.crop_to_bounding_box(data, offset_y, offset_x, side, side)
+
+
+def _preprocess(example, seed, *, train, jpeg, config):
+  """Crop, flip, resize, 3 channels, normalise; returns (image, label)."""
+  if jpeg:
+    data = (example['image'],)
+    shape = tf.image.extract_jpeg_shape(example['image'])
+  else:
+    data = example['image']
+    shape = tf.shape(data)
+  size = config.data.image_size
+  if train:
+    crop_seed, flip_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 2)
+    )
+    image = _decode_and_random_crop(data, shape, crop_seed, config)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  else:
+    image = _central_crop(data, shape, config.data.eval_crop_fraction)
+  image = tf.image.resize(
+    image, (size, size), method='bilinear', antialias=False
+  )
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  image = tf.reshape(image, (size, size, 3))
+  return _normalize(image, config), tf.cast(example['label'], tf.int32)
+
+
+# ------------------------------------------------------------------ datasets
+
+
+def _read(builder, split, *, shuffle, seed):
+  image_feature = builder.info.features['image']
+  jpeg = getattr(image_feature, 'encoding_format', None) == 'jpeg'
+  decoders = {'image': tfds.decode.SkipDecoding()} if jpeg else None
+  ds = builder.as_dataset(
+    split=split,
+    shuffle_files=shuffle,
+    decoders=decoders,
+    read_config=tfds.ReadConfig(shuffle_seed=seed, try_autocache=False),
+  )
+  return ds, jpeg
+
+
+def _device_batches(ds, per_process_batch):
+  """Batches of (local_devices, per_device, ...), as numpy."""
+  devices = jax.local_device_count()
+
+  def shard(batch):
+    return {
+      k: tf.reshape(
+        v, [devices, per_process_batch // devices] + v.shape[1:].as_list()
+      )
+      for k, v in batch.items()
+    }
+
+  ds = ds.batch(per_process_batch, drop_remainder=True)
+  return ds.map(shard, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _options(ds):
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = 0
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+def create_train_dataset(
+  builder,
+  config: ml_collections.ConfigDict,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
+  """The infinite, shuffled, augmented train stream of this process."""
+  process_index = (
+    jax.process_index() if process_index is None else process_index
+  )
+  process_count = (
+    jax.process_count() if process_count is None else process_count
+  )
+  batch = per_process_batch_size(
+    config.data.batch_size, 'config.data.batch_size', process_count
+  )
+  split = tfds.even_splits(
+    config.data.train_split, n=process_count, drop_remainder=True
+  )[process_index]
+  seed = config.seed + process_index
+  ds, jpeg = _read(builder, split, shuffle=True, seed=seed)
+  if config.data.cache:
+    ds = ds.cache()
+  ds = ds.shuffle(
+    config.data.shuffle_buffer, seed=seed, reshuffle_each_iteration=True
+  ).repeat()
+  # One stateless seed pair per example, continuing across epochs.
+  ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
+
+  def preprocess(example, example_seed):
+    image, label = _preprocess(
+      example, example_seed, train=True, jpeg=jpeg, config=config
+    )
+    return {'image': image, 'label': label}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _device_batches(ds, batch)
+  return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def num_eval_steps(
+  split_size: int, process_count: int, per_process_batch: int
+) -> int:
+  """Steps every process runs so that the largest process shard is covered."""
+  largest_shard = math.ceil(split_size / process_count)
+  return math.ceil(largest_shard / per_process_batch)
+
+
+def create_eval_dataset(
+  builder,
+  config: ml_collections.ConfigDict,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> tf.data.Dataset:
+  """The eval split of this process, padded to a whole number of batches.
+
+  Every process yields `num_eval_steps(...)` batches; padded examples carry
+  `mask == 0`, so summing `mask` over all processes gives the split size.
+  """
+  process_index = (
+    jax.process_index() if process_index is None else process_index
+  )
+  process_count = (
+    jax.process_count() if process_count is None else process_count
+  )
+  batch = per_process_batch_size(
+    config.data.eval_batch_size, 'config.data.eval_batch_size', process_count
+  )
+  _check_split(builder, config.data.eval_split, 'config.data.eval_split')
+  split = tfds.even_splits(
+    config.data.eval_split, n=process_count, drop_remainder=False
+  )[process_index]
+  local = builder.info.splits[split].num_examples
+  total = builder.info.splits[config.data.eval_split].num_examples
+  steps = num_eval_steps(total, process_count, batch)
+  ds, jpeg = _read(builder, split, shuffle=False, seed=config.seed)
+  if config.data.cache:
+    ds = ds.cache()
+
+  def preprocess(example):
+    image, label = _preprocess(
+      example, None, train=False, jpeg=jpeg, config=config
+    )
+    return {'image': image, 'label': label, 'mask': tf.constant(1.0)}
+
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+  size = config.data.image_size
+  padding = tf.data.Dataset.from_tensors(
+    {
+      'image': tf.zeros((size, size, 3), tf.float32),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0),
+    }
+  ).repeat(steps * batch - local)
+  ds = _device_batches(ds.concatenate(padding), batch)
+  return _options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def prefetch_to_device(
+  ds: tf.data.Dataset, size: int = 2
+) -> Iterator[dict[str, Any]]:
+  """Numpy batches of `ds`, put on the local devices `size` steps ahead."""
+  return flax.jax_utils.prefetch_to_device(iter(tfds.as_numpy(ds)), size)
+
+
+# ----------------------------------------------------------------- benchmark
+
+
+def benchmark(
+  config: ml_collections.ConfigDict,
+  *,
+  steps: int = 50,
+  warmup: int = 5,
+  split: str = 'train',
+) -> dict[str, float]:
+  """Images/second of the host pipeline (no device transfer)."""
+  builder = get_builder(config)
+  if split == 'train':
+    ds = create_train_dataset(builder, config)
+  else:
+    ds = create_eval_dataset(builder, config).repeat()
+  it = iter(tfds.as_numpy(ds))
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  elapsed = time.perf_counter() - start
+  return dict(
+    images_per_second=steps * config.data.batch_size / elapsed,
+    seconds=elapsed,
+    steps=steps,
+  )
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_BENCHMARK = flags.DEFINE_bool(
+  'benchmark', False, 'Print the host pipeline throughput.'
+)
+_STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
+
+
+def main(argv):
+  del argv
+  if not _BENCHMARK.value:
+    raise app.UsageError('Nothing to do: pass --benchmark.')
+  config = _CONFIG.value
+  try:
+    result = benchmark(config, steps=_STEPS.value)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+  print(
+    f'{config.data.name} train pipeline at {config.data.image_size}px, '
+    f'batch {config.data.batch_size}, {os.cpu_count()} CPUs: '
+    f'{result["images_per_second"]:,.0f} images/s '
+    f'({result["steps"]} batches in {result["seconds"]:.2f} s)'
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,393 @@
+"""Tests of the tfds input pipeline on data the tests write themselves."""
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from configs import quickstart
+from mnv2_flax import fashion_mnist
+from mnv2_flax import input_pipeline as ip
+
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+NUM_TRAIN, NUM_TEST = 40, 23
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_idx(directory, split, images, labels):
+  """Writes gzipped idx files as Fashion-MNIST distributes them."""
+  os.makedirs(directory, exist_ok=True)
+  n = len(images)
+  with gzip.open(
+    os.path.join(directory, fashion_mnist.FILES[f'{split}_images']), 'wb'
+  ) as f:
+    f.write(np.array([2051, n, 28, 28], '>u4').tobytes() + images.tobytes())
+  with gzip.open(
+    os.path.join(directory, fashion_mnist.FILES[f'{split}_labels']), 'wb'
+  ) as f:
+    f.write(np.array([2049, n], '>u4').tobytes() + labels.tobytes())
+
+
+def make_idx_dir(directory):
+  """Train: random textures. Test: image i is the constant i (its id)."""
+  rng = np.random.default_rng(0)
+  write_idx(
+    directory,
+    'train',
+    rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
+    rng.integers(0, 10, NUM_TRAIN, dtype=np.uint8),
+  )
+  write_idx(
+    directory,
+    'test',
+    np.repeat(np.arange(NUM_TEST, dtype=np.uint8), 28 * 28).reshape(
+      NUM_TEST, 28, 28
+    ),
+    (np.arange(NUM_TEST) % 10).astype(np.uint8),
+  )
+  return directory
+
+
+@pytest.fixture(scope='module')
+def data_dirs(tmp_path_factory):
+  """(idx dir, tfds data_dir) with the small Fashion-MNIST prepared."""
+  idx_dir = make_idx_dir(str(tmp_path_factory.mktemp('idx')))
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  fashion_mnist.prepare(data_dir, idx_dir)
+  return idx_dir, data_dir
+
+
+def small_config(data_dir, **data):
+  config = quickstart.get_config()
+  config.data.data_dir = data_dir
+  config.data.batch_size = 8
+  config.data.eval_batch_size = 8
+  config.data.shuffle_buffer = 64
+  config.data.update(data)
+  return config
+
+
+def first_batches(ds, n=2):
+  it = iter(tfds.as_numpy(ds))
+  return [next(it) for _ in range(n)]
+
+
+def ids_of(images):
+  """Recovers the test images' ids from their [-1, 1] constant pixels."""
+  return np.round((images[..., 0, 0, 0] + 1) * 127.5).astype(int)
+
+
+def test_prepared_fashion_mnist_reads_as_the_tfds_dataset(data_dirs):
+  _, data_dir = data_dirs
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  assert builder.info.splits['train'].num_examples == NUM_TRAIN
+  assert builder.info.splits['test'].num_examples == NUM_TEST
+  meta = ip.dataset_meta(
+    ip.get_builder(small_config(data_dir)), small_config(data_dir)
+  )
+  assert meta == ip.DatasetMeta(10, NUM_TRAIN, NUM_TEST)
+
+
+def test_later_runs_reuse_the_prepared_dataset(data_dirs, monkeypatch):
+  _, data_dir = data_dirs
+  info = os.path.join(data_dir, 'fashion_mnist', '3.0.1', 'dataset_info.json')
+  before = os.stat(info).st_mtime_ns
+
+  def fail(*args, **kwargs):
+    raise AssertionError('prepared again')
+
+  monkeypatch.setattr(fashion_mnist, 'prepare', fail)
+  ip.get_builder(small_config(data_dir))
+  assert os.stat(info).st_mtime_ns == before
+
+
+@pytest.mark.parametrize('size', [32, 45])
+def test_train_batches_shapes_dtypes_ranges(data_dirs, size):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, image_size=size)
+  batch = first_batches(
+    ip.create_train_dataset(ip.get_builder(config), config), 1
+  )[0]
+  assert batch['image'].shape == (1, 8, size, size, 3)
+  assert batch['image'].dtype == np.float32
+  assert batch['label'].shape == (1, 8) and batch['label'].dtype == np.int32
+  assert -1.0 <= batch['image'].min() < -0.5 < 0.5 < batch['image'].max()
+  assert batch['image'].max() <= 1.0
+  # Grayscale inputs become three equal channels.
+  np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
+
+
+def test_imagenet_normalization(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, normalization='imagenet')
+  batch = first_batches(
+    ip.create_eval_dataset(ip.get_builder(config), config), 1
+  )[0]
+  pixel = batch['image'][0, :, 5, 5, :]  # constant images: value = id
+  raw = pixel * np.array(ip.IMAGENET_STD) + np.array(ip.IMAGENET_MEAN)
+  ids = np.round(raw[:, :1])
+  assert ids.max() > 0
+  np.testing.assert_allclose(raw, np.broadcast_to(ids, raw.shape), atol=1e-3)
+
+
+def test_train_stream_is_reproducible_under_a_seed(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir)
+  builder = ip.get_builder(config)
+  a = first_batches(ip.create_train_dataset(builder, config), 7)
+  b = first_batches(ip.create_train_dataset(builder, config), 7)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  config.seed = 1
+  c = first_batches(ip.create_train_dataset(builder, config), 7)
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+  # Epochs differ: 40 examples are 5 batches; batch 6 starts a new order
+  # with new crops.
+  assert not np.array_equal(a[0]['image'], a[5]['image'])
+
+
+def test_eval_counts_every_example_once_one_device(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir)
+  builder = ip.get_builder(config)
+  seen = []
+  for processes in (1, 2):
+    seen = []
+    steps = []
+    for p in range(processes):
+      batches = list(
+        tfds.as_numpy(
+          ip.create_eval_dataset(
+            builder, config, process_index=p, process_count=processes
+          )
+        )
+      )
+      steps.append(len(batches))
+      for b in batches:
+        seen += list(ids_of(b['image'])[b['mask'] == 1])
+        assert set(b['mask'].ravel()) <= {0.0, 1.0}
+    assert len(set(steps)) == 1  # every process runs the same steps
+    assert sorted(seen) == list(range(NUM_TEST))
+
+
+_FAKE_DEVICES_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np, tensorflow_datasets as tfds
+    sys.path.insert(0, {root!r})
+    from configs import quickstart
+    from mnv2_flax import input_pipeline as ip
+    import jax
+    config = quickstart.get_config()
+    config.data.data_dir = {data_dir!r}
+    config.data.eval_batch_size = 2 * jax.device_count()
+    config.data.batch_size = 2 * jax.device_count()
+    builder = ip.get_builder(config)
+    out = {{'devices': jax.local_device_count()}}
+    for processes in (1, 2):
+      config.data.eval_batch_size = 2 * jax.device_count() * processes
+      seen, steps, masks = [], [], 0.0
+      for p in range(processes):
+        batches = list(tfds.as_numpy(ip.create_eval_dataset(
+            builder, config, process_index=p, process_count=processes)))
+        steps.append(len(batches))
+        for b in batches:
+          assert b['image'].shape[:2] == (jax.local_device_count(), 2), (
+              b['image'].shape)
+          ids = np.round((b['image'][..., 0, 0, 0] + 1) * 127.5).astype(int)
+          seen += ids[b['mask'] == 1].tolist()
+          masks += float(b['mask'].sum())
+      out[processes] = dict(seen=sorted(seen), steps=steps, masks=masks)
+    train = next(iter(tfds.as_numpy(ip.create_train_dataset(builder, config))))
+    out['train_shape'] = list(train['image'].shape)
+    config.data.batch_size = jax.device_count() + 1
+    try:
+      ip.create_train_dataset(builder, config)
+    except ValueError as e:
+      out['error'] = str(e)
+    print('RESULT' + json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize('devices', [3, 8])
+def test_eval_counts_every_example_once_fake_devices(data_dirs, devices):
+  _, data_dir = data_dirs
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    JAX_PLATFORMS='cpu',
+  )
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-c',
+      _FAKE_DEVICES_SCRIPT.format(root=ROOT, data_dir=data_dir),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.split('RESULT')[-1])
+  assert out['devices'] == devices
+  for processes in ('1', '2'):
+    assert out[processes]['seen'] == list(range(NUM_TEST))
+    assert out[processes]['masks'] == NUM_TEST
+    assert len(set(out[processes]['steps'])) == 1
+  assert out['train_shape'] == [devices, 2, 32, 32, 3]
+  assert f'config.data.batch_size={devices + 1}' in out['error']
+  assert f'global device count {devices}' in out['error']
+
+
+def test_num_eval_steps():
+  assert ip.num_eval_steps(10_000, 1, 500) == 20
+  assert ip.num_eval_steps(10_001, 1, 500) == 21
+  assert ip.num_eval_steps(2001, 2, 1000) == 2  # shards of 1001 and 1000
+  assert ip.num_eval_steps(50_000, 3, 1024) == 17
+
+
+def test_prefetch_to_device(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir)
+  batch = next(
+    ip.prefetch_to_device(
+      ip.create_train_dataset(ip.get_builder(config), config)
+    )
+  )
+  assert isinstance(batch['image'], jax.Array)
+  assert batch['image'].shape == (1, 8, 32, 32, 3)
+
+
+def test_imagenet_under_mock_data():
+  config = default.get_config()
+  config.data.data_dir = os.path.join(TESTDATA, 'tfds')
+  config.data.batch_size = config.data.eval_batch_size = 4
+  config.data.image_size = 64
+  with tfds.testing.mock_data(num_examples=20, data_dir=config.data.data_dir):
+    builder = ip.get_builder(config)
+    meta = ip.dataset_meta(builder, config)
+    assert meta.num_classes == 1000 and meta.num_eval_examples == 20
+    batch = first_batches(ip.create_train_dataset(builder, config), 1)[0]
+    assert batch['image'].shape == (1, 4, 64, 64, 3)
+    assert 0 <= batch['label'].min() and batch['label'].max() < 1000
+    masks = sum(
+      b['mask'].sum()
+      for b in tfds.as_numpy(ip.create_eval_dataset(builder, config))
+    )
+    assert masks == 20
+
+
+# -------------------------------------------------------------------- errors
+
+
+def test_error_unknown_dataset(tmp_path):
+  config = small_config(str(tmp_path), name='no_such_dataset')
+  with pytest.raises(ip.DataError, match="config.data.name='no_such_dataset'"):
+    ip.get_builder(config)
+
+
+def test_error_missing_split(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, eval_split='validation')
+  with pytest.raises(ip.DataError, match=r"no split 'validation'.*'test'"):
+    ip.dataset_meta(ip.get_builder(config), config)
+
+
+def test_error_fashion_mnist_not_there(tmp_path):
+  config = small_config(
+    str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'nothing')
+  )
+  with pytest.raises(ip.DataError, match='dataset-fashion-mnist'):
+    ip.get_builder(config)
+
+
+@pytest.mark.parametrize(
+  'damage, words',
+  [
+    (lambda b: b[:1000], 'not a complete gzip'),
+    (lambda b: gzip.compress(gzip.decompress(b)[:-100]), 'truncated'),
+    (
+      lambda b: gzip.compress(
+        np.array([2049], '>u4').tobytes() + gzip.decompress(b)[4:]
+      ),
+      'magic number 2049',
+    ),
+  ],
+)
+def test_error_bad_idx_file_writes_nothing(tmp_path, damage, words):
+  idx_dir = make_idx_dir(str(tmp_path / 'idx'))
+  path = os.path.join(idx_dir, fashion_mnist.FILES['train_images'])
+  with open(path, 'rb') as f:
+    content = f.read()
+  with open(path, 'wb') as f:
+    f.write(damage(content))
+  data_dir = tmp_path / 'tfds'
+  config = small_config(str(data_dir), manual_dir=idx_dir)
+  with pytest.raises(ip.DataError, match=words):
+    ip.get_builder(config)
+  assert not (data_dir / 'fashion_mnist').exists()
+
+
+def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path):
+  config = default.get_config()
+  config.data.data_dir = str(tmp_path)
+  with pytest.raises(ip.DataError) as error:
+    ip.get_builder(config)
+  message = str(error.value)
+  assert 'ILSVRC2012_img_train.tar' in message
+  assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
+
+
+def test_error_other_dataset_not_prepared_without_download(tmp_path):
+  config = small_config(str(tmp_path), name='cifar10')
+  with pytest.raises(ip.DataError, match='config.data.download=True'):
+    ip.get_builder(config)
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('image_size', 16),
+    ('normalization', 'zscore'),
+    ('crop_area_range', (0.0, 1.0)),
+    ('eval_crop_fraction', 1.5),
+  ],
+)
+def test_error_bad_data_fields(data_dirs, field, value):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, **{field: value})
+  with pytest.raises(ValueError, match=f'config.data.{field}='):
+    ip.get_builder(config)
+
+
+def test_error_batch_not_positive(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, batch_size=0)
+  with pytest.raises(ValueError, match='config.data.batch_size=0'):
+    ip.create_train_dataset(ip.get_builder(config), config)
+
+
+@pytest.mark.skipif(
+  not os.path.isdir(fashion_mnist.DEBIAN_DIR),
+  reason='Debian package dataset-fashion-mnist not installed',
+)
+def test_real_fashion_mnist_from_the_debian_package(tmp_path):
+  config = quickstart.get_config()
+  config.data.data_dir = str(tmp_path)
+  builder = ip.get_builder(config)
+  assert ip.dataset_meta(builder, config) == ip.DatasetMeta(10, 60_000, 10_000)
+  batch = first_batches(ip.create_eval_dataset(builder, config), 1)[0]
+  assert batch['image'].shape == (1, 500, 32, 32, 3)
+  # Real clothes: dark background (-1) and bright garments.
+  assert batch['image'].min() == -1.0 and batch['image'].max() > 0.5
+  assert len(np.unique(batch['label'])) == 10
