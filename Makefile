@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup clean
+.PHONY: test lint format setup clean data
 
 setup: $(VENV)/.installed
 
@@ -31,3 +31,10 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Offline Fashion-MNIST from Debian's package, where apt is there and allowed.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then echo "Fashion-MNIST idx files present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "warning: cannot install dataset-fashion-mnist (no apt or not root); set config.data.manual_dir to the four idx files" >&2; fi

@@ -119,7 +119,7 @@ class FashionMnistFromIdx(
 
   def _generate_examples(self, split):  # pytype: disable=signature-mismatch
     images, labels = read_split(self._idx_dir, split)
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
       yield index, {'image': image[..., None], 'label': int(label)}
 
 

@@ -27,6 +27,7 @@ import flax.jax_utils
 import jax
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -423,7 +424,46 @@ def benchmark(
   )
 
 
+def benchmark_jpeg(config: ml_collections.ConfigDict, *, steps: int = 20,
+                   warmup: int = 3, num_images: int = 256,
+                   jpeg_size: tuple[int, int] = (375, 500)) -> dict[str, float]:
+  """Images/second of the train transforms on locally made JPEGs.
+
+  ImageNet-style: `num_images` smooth random images of `jpeg_size` (ImageNet's
+  typical 375x500), JPEG-encoded in memory, decoded with the crop window
+  and augmented exactly as `create_train_dataset` does.
+  """
+  rng = np.random.default_rng(0)
+  jpegs = []
+  for _ in range(num_images):
+    small = rng.integers(0, 256, (jpeg_size[0] // 8, jpeg_size[1] // 8, 3))
+    image = tf.image.resize(tf.constant(small, tf.float32), jpeg_size)
+    jpegs.append(tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=90))
+  ds = tf.data.Dataset.from_tensor_slices({
+      'image': tf.stack(jpegs), 'label': tf.zeros([num_images], tf.int64)})
+  ds = tf.data.Dataset.zip(ds.repeat(),
+                           tf.data.Dataset.random(seed=0).batch(2))
+  ds = ds.map(lambda ex, seed: dict(zip(('image', 'label'), _preprocess(
+      ex, seed, train=True, jpeg=True, config=config), strict=True)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _options(_device_batches(ds, config.data.batch_size).prefetch(
+      tf.data.AUTOTUNE))
+  it = iter(tfds.as_numpy(ds))
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  elapsed = time.perf_counter() - start
+  return dict(images_per_second=steps * config.data.batch_size / elapsed,
+              seconds=elapsed, steps=steps)
+
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+_JPEG = flags.DEFINE_bool(
+    'synthetic_jpeg', False,
+    'Benchmark the train transforms on locally made 375x500 JPEGs instead of '
+    'the configured dataset.')
 _BENCHMARK = flags.DEFINE_bool(
   'benchmark', False, 'Print the host pipeline throughput.'
 )
@@ -436,11 +476,15 @@ def main(argv):
     raise app.UsageError('Nothing to do: pass --benchmark.')
   config = _CONFIG.value
   try:
-    result = benchmark(config, steps=_STEPS.value)
+    if _JPEG.value:
+      result = benchmark_jpeg(config, steps=_STEPS.value)
+    else:
+      result = benchmark(config, steps=_STEPS.value)
   except ValueError as e:
     raise SystemExit(f'error: {e}') from None
+  name = '375x500 JPEG' if _JPEG.value else config.data.name
   print(
-    f'{config.data.name} train pipeline at {config.data.image_size}px, '
+    f'{name} train pipeline at {config.data.image_size}px, '
     f'batch {config.data.batch_size}, {os.cpu_count()} CPUs: '
     f'{result["images_per_second"]:,.0f} images/s '
     f'({result["steps"]} batches in {result["seconds"]:.2f} s)'

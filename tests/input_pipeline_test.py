@@ -144,7 +144,7 @@ def test_train_stream_is_reproducible_under_a_seed(data_dirs):
   builder = ip.get_builder(config)
   a = first_batches(ip.create_train_dataset(builder, config), 7)
   b = first_batches(ip.create_train_dataset(builder, config), 7)
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x['image'], y['image'])
     np.testing.assert_array_equal(x['label'], y['label'])
   config.seed = 1
