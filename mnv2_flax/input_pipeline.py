@@ -294,8 +294,14 @@ def create_train_dataset(
   config: ml_collections.ConfigDict,
   process_index: int | None = None,
   process_count: int | None = None,
+  start_step: int = 0,
 ) -> tf.data.Dataset:
-  """The infinite, shuffled, augmented train stream of this process."""
+  """The infinite, shuffled, augmented train stream of this process.
+
+  The stream is a pure function of `config.seed`: with `start_step=n` it
+  continues exactly where a run that consumed n batches stopped (examples are
+  skipped before decoding and augmentation, which is what costs).
+  """
   process_index = (
     jax.process_index() if process_index is None else process_index
   )
@@ -317,6 +323,8 @@ def create_train_dataset(
   ).repeat()
   # One stateless seed pair per example, continuing across epochs.
   ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
+  if start_step:
+    ds = ds.skip(start_step * batch)
 
   def preprocess(example, example_seed):
     image, label = _preprocess(
@@ -424,9 +432,14 @@ def benchmark(
   )
 
 
-def benchmark_jpeg(config: ml_collections.ConfigDict, *, steps: int = 20,
-                   warmup: int = 3, num_images: int = 256,
-                   jpeg_size: tuple[int, int] = (375, 500)) -> dict[str, float]:
+def benchmark_jpeg(
+  config: ml_collections.ConfigDict,
+  *,
+  steps: int = 20,
+  warmup: int = 3,
+  num_images: int = 256,
+  jpeg_size: tuple[int, int] = (375, 500),
+) -> dict[str, float]:
   """Images/second of the train transforms on locally made JPEGs.
 
   ImageNet-style: `num_images` smooth random images of `jpeg_size` (ImageNet's
@@ -439,15 +452,23 @@ def benchmark_jpeg(config: ml_collections.ConfigDict, *, steps: int = 20,
     small = rng.integers(0, 256, (jpeg_size[0] // 8, jpeg_size[1] // 8, 3))
     image = tf.image.resize(tf.constant(small, tf.float32), jpeg_size)
     jpegs.append(tf.io.encode_jpeg(tf.cast(image, tf.uint8), quality=90))
-  ds = tf.data.Dataset.from_tensor_slices({
-      'image': tf.stack(jpegs), 'label': tf.zeros([num_images], tf.int64)})
-  ds = tf.data.Dataset.zip(ds.repeat(),
-                           tf.data.Dataset.random(seed=0).batch(2))
-  ds = ds.map(lambda ex, seed: dict(zip(('image', 'label'), _preprocess(
-      ex, seed, train=True, jpeg=True, config=config), strict=True)),
-              num_parallel_calls=tf.data.AUTOTUNE)
-  ds = _options(_device_batches(ds, config.data.batch_size).prefetch(
-      tf.data.AUTOTUNE))
+  ds = tf.data.Dataset.from_tensor_slices(
+    {'image': tf.stack(jpegs), 'label': tf.zeros([num_images], tf.int64)}
+  )
+  ds = tf.data.Dataset.zip(ds.repeat(), tf.data.Dataset.random(seed=0).batch(2))
+  ds = ds.map(
+    lambda ex, seed: dict(
+      zip(
+        ('image', 'label'),
+        _preprocess(ex, seed, train=True, jpeg=True, config=config),
+        strict=True,
+      )
+    ),
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
+  ds = _options(
+    _device_batches(ds, config.data.batch_size).prefetch(tf.data.AUTOTUNE)
+  )
   it = iter(tfds.as_numpy(ds))
   for _ in range(warmup):
     next(it)
@@ -455,19 +476,11 @@ def benchmark_jpeg(config: ml_collections.ConfigDict, *, steps: int = 20,
   for _ in range(steps):
     next(it)
   elapsed = time.perf_counter() - start
-  return dict(images_per_second=steps * config.data.batch_size / elapsed,
-              seconds=elapsed, steps=steps)
-
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-_JPEG = flags.DEFINE_bool(
-    'synthetic_jpeg', False,
-    'Benchmark the train transforms on locally made 375x500 JPEGs instead of '
-    'the configured dataset.')
-_BENCHMARK = flags.DEFINE_bool(
-  'benchmark', False, 'Print the host pipeline throughput.'
-)
-_STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
+  return dict(
+    images_per_second=steps * config.data.batch_size / elapsed,
+    seconds=elapsed,
+    steps=steps,
+  )
 
 
 def main(argv):
@@ -492,4 +505,16 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags live here so that importing the library defines none.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
+  _JPEG = flags.DEFINE_bool(
+    'synthetic_jpeg',
+    False,
+    'Benchmark the train transforms on locally made 375x500 JPEGs instead of '
+    'the configured dataset.',
+  )
+  _BENCHMARK = flags.DEFINE_bool(
+    'benchmark', False, 'Print the host pipeline throughput.'
+  )
+  _STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
   app.run(main)

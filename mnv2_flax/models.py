@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnv2_flax import depthwise
+
 ModuleDef = Any
 Dtype = Any
 
@@ -133,6 +135,8 @@ class InvertedResidual(nn.Module):
       the previous block's expanded activation, passed as `expansion_skip`, to
       its own) or 'none'.
     depthwise_padding: padding of the 3x3 depthwise conv, in `nn.Conv` terms.
+    depthwise_impl: 'xla' (grouped conv), 'shift' (shifted multiply-adds,
+      fast on CPU) or 'auto' (the fastest for the backend); same results.
     conv: a `nn.Conv` constructor with dtype and initialiser bound.
     norm: a `nn.BatchNorm` constructor with momentum, epsilon, axis_name bound.
   """
@@ -143,6 +147,7 @@ class InvertedResidual(nn.Module):
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
   depthwise_padding: Any = 'SAME'
+  depthwise_impl: str = 'auto'
   conv: ModuleDef = functools.partial(nn.Conv, use_bias=False)
   norm: ModuleDef = functools.partial(
     nn.BatchNorm, momentum=0.997, epsilon=1e-3
@@ -200,6 +205,7 @@ class InvertedResidual(nn.Module):
       strides=self.strides,
       padding=self.depthwise_padding,
       feature_group_count=hidden,
+      conv_general_dilated=depthwise.conv_fn(self.depthwise_impl),
       name='depthwise_conv',
     )(h)
     h = nn.relu6(norm(name='depthwise_bn')(h))
@@ -239,6 +245,9 @@ class MobileNetV2(nn.Module):
       happens exactly after the 10 blocks that carry a bottleneck residual in
       the paper's design (stride 1, equal in/out channels), since the next
       block expands the same channels at the same resolution.
+    depthwise_impl: 'auto' (default: shifted multiply-adds on CPU, XLA's
+      grouped conv elsewhere), 'xla' or 'shift'; identical parameters and
+      results, different speed.
   """
 
   num_classes: int = 1000
@@ -254,6 +263,7 @@ class MobileNetV2(nn.Module):
   expand_ratio: float | None = None
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
+  depthwise_impl: str = 'auto'
 
   def __post_init__(self):
     if not isinstance(self.width_multiplier, (int, float)) or (
@@ -291,6 +301,7 @@ class MobileNetV2(nn.Module):
     _check_choice('padding', self.padding, PADDINGS)
     _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
+    _check_choice('depthwise_impl', self.depthwise_impl, depthwise.IMPLS)
     _check_choice(
       'bottleneck_activation',
       self.bottleneck_activation,
@@ -366,6 +377,7 @@ class MobileNetV2(nn.Module):
         bottleneck_activation=self.bottleneck_activation,
         shortcut=self.shortcut,
         depthwise_padding=pad_3x3,
+        depthwise_impl=self.depthwise_impl,
         conv=conv,
         norm=norm,
         name=f'block_{i + 1:02d}',

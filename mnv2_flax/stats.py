@@ -172,16 +172,6 @@ def format_table(stats: ModelStats) -> str:
   return '\n'.join(rows)
 
 
-_WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
-_RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input height and width.')
-_NUM_CLASSES = flags.DEFINE_integer(
-  'num_classes', 1000, 'Classifier outputs (TF-slim checkpoints: 1001).'
-)
-_JSON = flags.DEFINE_bool(
-  'json', False, 'Print one JSON object instead of the table.'
-)
-
-
 def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
@@ -209,4 +199,15 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  # Flags live here so that importing the library defines none.
+  _WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
+  _RESOLUTION = flags.DEFINE_integer(
+    'resolution', 224, 'Input height and width.'
+  )
+  _NUM_CLASSES = flags.DEFINE_integer(
+    'num_classes', 1000, 'Classifier outputs (TF-slim checkpoints: 1001).'
+  )
+  _JSON = flags.DEFINE_bool(
+    'json', False, 'Print one JSON object instead of the table.'
+  )
   app.run(main)

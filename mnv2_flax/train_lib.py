@@ -1,0 +1,492 @@
+"""Training state, pmap-ed train and eval steps, and the training loop.
+
+The steps are pure functions of (state, batch, rng). Collectives use
+`axis_name` only, so the same functions run under `jax.pmap` (as here, with the
+state unreplicated: `in_axes=(None, 0, None)`, `out_axes=None`) or, with
+`axis_name=None`, under `jit`.
+"""
+
+from collections.abc import Callable
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from flax import traverse_util
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mnv2_flax import checkpointing
+from mnv2_flax import input_pipeline
+from mnv2_flax import models
+from mnv2_flax import stats
+
+OPTIMIZERS = ('rmsprop_tf', 'sgd')
+SCHEDULES = ('exponential', 'cosine', 'constant')
+WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
+AXIS = 'batch'
+
+
+class TrainState(train_state.TrainState):
+  """Parameters, optimizer state, BatchNorm statistics and EMA parameters."""
+
+  batch_stats: Any
+  ema_params: Any
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or Inf."""
+
+
+# -------------------------------------------------------------------- config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Validates the config before anything is built; one clear error."""
+
+  def fail(field, value, valid):
+    raise ValueError(
+      f'config.{field}={value!r} is not valid; expected {valid}.'
+    )
+
+  optim, train = config.optim, config.train
+  if optim.optimizer not in OPTIMIZERS:
+    fail('optim.optimizer', optim.optimizer, ' or '.join(OPTIMIZERS))
+  if optim.schedule not in SCHEDULES:
+    fail('optim.schedule', optim.schedule, ', '.join(SCHEDULES))
+  if optim.weight_decay_mask not in WEIGHT_DECAY_MASKS:
+    fail(
+      'optim.weight_decay_mask',
+      optim.weight_decay_mask,
+      ' or '.join(WEIGHT_DECAY_MASKS),
+    )
+  for field in ('learning_rate', 'lr_reference_batch'):
+    if not optim[field] > 0:
+      fail(f'optim.{field}', optim[field], 'a number > 0')
+  if not 0 <= optim.weight_decay < 1:
+    fail('optim.weight_decay', optim.weight_decay, 'a value in [0, 1)')
+  if not 0 <= optim.label_smoothing < 1:
+    fail('optim.label_smoothing', optim.label_smoothing, 'a value in [0, 1)')
+  if not 0 <= optim.ema_decay < 1:
+    fail('optim.ema_decay', optim.ema_decay, 'a value in [0, 1)')
+  if not train.num_epochs > 0:
+    fail('train.num_epochs', train.num_epochs, 'a number > 0')
+  for field in ('log_every_steps', 'eval_every_steps'):
+    if not train[field] > 0:
+      fail(f'train.{field}', train[field], 'an integer > 0')
+  if train.dtype not in ('float32', 'bfloat16'):
+    fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
+  input_pipeline.check_data_config(config)
+  for field in ('batch_size', 'eval_batch_size'):
+    input_pipeline.per_process_batch_size(
+      config.data[field], f'config.data.{field}', jax.process_count()
+    )
+
+
+def create_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  axis_name: str | None = AXIS,
+) -> models.MobileNetV2:
+  """The model of `config.model`; BN statistics are averaged over `axis_name`."""
+  dtype = jnp.bfloat16 if config.train.dtype == 'bfloat16' else jnp.float32
+  return models.MobileNetV2(
+    num_classes=num_classes,
+    bn_axis_name=axis_name,
+    dtype=dtype,
+    **config.model.to_dict(),
+  )
+
+
+# ----------------------------------------------------------------- optimizer
+
+
+def create_learning_rate_fn(
+  config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.Schedule:
+  """Base rate scaled with the global batch, warm-up, then the schedule."""
+  optim = config.optim
+  base = optim.learning_rate * config.data.batch_size / optim.lr_reference_batch
+  warmup = int(optim.warmup_epochs * steps_per_epoch)
+  total = max(1, int(config.train.num_epochs * steps_per_epoch))
+  if optim.schedule == 'exponential':  # TF-slim: x0.98 every 2.5 epochs
+    main = optax.exponential_decay(
+      base,
+      transition_steps=max(1, int(optim.decay_epochs * steps_per_epoch)),
+      decay_rate=optim.decay_rate,
+      staircase=True,
+    )
+  elif optim.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(base, max(1, total - warmup))
+  else:
+    main = optax.constant_schedule(base)
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, base, warmup), main], [warmup]
+  )
+
+
+def weight_decay_mask(params: Any, mode: str) -> Any:
+  """True where weight decay applies.
+
+  'tf_slim': conv and dense kernels, not depthwise kernels, BN or biases.
+  'no_norm': everything but BatchNorm scale and bias (torchvision's recipe).
+  """
+  flat = traverse_util.flatten_dict(params)
+  if mode == 'tf_slim':
+    mask = {k: k[-1] == 'kernel' and 'depthwise_conv' not in k for k in flat}
+  else:
+    mask = {k: not any(part.endswith('_bn') for part in k) for k in flat}
+  return traverse_util.unflatten_dict(mask)
+
+
+def create_optimizer(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> optax.GradientTransformation:
+  optim = config.optim
+  if optim.optimizer == 'rmsprop_tf':
+    # TF1 RMSProp: epsilon inside the square root, accumulator starting at 1.
+    opt = optax.rmsprop(
+      learning_rate_fn,
+      decay=optim.rmsprop_decay,
+      eps=optim.rmsprop_epsilon,
+      initial_scale=1.0,
+      eps_in_sqrt=True,
+      momentum=optim.momentum,
+    )
+  else:
+    opt = optax.sgd(
+      learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov
+    )
+  if optim.weight_decay == 0:
+    return opt
+  # L2 as TF-slim and torch's SGD apply it: wd * w is added to the gradient
+  # before the optimizer (the gradient of wd / 2 * ||w||^2).
+  mask = functools.partial(weight_decay_mask, mode=optim.weight_decay_mask)
+  return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), opt)
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict,
+  model: models.MobileNetV2,
+  learning_rate_fn: optax.Schedule,
+  rng: jax.Array,
+) -> TrainState:
+  """A freshly initialised state (jit-compiled, on the default device)."""
+  size = config.data.image_size
+
+  def init(rng):
+    variables = model.init(rng, jnp.zeros((1, size, size, 3)), train=False)
+    return TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      tx=create_optimizer(config, learning_rate_fn),
+      batch_stats=variables['batch_stats'],
+      ema_params=variables['params'],
+    )
+
+  return jax.jit(init)(rng)
+
+
+def abstract_train_state(config, model, learning_rate_fn) -> TrainState:
+  """The state's shapes and dtypes, without computing anything."""
+  return jax.eval_shape(
+    lambda: create_train_state(
+      config, model, learning_rate_fn, jax.random.key(0)
+    )
+  )
+
+
+# --------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
+  targets = (
+    optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    if label_smoothing
+    else (jax.nn.one_hot(labels, num_classes))
+  )
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def _mean(x, axis_name):
+  return jax.lax.pmean(x, axis_name) if axis_name else x
+
+
+def train_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  rng: jax.Array,
+  *,
+  config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
+  axis_name: str | None = AXIS,
+):
+  """One optimisation step; returns the new state and the step's metrics.
+
+  Gradients, metrics and BatchNorm statistics are averaged over `axis_name`
+  (the model's BN also normalises with statistics across it). The dropout rng
+  is distinct per device and per step.
+  """
+  if axis_name:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  rng = jax.random.fold_in(rng, state.step)
+  num_classes = state.params['classifier']['bias'].shape[-1]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=True,
+      mutable=['batch_stats'],
+      rngs={'dropout': rng},
+    )
+    loss = cross_entropy(
+      logits, batch['label'], num_classes, config.optim.label_smoothing
+    ).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(
+    loss_fn, has_aux=True
+  )(state.params)
+  grads = _mean(grads, axis_name)
+  batch_stats = _mean(batch_stats, axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # TF's ExponentialMovingAverage(num_updates=step): slow start, then decay.
+  step = new_state.step.astype(jnp.float32)
+  decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+  ema = optax.incremental_update(
+    new_state.params, state.ema_params, 1.0 - decay
+  )
+  new_state = new_state.replace(ema_params=ema)
+  metrics = {
+    'loss': loss,
+    'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+    'learning_rate': learning_rate_fn(state.step),
+  }
+  return new_state, _mean(metrics, axis_name)
+
+
+def eval_step(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  axis_name: str | None = AXIS,
+) -> dict[str, jax.Array]:
+  """Masked sums of loss, top-1 and top-5 for the raw and the EMA params."""
+  mask = batch['mask']
+  num_classes = state.params['classifier']['bias'].shape[-1]
+  sums = {'count': mask.sum()}
+  for prefix, params in (('', state.params), ('ema_', state.ema_params)):
+    logits = state.apply_fn(
+      {'params': params, 'batch_stats': state.batch_stats},
+      batch['image'],
+      train=False,
+    )
+    loss = cross_entropy(logits, batch['label'], num_classes)
+    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+    sums[prefix + 'loss'] = (loss * mask).sum()
+    sums[prefix + 'top1'] = ((top5[:, 0] == batch['label']) * mask).sum()
+    sums[prefix + 'top5'] = (
+      (top5 == batch['label'][:, None]).any(-1) * mask
+    ).sum()
+  return jax.lax.psum(sums, axis_name) if axis_name else sums
+
+
+def evaluate(p_eval_step: Callable, state: TrainState, eval_ds) -> dict:
+  """Runs the eval split once; returns mean loss, top-1, top-5 (raw, EMA)."""
+  totals = None
+  for batch in input_pipeline.prefetch_to_device(eval_ds):
+    sums = p_eval_step(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
+  count = totals.pop('count')
+  out = {k: v / count for k, v in totals.items()}
+  out['num_examples'] = count
+  return out
+
+
+# ---------------------------------------------------------------------- loop
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
+
+  Args:
+    config: the experiment (see configs/default.py).
+    workdir: checkpoints, TensorBoard events, model statistics and results.
+
+  Returns:
+    The final eval metrics, with train wall time and throughput.
+  """
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  builder = input_pipeline.get_builder(config)
+  meta = input_pipeline.dataset_meta(builder, config)
+  steps_per_epoch = meta.num_train_examples // config.data.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f'config.data.batch_size={config.data.batch_size} is '
+      f'larger than the {meta.num_train_examples} training '
+      'examples.'
+    )
+  num_steps = int(math.ceil(config.train.num_epochs * steps_per_epoch))
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  model = create_model(config, meta.num_classes)
+
+  counts = stats.count(model.clone(bn_axis_name=None), config.data.image_size)
+  model_stats = dict(
+    counts.as_dict(),
+    num_classes=meta.num_classes,
+    image_size=config.data.image_size,
+    width_multiplier=config.model.width_multiplier,
+  )
+  logging.info(
+    'Model: %s parameters, %s MACs per image',
+    f'{counts.params:,}',
+    f'{counts.macs:,}',
+  )
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'model_stats.json'), 'w') as f:
+      json.dump(model_stats, f, indent=2)
+
+  manager = checkpointing.create_manager(workdir, config)
+  state = create_train_state(
+    config, model, learning_rate_fn, jax.random.key(config.seed)
+  )
+  state, start_step = checkpointing.restore_latest(manager, state, config)
+  if start_step:
+    logging.info('Resumed from step %d of %d.', start_step, num_steps)
+
+  writer = metric_writers.create_default_writer(
+    workdir, just_logging=jax.process_index() > 0
+  )
+  if start_step == 0:
+    writer.write_hparams(
+      {
+        k: v
+        for k, v in _flat_config(config).items()
+        if isinstance(v, (int, float, str, bool))
+      }
+    )
+
+  p_train_step = jax.pmap(
+    functools.partial(
+      train_step, config=config, learning_rate_fn=learning_rate_fn
+    ),
+    axis_name=AXIS,
+    in_axes=(None, 0, None),
+    out_axes=(None, None),
+    donate_argnums=(0,),
+  )
+  p_eval_step = jax.pmap(
+    eval_step, axis_name=AXIS, in_axes=(None, 0), out_axes=None
+  )
+  train_iter = input_pipeline.prefetch_to_device(
+    input_pipeline.create_train_dataset(builder, config, start_step=start_step)
+  )
+  eval_ds = input_pipeline.create_eval_dataset(builder, config)
+  dropout_rng = jax.random.key(config.seed + 1)
+
+  eval_metrics: dict[str, float] = {}
+  train_time, images = 0.0, 0
+  window_start, window_steps = time.perf_counter(), 0
+  train_metrics = []
+  for step in range(start_step, num_steps):
+    state, metrics = p_train_step(state, next(train_iter), dropout_rng)
+    train_metrics.append(metrics)
+    window_steps += 1
+    done = step + 1
+    if done % config.train.log_every_steps == 0 or done == num_steps:
+      summary = {
+        k: float(np.mean([m[k] for m in train_metrics]))
+        for k in train_metrics[0]
+      }
+      train_metrics = []
+      if not np.isfinite(summary['loss']):
+        manager.wait_until_finished()
+        raise TrainingDivergedError(
+          f'loss is {summary["loss"]} at step {done}; stopped. The last '
+          f'good checkpoint (step {manager.latest_step()}) is kept in '
+          f'{manager.directory}.'
+        )
+      elapsed = time.perf_counter() - window_start
+      train_time += elapsed
+      images += window_steps * config.data.batch_size
+      summary['images_per_second'] = (
+        window_steps * config.data.batch_size / elapsed
+      )
+      writer.write_scalars(done, {f'train/{k}': v for k, v in summary.items()})
+      eta = (num_steps - done) * elapsed / window_steps
+      logging.info(
+        'step %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s',
+        done,
+        num_steps,
+        done / steps_per_epoch,
+        summary['loss'],
+        summary['accuracy'],
+        summary['learning_rate'],
+        summary['images_per_second'],
+        _format_eta(eta),
+      )
+      window_start, window_steps = time.perf_counter(), 0
+    if done % config.train.eval_every_steps == 0 or done == num_steps:
+      eval_metrics = evaluate(p_eval_step, state, eval_ds)
+      writer.write_scalars(
+        done, {f'eval/{k}': v for k, v in eval_metrics.items()}
+      )
+      logging.info(
+        'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples',
+        done,
+        eval_metrics['top1'],
+        eval_metrics['top5'],
+        eval_metrics['ema_top1'],
+        eval_metrics['num_examples'],
+      )
+      window_start = time.perf_counter()  # eval time is not train time
+    if done % config.checkpoint.every_steps == 0 or done == num_steps:
+      checkpointing.save(
+        manager,
+        done,
+        state,
+        config,
+        eval_metrics
+        if done % config.train.eval_every_steps == 0 or done == num_steps
+        else None,
+      )
+  manager.wait_until_finished()
+  writer.flush()
+  result = dict(
+    eval_metrics,
+    train_seconds=train_time,
+    images_per_second=images / train_time if train_time else 0.0,
+    steps=num_steps,
+    **model_stats,
+  )
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {
+    '.'.join(k): v
+    for k, v in traverse_util.flatten_dict(config.to_dict()).items()
+  }

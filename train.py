@@ -1,0 +1,90 @@
+"""Trains MobileNetV2: parses flags and calls train_lib.train_and_evaluate.
+
+  python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python train.py --config=configs/default.py --workdir=... \
+      --config.optim.learning_rate=0.09
+
+Multi-host: run one copy per process with --multiprocess (or with
+JAX_COORDINATOR_ADDRESS / SLURM set), see README.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+  'config', None, 'ml_collections config file.', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Checkpoints, metrics and results.'
+)
+_MULTIPROCESS = flags.DEFINE_bool(
+  'multiprocess',
+  None,
+  'Call jax.distributed.initialize(); default: when JAX_COORDINATOR_ADDRESS '
+  'or a multi-task SLURM job is in the environment.',
+)
+_COORDINATOR = flags.DEFINE_string(
+  'coordinator_address', None, 'host:port of process 0.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _is_multiprocess() -> bool:
+  if _MULTIPROCESS.value is not None:
+    return _MULTIPROCESS.value
+  return bool(
+    _COORDINATOR.value
+    or os.environ.get('JAX_COORDINATOR_ADDRESS')
+    or int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # TensorFlow only feeds the input pipeline: keep it off the accelerators.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  tf.config.set_visible_devices([], 'GPU')
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if _is_multiprocess():
+    jax.distributed.initialize(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+  from mnv2_flax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+
+  compilation_cache.enable(_CONFIG.value)
+  logging.info(
+    'JAX process %d of %d, local devices: %s',
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_devices(),
+  )
+  expected = (
+    ValueError,
+    input_pipeline.DataError,
+    checkpointing.CheckpointMismatchError,
+    train_lib.TrainingDivergedError,
+    FileNotFoundError,
+  )
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except expected as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
