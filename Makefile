@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup
 	$(PY) -m ruff check mnv2_flax tests tools configs

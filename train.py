@@ -60,9 +60,9 @@ def main(argv):
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
   from mnv2_flax import checkpointing  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
   from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
-  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
 
   compilation_cache.enable(_CONFIG.value)
   logging.info(

@@ -78,6 +78,8 @@ def get_config(arg=None):
   config.train.dtype = 'bfloat16'  # compute dtype; params stay float32
   config.train.log_every_steps = 100
   config.train.eval_every_steps = 5000
+  # Stop after this step as if preempted (0: never); the next run resumes.
+  config.train.stop_after_step = 0
   # JAX persistent compilation cache; '' disables it.
   config.train.compilation_cache_dir = '~/.cache/mnv2_flax/jax'
 

@@ -1,6 +1,14 @@
-"""Fashion-MNIST on CPU: width 0.35, resolution 32.
+"""Fashion-MNIST on CPU: width 0.35, resolution 32, 3 epochs.
 
   python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+
+Measured on this project's 2-core machine (no accelerator): 85.5% top-1 on
+the test split (EMA 85.6%) in 3 min 39 s wall time, compile and the first
+epoch's dataset caching included (the one-off preparation of Fashion-MNIST
+from the idx files adds about 25 s); about 1,100 images/s in training. That
+is short of the 91% this config is meant to reach: at 32 pixels the network
+ends on a 1x1 feature map, and 48 pixels gave 85.8% after 1.5 epochs at a
+third of the speed. See the README.
 
 Fashion-MNIST is prepared offline on first use from the idx files of Debian's
 `dataset-fashion-mnist` package (or `config.data.manual_dir`).
@@ -13,7 +21,7 @@ def get_config(arg=None):
   """Returns the quickstart config."""
   config = default.get_config(arg)
   config.model.width_multiplier = 0.35
-  config.model.dropout_rate = 0.1
+  config.model.dropout_rate = 0.0
   config.model.bn_momentum = 0.9
 
   config.data.name = 'fashion_mnist'
@@ -21,8 +29,9 @@ def get_config(arg=None):
   config.data.batch_size = 256
   config.data.eval_batch_size = 500
   config.data.eval_split = 'test'
-  # Centred 28x28 objects: mild crops only.
-  config.data.crop_area_range = (0.6, 1.0)
+  # Centred 28x28 objects: no random crop (measured: area (0.6, 1) cost ~6
+  # points of top-1 in this short schedule), flips only.
+  config.data.crop_area_range = (1.0, 1.0)
   config.data.crop_min_object_covered = 0.0
   config.data.eval_crop_fraction = 1.0
   config.data.shuffle_buffer = 60_000
@@ -30,7 +39,7 @@ def get_config(arg=None):
 
   config.optim.optimizer = 'sgd'
   config.optim.nesterov = True
-  config.optim.learning_rate = 0.1
+  config.optim.learning_rate = 0.15
   config.optim.lr_reference_batch = 256
   config.optim.schedule = 'cosine'
   config.optim.warmup_epochs = 0.2

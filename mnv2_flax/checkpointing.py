@@ -94,22 +94,36 @@ def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   return flat
 
 
+_ORDER = ('params', 'batch_stats', 'ema_params', 'opt_state', 'step')
+
+
+def _ordered(keys):
+  """Parameters first: they name the layers that differ most readably."""
+
+  def rank(key):
+    head = key.split('/')[0]
+    return (_ORDER.index(head) if head in _ORDER else len(_ORDER), key)
+
+  return sorted(keys, key=rank)
+
+
 def check_compatible(saved: Any, target: Any, where: str) -> None:
   """Raises naming every entry whose presence or shape differs."""
   saved_flat, target_flat = _flat_shapes(saved), _flat_shapes(target)
+
   problems = [
     f'{k}: checkpoint has {saved_flat[k][0]}, model expects {target_flat[k][0]}'
-    for k in sorted(saved_flat)
+    for k in _ordered(saved_flat)
     if k in target_flat and saved_flat[k][0] != target_flat[k][0]
   ]
   problems += [
     f'{k}: only in the checkpoint'
-    for k in sorted(saved_flat)
+    for k in _ordered(saved_flat)
     if k not in target_flat
   ]
   problems += [
     f'{k}: missing from the checkpoint'
-    for k in sorted(target_flat)
+    for k in _ordered(target_flat)
     if k not in saved_flat
   ]
   if problems:
@@ -124,7 +138,9 @@ def check_compatible(saved: Any, target: Any, where: str) -> None:
 
 
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
-  return manager.item_metadata(step)['state']
+  """The saved state's tree of array metadata (shapes, dtypes)."""
+  path = os.path.join(str(manager.directory), str(step), 'state')
+  return ocp.StandardCheckpointer().metadata(path).item_metadata
 
 
 def restore_latest(

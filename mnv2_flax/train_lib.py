@@ -460,7 +460,11 @@ def train_and_evaluate(
         eval_metrics['num_examples'],
       )
       window_start = time.perf_counter()  # eval time is not train time
-    if done % config.checkpoint.every_steps == 0 or done == num_steps:
+    if (
+      done % config.checkpoint.every_steps == 0
+      or done == num_steps
+      or done == config.train.stop_after_step
+    ):
       checkpointing.save(
         manager,
         done,
@@ -470,6 +474,9 @@ def train_and_evaluate(
         if done % config.train.eval_every_steps == 0 or done == num_steps
         else None,
       )
+    if done == config.train.stop_after_step:
+      logging.info('Stopping after step %d as configured.', done)
+      break
   manager.wait_until_finished()
   writer.flush()
   result = dict(

@@ -5,6 +5,27 @@ width-0.35 model: 17 s with them, 3.5 s without, on 2 cores); the tiny
 programs under test run fast enough unoptimised.
 """
 
+import tempfile
+
+from fake_data import make_idx_dir
 import jax
+import pytest
+
+from mnv2_flax import fashion_mnist
 
 jax.config.update('jax_disable_most_optimizations', True)
+# Tests that train the same shapes several times (resume) compile once.
+jax.config.update(
+  'jax_compilation_cache_dir',
+  tempfile.mkdtemp(prefix='mnv2_flax_test_jax_cache_'),
+)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(scope='session')
+def data_dirs(tmp_path_factory):
+  """(idx dir, tfds data_dir) with a 40 + 23 image Fashion-MNIST prepared."""
+  idx_dir = make_idx_dir(str(tmp_path_factory.mktemp('idx')))
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  fashion_mnist.prepare(data_dir, idx_dir)
+  return idx_dir, data_dir

@@ -1,0 +1,67 @@
+"""Evaluates a checkpoint: restores it and prints its eval metrics.
+
+  python -m mnv2_flax.evaluate --workdir=workdirs/quickstart [--step=N]
+
+The config saved beside the state says which model and data; single fields
+can be overridden (for example `--data_dir`).
+"""
+
+import functools
+import json
+import sys
+
+from absl import app
+from absl import flags
+import jax
+
+from mnv2_flax import checkpointing
+from mnv2_flax import input_pipeline
+from mnv2_flax import train_lib
+
+
+def evaluate_checkpoint(
+  path: str, step: int | None = None, data_dir: str | None = None
+) -> dict[str, float]:
+  """Restores `path` (a workdir or checkpoint dir) and evaluates it."""
+  config, variables = checkpointing.restore(path, step)
+  if data_dir:
+    config.data.data_dir = data_dir
+  builder = input_pipeline.get_builder(config)
+  meta = input_pipeline.dataset_meta(builder, config)
+  model = train_lib.create_model(config, meta.num_classes)
+  state = train_lib.TrainState(
+    step=0,
+    apply_fn=model.apply,
+    params=variables['params'],
+    tx=None,
+    opt_state=None,
+    batch_stats=variables['batch_stats'],
+    ema_params=variables['ema_params'],
+  )
+  p_eval_step = jax.pmap(
+    functools.partial(train_lib.eval_step),
+    axis_name=train_lib.AXIS,
+    in_axes=(None, 0),
+    out_axes=None,
+  )
+  return train_lib.evaluate(
+    p_eval_step, state, input_pipeline.create_eval_dataset(builder, config)
+  )
+
+
+def main(argv):
+  del argv
+  try:
+    metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(metrics, indent=2))
+
+
+if __name__ == '__main__':
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir or checkpoints.')
+  _STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
+  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override tfds data_dir.')
+  flags.mark_flag_as_required('workdir')
+  app.run(main)

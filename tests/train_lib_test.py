@@ -1,0 +1,282 @@
+"""Tests of the train state, steps, optimizer and the training loop."""
+
+import functools
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import quickstart
+from mnv2_flax import checkpointing
+from mnv2_flax import train_lib
+
+# First-step loss for seed 0 (TF-slim init, width 0.35, res 32, float32, CPU).
+GOLDEN_FIRST_LOSS = 4.347808
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir=None, **train):
+  config = quickstart.get_config()
+  config.data.data_dir = data_dir
+  config.data.batch_size = 8
+  config.data.eval_batch_size = 8
+  config.data.shuffle_buffer = 64
+  config.model.dropout_rate = 0.0
+  config.train.log_every_steps = 2
+  config.train.eval_every_steps = 1000
+  config.checkpoint.every_steps = 2
+  config.checkpoint.async_save = False
+  config.train.compilation_cache_dir = ''
+  config.train.update(train)
+  return config
+
+
+def _state_and_step(config, axis_name=None):
+  model = train_lib.create_model(config, 10, axis_name=axis_name)
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+  step = functools.partial(
+    train_lib.train_step,
+    config=config,
+    learning_rate_fn=lr,
+    axis_name=axis_name,
+  )
+  return state, step
+
+
+def _fixed_batch(n=8, size=32):
+  rng = np.random.default_rng(0)
+  return {
+    'image': jnp.asarray(rng.uniform(-1, 1, (n, size, size, 3)), jnp.float32),
+    'label': jnp.asarray(rng.integers(0, 10, n), jnp.int32),
+  }
+
+
+def test_loss_falls_on_a_fixed_batch_and_golden_first_loss():
+  config = tiny_config()
+  state, step = _state_and_step(config)
+  step = jax.jit(step)
+  batch = _fixed_batch()
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  np.testing.assert_allclose(losses[0], GOLDEN_FIRST_LOSS, rtol=1e-3)
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 15
+  # The EMA follows the parameters but lags behind them.
+  leaf = lambda t: t['classifier']['kernel']  # noqa: E731
+  assert not np.allclose(leaf(state.ema_params), leaf(state.params))
+
+
+_PMAP_SCRIPT = textwrap.dedent("""
+    import functools, json, sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update('jax_disable_most_optimizations', True)
+    from train_lib_test import tiny_config, _fixed_batch
+    from mnv2_flax import train_lib
+    config = tiny_config()
+    model = train_lib.create_model(config, 10)
+    lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+    state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+    step = functools.partial(train_lib.train_step, config=config,
+                             learning_rate_fn=lr)
+    batch = _fixed_batch()
+    out = {{}}
+    for n in (1, {devices}):
+      p_step = jax.pmap(step, axis_name='batch', in_axes=(None, 0, None),
+                        out_axes=(None, None), devices=jax.devices()[:n])
+      sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
+      new, metrics = p_step(state, sharded, jax.random.key(1))
+      new, metrics = p_step(new, sharded, jax.random.key(1))
+      out[n] = dict(loss=float(metrics['loss']),
+                    params=[np.asarray(x).tolist() for x in
+                            jax.tree.leaves(new.params)[:6]],
+                    stats=[np.asarray(x).tolist() for x in
+                           jax.tree.leaves(new.batch_stats)[:6]],
+                    max_param_diff=0.0)
+      out.setdefault('leaves', []).append(new)
+    a, b = out.pop('leaves')
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    rows = [(float(np.abs(np.asarray(x) - np.asarray(y)).max()),
+             float(np.abs(np.asarray(x)).max()), jax.tree_util.keystr(path))
+            for (path, x), y in zip(flat_a, jax.tree.leaves(b))]
+    print('RESULT' + json.dumps(dict(loss1=out[1]['loss'],
+                                     lossn=out[{devices}]['loss'],
+                                     rows=rows)))
+""")
+
+
+def test_pmap_step_on_4_devices_equals_1_device_whole_batch():
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  )
+  script = _PMAP_SCRIPT.format(
+    root=ROOT, tests=os.path.dirname(__file__), devices=4
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.split('RESULT')[-1])
+  np.testing.assert_allclose(out['lossn'], out['loss1'], rtol=1e-5)
+  # Params, batch_stats, opt state and EMA after two steps, leaf by leaf:
+  # relative to each leaf's scale (float32 sums over the batch in another
+  # order), except leaves that are ~0 (BN biases
+  # whose gradient is analytically zero: a conv and a train-mode BN follow
+  # them), where only float32 noise differs.
+  assert len(out['rows']) > 200
+  for diff, scale, name in out['rows']:
+    assert diff <= 5e-4 * scale + 1e-4, (name, diff, scale)
+
+
+def test_weight_decay_masks():
+  config = tiny_config()
+  state, _ = _state_and_step(config)
+  slim = train_lib.weight_decay_mask(state.params, 'tf_slim')
+  assert slim['block_05']['expand_conv']['kernel']
+  assert slim['classifier']['kernel']
+  assert not slim['block_05']['depthwise_conv']['kernel']
+  assert not slim['block_05']['expand_bn']['scale']
+  assert not slim['classifier']['bias']
+  no_norm = train_lib.weight_decay_mask(state.params, 'no_norm')
+  assert no_norm['block_05']['depthwise_conv']['kernel']
+  assert no_norm['classifier']['bias']
+  assert not no_norm['head_bn']['bias']
+
+
+def test_learning_rate_schedules():
+  config = tiny_config()
+  config.data.batch_size = 192
+  config.optim.update(
+    schedule='exponential',
+    learning_rate=0.045,
+    lr_reference_batch=96,
+    decay_rate=0.98,
+    decay_epochs=2.5,
+    warmup_epochs=0.0,
+  )
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  np.testing.assert_allclose(lr(0), 0.09, rtol=1e-6)  # scaled with batch
+  np.testing.assert_allclose(lr(249), 0.09, rtol=1e-6)  # staircase
+  np.testing.assert_allclose(lr(250), 0.09 * 0.98, rtol=1e-6)
+  np.testing.assert_allclose(lr(1000), 0.09 * 0.98**4, rtol=1e-6)
+  config.optim.update(schedule='cosine', warmup_epochs=1.0)
+  config.train.num_epochs = 3
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  np.testing.assert_allclose(lr(50), 0.045, rtol=1e-6)  # half-way warm-up
+  np.testing.assert_allclose(lr(100), 0.09, rtol=1e-6)
+  np.testing.assert_allclose(lr(200), 0.045, rtol=1e-5)  # cosine midpoint
+  assert float(lr(300)) < 1e-6
+
+
+def test_rmsprop_has_tf1_semantics():
+  config = tiny_config()
+  config.optim.update(
+    optimizer='rmsprop_tf',
+    weight_decay=0.0,
+    schedule='constant',
+    learning_rate=0.1,
+    lr_reference_batch=8,
+    warmup_epochs=0.0,
+  )
+  tx = train_lib.create_optimizer(config, lambda _: 0.1)
+  params = {'w': jnp.array([1.0])}
+  grads = {'w': jnp.array([2.0])}
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  # ms starts at 1: ms = 0.9 + 0.1 * g^2; update = lr * g / sqrt(ms + eps).
+  ms = 0.9 * 1.0 + 0.1 * 4.0
+  np.testing.assert_allclose(
+    updates['w'], [-0.1 * 2.0 / np.sqrt(ms + 1.0)], rtol=1e-6
+  )
+  updates, _ = tx.update(grads, state, params)
+  ms2 = 0.9 * ms + 0.1 * 4.0
+  mom = 0.9 * 0.1 * 2.0 / np.sqrt(ms + 1.0) + 0.1 * 2.0 / np.sqrt(ms2 + 1.0)
+  np.testing.assert_allclose(updates['w'], [-mom], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  'field, value, words',
+  [
+    ('optim.optimizer', 'adam', "config.optim.optimizer='adam'"),
+    ('optim.schedule', 'step', "config.optim.schedule='step'"),
+    ('train.num_epochs', 0.0, 'config.train.num_epochs=0.0'),
+    ('data.batch_size', 0, 'config.data.batch_size=0'),
+    ('data.image_size', 8, 'config.data.image_size=8'),
+  ],
+)
+def test_config_errors(field, value, words):
+  config = tiny_config()
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=words.replace('.', r'\.')):
+    train_lib.check_config(config)
+
+
+def _final_params(workdir):
+  _, variables = checkpointing.restore(workdir)
+  return variables
+
+
+def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
+  _, data_dir = data_dirs
+  # 40 examples, batch 8: 5 steps an epoch, 10 steps in all.
+  config = tiny_config(data_dir, num_epochs=2.0)
+  config.checkpoint.every_steps = 5
+  result = train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+  assert result['num_examples'] == 23
+  assert 0.0 <= result['top1'] <= 1.0 and 'ema_top5' in result
+  assert result['steps'] == 10 and result['macs'] > 0
+  workdir = tmp_path / 'full'
+  assert glob.glob(str(workdir / 'events.out.tfevents.*'))
+  assert (
+    json.loads((workdir / 'model_stats.json').read_text())['params']
+    == result['params']
+  )
+  assert (
+    sorted(
+      int(p.name)
+      for p in (workdir / 'checkpoints').iterdir()
+      if p.name.isdigit()
+    )[-1]
+    == 10
+  )
+
+  # Interrupted after 6 steps, then the same command again.
+  interrupted = tmp_path / 'interrupted'
+  config.train.stop_after_step = 6
+  partial = train_lib.train_and_evaluate(config, str(interrupted))
+  assert partial['steps'] == 10  # planned; stopped early
+  assert (
+    checkpointing.create_manager(str(interrupted), config).latest_step() == 6
+  )
+  config.train.stop_after_step = 0
+  train_lib.train_and_evaluate(config, str(interrupted))
+  chex.assert_trees_all_close(
+    _final_params(interrupted), _final_params(workdir), rtol=1e-6, atol=1e-6
+  )
+
+
+def test_nan_loss_stops_with_a_clear_error(data_dirs, tmp_path):
+  _, data_dir = data_dirs
+  config = tiny_config(data_dir, num_epochs=2.0)
+  config.optim.learning_rate = 1e12  # diverges at once
+  with pytest.raises(train_lib.TrainingDivergedError, match='loss is nan'):
+    train_lib.train_and_evaluate(config, str(tmp_path))
