@@ -96,7 +96,7 @@ def create_model(
   num_classes: int,
   axis_name: str | None = AXIS,
 ) -> models.MobileNetV2:
-  """The model of `config.model`; BN statistics are averaged over `axis_name`."""
+  """The model of `config.model`; BN statistics averaged over `axis_name`."""
   dtype = jnp.bfloat16 if config.train.dtype == 'bfloat16' else jnp.float32
   return models.MobileNetV2(
     num_classes=num_classes,
