@@ -55,6 +55,10 @@ def get_config(arg=None):
   config.data.normalization = 'inception'  # [-1, 1]; 'imagenet': mean/std
   config.data.shuffle_buffer = 16_384
   config.data.cache = False  # keep decoded examples in memory
+  # Multi-process input: 'files' (each process reads 1/N of the split) or
+  # 'batch' (each reads the whole stream and keeps its rows of every global
+  # batch: the same batches for any process count, N times the reading).
+  config.data.process_sharding = 'files'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = 'rmsprop_tf'  # or 'sgd'

@@ -66,6 +66,12 @@ def save(
   metrics: dict[str, float] | None = None,
 ) -> None:
   """Saves the state and the config at `step` (asynchronously if enabled)."""
+  if jax.process_count() > 1:
+    # pmap's outputs are host-local arrays, replicated on this process's
+    # devices; orbax needs global arrays to write them once for all hosts.
+    state = jax.tree.map(
+      ocp.utils.fully_replicated_host_local_array_to_global_array, state
+    )
   manager.save(
     step,
     args=ocp.args.Composite(

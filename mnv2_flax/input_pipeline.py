@@ -82,6 +82,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     fail('eval_crop_fraction', 'a fraction in (0, 1]')
   if not data.shuffle_buffer > 0:
     fail('shuffle_buffer', 'a positive integer')
+  if data.process_sharding not in ('files', 'batch'):
+    fail('process_sharding', "'files' or 'batch'")
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -311,10 +313,14 @@ def create_train_dataset(
   batch = per_process_batch_size(
     config.data.batch_size, 'config.data.batch_size', process_count
   )
-  split = tfds.even_splits(
-    config.data.train_split, n=process_count, drop_remainder=True
-  )[process_index]
-  seed = config.seed + process_index
+  by_batch = config.data.process_sharding == 'batch'
+  if by_batch:  # every process reads the global stream, keeps its rows
+    split, seed = config.data.train_split, config.seed
+  else:  # every process reads its own 1/process_count of the split
+    split = tfds.even_splits(
+      config.data.train_split, n=process_count, drop_remainder=True
+    )[process_index]
+    seed = config.seed + process_index
   ds, jpeg = _read(builder, split, shuffle=True, seed=seed)
   if config.data.cache:
     ds = ds.cache()
@@ -324,7 +330,15 @@ def create_train_dataset(
   # One stateless seed pair per example, continuing across epochs.
   ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
   if start_step:
-    ds = ds.skip(start_step * batch)
+    ds = ds.skip(start_step * (config.data.batch_size if by_batch else batch))
+  if by_batch and process_count > 1:
+    # Rows [p * batch, (p + 1) * batch) of every global batch, before any
+    # decoding: the global batches are those of a single process.
+    ds = (
+      ds.enumerate()
+      .filter(lambda i, _: (i // batch) % process_count == process_index)
+      .map(lambda _, example: example)
+    )
 
   def preprocess(example, example_seed):
     image, label = _preprocess(

@@ -393,7 +393,8 @@ def train_and_evaluate(
     axis_name=AXIS,
     in_axes=(None, 0, None),
     out_axes=(None, None),
-    donate_argnums=(0,),
+    # No donation: with several processes the unreplicated state is
+    # re-sharded on input and a donated buffer would be read after free.
   )
   p_eval_step = jax.pmap(
     eval_step, axis_name=AXIS, in_axes=(None, 0), out_axes=None

@@ -350,3 +350,40 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
   # Real clothes: dark background (-1) and bright garments.
   assert batch['image'].min() == -1.0 and batch['image'].max() > 0.5
   assert len(np.unique(batch['label'])) == 10
+
+
+def test_batch_sharding_gives_every_process_its_rows_of_the_global_batch(
+  data_dirs,
+):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, process_sharding='batch')
+  builder = ip.get_builder(config)
+  whole = first_batches(ip.create_train_dataset(builder, config, 0, 1), 6)
+  parts = [
+    first_batches(ip.create_train_dataset(builder, config, p, 2), 6)
+    for p in (0, 1)
+  ]
+  for step in range(6):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+        whole[step][key].reshape((8,) + whole[step][key].shape[2:]),
+        np.concatenate([parts[p][step][key][0] for p in (0, 1)]),
+      )
+  # Resuming skips whole global batches.
+  resumed = first_batches(
+    ip.create_train_dataset(builder, config, 1, 2, start_step=4), 1
+  )[0]
+  np.testing.assert_array_equal(resumed['label'], parts[1][4]['label'])
+
+
+def test_start_step_continues_the_stream_exactly(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir)
+  builder = ip.get_builder(config)
+  fresh = first_batches(ip.create_train_dataset(builder, config), 9)
+  resumed = first_batches(
+    ip.create_train_dataset(builder, config, start_step=7), 2
+  )
+  for a, b in zip(fresh[7:], resumed, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
