@@ -419,6 +419,20 @@ def prefetch_to_device(
 # ----------------------------------------------------------------- benchmark
 
 
+def _time_batches(ds, steps: int, warmup: int, batch_size: int):
+  """Times `steps` batches of `ds` after `warmup` untimed ones."""
+  it = iter(tfds.as_numpy(ds))
+  for _ in range(warmup):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  elapsed = time.perf_counter() - start
+  return dict(
+    images_per_second=steps * batch_size / elapsed, seconds=elapsed, steps=steps
+  )
+
+
 def benchmark(
   config: ml_collections.ConfigDict,
   *,
@@ -432,18 +446,7 @@ def benchmark(
     ds = create_train_dataset(builder, config)
   else:
     ds = create_eval_dataset(builder, config).repeat()
-  it = iter(tfds.as_numpy(ds))
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  elapsed = time.perf_counter() - start
-  return dict(
-    images_per_second=steps * config.data.batch_size / elapsed,
-    seconds=elapsed,
-    steps=steps,
-  )
+  return _time_batches(ds, steps, warmup, config.data.batch_size)
 
 
 def benchmark_jpeg(
@@ -483,18 +486,7 @@ def benchmark_jpeg(
   ds = _options(
     _device_batches(ds, config.data.batch_size).prefetch(tf.data.AUTOTUNE)
   )
-  it = iter(tfds.as_numpy(ds))
-  for _ in range(warmup):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  elapsed = time.perf_counter() - start
-  return dict(
-    images_per_second=steps * config.data.batch_size / elapsed,
-    seconds=elapsed,
-    steps=steps,
-  )
+  return _time_batches(ds, steps, warmup, config.data.batch_size)
 
 
 def main(argv):

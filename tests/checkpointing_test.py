@@ -3,10 +3,9 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
+from fake_data import run_on_fake_devices
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,11 +40,6 @@ _SCRIPT = textwrap.dedent("""
 
 
 def _run(devices, *, train, data_dir, workdir, out):
-  env = dict(
-    os.environ,
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-  )
   script = _SCRIPT.format(
     root=ROOT,
     tests=TESTS,
@@ -55,15 +49,7 @@ def _run(devices, *, train, data_dir, workdir, out):
     workdir=str(workdir),
     out=str(out),
   )
-  result = subprocess.run(
-    [sys.executable, '-c', script],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert run_on_fake_devices(script, devices)['devices'] == devices
   return dict(np.load(out))
 
 

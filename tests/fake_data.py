@@ -1,7 +1,10 @@
 """Small Fashion-MNIST-format data that the tests write themselves."""
 
 import gzip
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -42,3 +45,26 @@ def make_idx_dir(directory):
     (np.arange(NUM_TEST) % 10).astype(np.uint8),
   )
   return directory
+
+
+def run_on_fake_devices(script: str, devices: int, timeout: int = 600):
+  """Runs `script` in a fresh Python with `devices` fake CPU devices.
+
+  The script prints `RESULT<json>` last; returns the parsed JSON. Fake
+  devices must be set before JAX initialises, hence the subprocess.
+  """
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.split('RESULT')[-1])

@@ -1,15 +1,13 @@
 """Tests of the tfds input pipeline on data the tests write themselves."""
 
 import gzip
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 from fake_data import NUM_TEST
 from fake_data import NUM_TRAIN
 from fake_data import make_idx_dir
+from fake_data import run_on_fake_devices
 import jax
 import numpy as np
 import pytest
@@ -179,25 +177,9 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize('devices', [3, 8])
 def test_eval_counts_every_example_once_fake_devices(data_dirs, devices):
   _, data_dir = data_dirs
-  env = dict(
-    os.environ,
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    JAX_PLATFORMS='cpu',
+  out = run_on_fake_devices(
+    _FAKE_DEVICES_SCRIPT.format(root=ROOT, data_dir=data_dir), devices
   )
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-c',
-      _FAKE_DEVICES_SCRIPT.format(root=ROOT, data_dir=data_dir),
-    ],
-    capture_output=True,
-    text=True,
-    env=env,
-    timeout=300,
-    check=False,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = json.loads(result.stdout.split('RESULT')[-1])
   assert out['devices'] == devices
   for processes in ('1', '2'):
     assert out[processes]['seen'] == list(range(NUM_TEST))
