@@ -4,6 +4,8 @@ import functools
 import glob
 import json
 import os
+import subprocess
+import sys
 import textwrap
 
 import chex
@@ -265,3 +267,31 @@ def test_nan_loss_stops_with_a_clear_error(data_dirs, tmp_path):
   config.optim.learning_rate = 1e12  # diverges at once
   with pytest.raises(train_lib.TrainingDivergedError, match='loss is nan'):
     train_lib.train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  'override, words',
+  [
+    ('--config.optim.optimizer=adam', "config.optim.optimizer='adam'"),
+    ('--config.data.batch_size=0', 'config.data.batch_size=0'),
+  ],
+)
+def test_train_py_turns_user_mistakes_into_one_line(tmp_path, override, words):
+  result = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'train.py'),
+      '--config=' + os.path.join(ROOT, 'configs', 'quickstart.py'),
+      f'--workdir={tmp_path}',
+      override,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+    cwd=ROOT,
+  )
+  assert result.returncode == 1
+  assert f'error: {words}' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not os.listdir(tmp_path)  # nothing written
