@@ -162,18 +162,19 @@ def restore_latest(
     return state, 0
   where = f'checkpoint {manager.directory}/{step}'
   check_compatible(_state_metadata(manager, step), state, where)
-  saved_config = manager.restore(
-    step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
-  )['config']
-  if saved_config != config.to_dict():
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(
+      config=ocp.args.JsonRestore(),
+      state=ocp.args.StandardRestore(abstract),
+    ),
+  )
+  if restored['config'] != config.to_dict():
     logging.warning(
       'Resuming %s with a config that differs from the saved one.', where
     )
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-  )['state']
-  return restored, step
+  return restored['state'], step
 
 
 def _abstract_from_metadata(metadata: Any) -> Any:
@@ -229,17 +230,15 @@ def restore(
         target,
         f'checkpoint {path}/{step}',
       )
+    abstract = _abstract_from_metadata(metadata)
     saved = manager.restore(
       step,
       args=ocp.args.Composite(
         config=ocp.args.JsonRestore(),
         state=ocp.args.PyTreeRestore(
-          item=_abstract_from_metadata(metadata),
+          item=abstract,
           restore_args=jax.tree.map(
-            lambda m: ocp.ArrayRestoreArgs(
-              sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            ),
-            metadata,
+            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract
           ),
           partial_restore=True,
         ),

@@ -6,13 +6,11 @@ The config saved beside the state says which model and data; single fields
 can be overridden (for example `--data_dir`).
 """
 
-import functools
 import json
 import sys
 
 from absl import app
 from absl import flags
-import jax
 
 from mnv2_flax import checkpointing
 from mnv2_flax import input_pipeline
@@ -38,12 +36,7 @@ def evaluate_checkpoint(
     batch_stats=variables['batch_stats'],
     ema_params=variables['ema_params'],
   )
-  p_eval_step = jax.pmap(
-    functools.partial(train_lib.eval_step),
-    axis_name=train_lib.AXIS,
-    in_axes=(None, 0),
-    out_axes=None,
-  )
+  p_eval_step = train_lib.make_p_eval_step()
   return train_lib.evaluate(
     p_eval_step, state, input_pipeline.create_eval_dataset(builder, config)
   )

@@ -291,6 +291,14 @@ def _options(ds):
   return ds.with_options(options)
 
 
+def _topology(process_index: int | None, process_count: int | None):
+  """(process_index, process_count), JAX's unless given (for simulations)."""
+  return (
+    jax.process_index() if process_index is None else process_index,
+    jax.process_count() if process_count is None else process_count,
+  )
+
+
 def create_train_dataset(
   builder,
   config: ml_collections.ConfigDict,
@@ -304,12 +312,7 @@ def create_train_dataset(
   continues exactly where a run that consumed n batches stopped (examples are
   skipped before decoding and augmentation, which is what costs).
   """
-  process_index = (
-    jax.process_index() if process_index is None else process_index
-  )
-  process_count = (
-    jax.process_count() if process_count is None else process_count
-  )
+  process_index, process_count = _topology(process_index, process_count)
   batch = per_process_batch_size(
     config.data.batch_size, 'config.data.batch_size', process_count
   )
@@ -370,12 +373,7 @@ def create_eval_dataset(
   Every process yields `num_eval_steps(...)` batches; padded examples carry
   `mask == 0`, so summing `mask` over all processes gives the split size.
   """
-  process_index = (
-    jax.process_index() if process_index is None else process_index
-  )
-  process_count = (
-    jax.process_count() if process_count is None else process_count
-  )
+  process_index, process_count = _topology(process_index, process_count)
   batch = per_process_batch_size(
     config.data.eval_batch_size, 'config.data.eval_batch_size', process_count
   )

@@ -302,6 +302,11 @@ def eval_step(
   return jax.lax.psum(sums, axis_name) if axis_name else sums
 
 
+def make_p_eval_step() -> Callable:
+  """`eval_step` pmap-ed over the local devices, the state unreplicated."""
+  return jax.pmap(eval_step, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+
+
 def evaluate(p_eval_step: Callable, state: TrainState, eval_ds) -> dict:
   """Runs the eval split once; returns mean loss, top-1, top-5 (raw, EMA)."""
   totals = None
@@ -396,9 +401,7 @@ def train_and_evaluate(
     # No donation: with several processes the unreplicated state is
     # re-sharded on input and a donated buffer would be read after free.
   )
-  p_eval_step = jax.pmap(
-    eval_step, axis_name=AXIS, in_axes=(None, 0), out_axes=None
-  )
+  p_eval_step = make_p_eval_step()
   train_iter = input_pipeline.prefetch_to_device(
     input_pipeline.create_train_dataset(builder, config, start_step=start_step)
   )
@@ -447,7 +450,10 @@ def train_and_evaluate(
         _format_eta(eta),
       )
       window_start, window_steps = time.perf_counter(), 0
-    if done % config.train.eval_every_steps == 0 or done == num_steps:
+    is_eval_step = (
+      done % config.train.eval_every_steps == 0 or done == num_steps
+    )
+    if is_eval_step:
       eval_metrics = evaluate(p_eval_step, state, eval_ds)
       writer.write_scalars(
         done, {f'eval/{k}': v for k, v in eval_metrics.items()}
@@ -471,9 +477,7 @@ def train_and_evaluate(
         done,
         state,
         config,
-        eval_metrics
-        if done % config.train.eval_every_steps == 0 or done == num_steps
-        else None,
+        eval_metrics if is_eval_step else None,
       )
     if done == config.train.stop_after_step:
       logging.info('Stopping after step %d as configured.', done)
