@@ -359,6 +359,7 @@ class MobileNetV2(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       axis_name=self.bn_axis_name,
+      use_fast_variance=False,
     )
     pad_3x3 = 'SAME' if self.padding == 'tf' else ((1, 1), (1, 1))
 

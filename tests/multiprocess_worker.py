@@ -1,0 +1,56 @@
+"""One process of the multi-process training test (see train_lib_test.py).
+
+  python tests/multiprocess_worker.py DATA_DIR WORKDIR PROCESS_ID NUM_PROCS PORT
+
+With NUM_PROCESSES > 1 it joins a `jax.distributed` job on 127.0.0.1:PORT (CPU
+collectives over gloo); with 1 it trains alone on the devices it was given.
+"""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
+
+
+def main(data_dir, workdir, process_id, num_processes, port):
+  import jax
+
+  jax.config.update('jax_disable_most_optimizations', True)
+  if num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
+  from train_lib_test import tiny_config
+
+  from mnv2_flax import train_lib
+
+  # 3 steps of 16 images (4 per device). The base rate is tiny: the gradients
+  # are large at TF-slim's initialisation on noise images and a real step
+  # makes float32 rounding grow; tiny steps keep the comparison exact while
+  # the momentum traces still hold every step's averaged gradient.
+  config = tiny_config(data_dir, num_epochs=1.5)
+  config.data.batch_size = 16
+  config.data.process_sharding = 'batch'  # the global batches of 1 process
+  config.optim.learning_rate = 1e-5
+  config.optim.schedule = 'constant'
+  config.optim.warmup_epochs = 0.0
+  config.checkpoint.every_steps = 2
+  result = train_lib.train_and_evaluate(config, workdir)
+  print(
+    'RESULT',
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    result['steps'],
+    flush=True,
+  )
+
+
+if __name__ == '__main__':
+  main(
+    sys.argv[1],
+    sys.argv[2],
+    int(sys.argv[3]),
+    int(sys.argv[4]),
+    int(sys.argv[5]),
+  )
