@@ -2,8 +2,10 @@
 
   python -m mnv2_flax.evaluate --workdir=workdirs/quickstart [--step=N]
 
-The config saved beside the state says which model and data; single fields
-can be overridden (for example `--data_dir`).
+The config saved beside the state says which model and data; fields it lacks
+(a checkpoint written before they existed) take their defaults from
+`configs/default.py`. Single fields can be overridden (for example
+`--data_dir`).
 """
 
 import json
@@ -11,10 +13,30 @@ import sys
 
 from absl import app
 from absl import flags
+import ml_collections
 
+from configs import default
 from mnv2_flax import checkpointing
 from mnv2_flax import input_pipeline
 from mnv2_flax import train_lib
+
+
+def _merge(defaults: dict, saved: dict) -> dict:
+  merged = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+      value = _merge(defaults[key], value)
+    merged[key] = value
+  return merged
+
+
+def with_defaults(
+  saved: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """`saved` over the default config: fields it lacks get their defaults."""
+  return ml_collections.ConfigDict(
+    _merge(default.get_config().to_dict(), saved.to_dict())
+  )
 
 
 def evaluate_checkpoint(
@@ -22,6 +44,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Restores `path` (a workdir or checkpoint dir) and evaluates it."""
   config, variables = checkpointing.restore(path, step)
+  config = with_defaults(config)
   if data_dir:
     config.data.data_dir = data_dir
   builder = input_pipeline.get_builder(config)

@@ -19,6 +19,7 @@ import pytest
 
 from configs import quickstart
 from mnv2_flax import checkpointing
+from mnv2_flax import evaluate
 from mnv2_flax import train_lib
 
 # First-step loss for seed 0 (TF-slim init, width 0.35, res 32, float32, CPU).
@@ -261,6 +262,16 @@ def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
   chex.assert_trees_all_close(
     _final_params(interrupted), _final_params(workdir), rtol=1e-6, atol=1e-6
   )
+
+  # `python -m mnv2_flax.evaluate` gives the run's own final metrics, also for
+  # a checkpoint whose saved config predates a field (default filled in).
+  config_file = workdir / 'checkpoints' / '10' / 'config' / 'metadata'
+  saved = json.loads(config_file.read_text())
+  del saved['model']['shortcut']
+  config_file.write_text(json.dumps(saved))
+  metrics = evaluate.evaluate_checkpoint(str(workdir), data_dir=data_dir)
+  assert metrics['top1'] == result['top1']
+  assert metrics['ema_top1'] == result['ema_top1']
 
 
 def test_nan_loss_stops_with_a_clear_error(data_dirs, tmp_path):
