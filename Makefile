@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup clean data
+.PHONY: test lint format setup clean data sweep
 
 setup: $(VENV)/.installed
 
@@ -38,3 +38,15 @@ data:
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "warning: cannot install dataset-fashion-mnist (no apt or not root); set config.data.manual_dir to the four idx files" >&2; fi
+
+# The main command: set up, get Fashion-MNIST, run the Fashion-MNIST sweep.
+# Without Debian's package (no apt, not root) tfds downloads fashion_mnist,
+# which needs internet; the sweep then stops with a message saying so.
+SWEEP ?= fashion_mnist
+SWEEP_ROOT ?= sweeps/$(SWEEP)
+sweep: setup data
+	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -f $${TFDS_DATA_DIR:-$$HOME/tensorflow_datasets}/fashion_mnist/3.0.1/dataset_info.json ]; \
+	then download=False; \
+	else download=True; echo "Debian's Fashion-MNIST is not here: tfds will download fashion_mnist (needs internet)."; fi; \
+	$(PY) -m mnv2_flax.sweep --config=configs/ablation.py:$(SWEEP) --root=$(SWEEP_ROOT) --set=data.download=$$download
+	@echo "Table: $(SWEEP_ROOT)/results.md  Figure: $(SWEEP_ROOT)/accuracy_vs_macs.png"

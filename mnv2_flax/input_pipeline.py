@@ -117,11 +117,15 @@ def get_builder(config: ml_collections.ConfigDict):
   if name == 'fashion_mnist':
     try:
       fashion_mnist.prepare(data_dir, config.data.manual_dir)
+      return tfds.builder(name, data_dir=data_dir)
     except fashion_mnist.IdxError as e:
-      raise DataError(
-        f'fashion_mnist is not prepared in {data_dir} and cannot be: {e}'
-      ) from None
-    return tfds.builder(name, data_dir=data_dir)
+      if not config.data.download:  # else: tfds' own download below
+        raise DataError(
+          f'fashion_mnist is not prepared in {data_dir} and cannot be: {e} '
+          "Install Debian's dataset-fashion-mnist (`make data`), set "
+          'config.data.manual_dir to the four idx files, or set '
+          'config.data.download=True on a machine with internet access.'
+        ) from None
   if name.startswith('imagenet2012') and not os.path.exists(
     os.path.join(manual_dir, 'ILSVRC2012_img_train.tar')
   ):
@@ -135,9 +139,16 @@ def get_builder(config: ml_collections.ConfigDict):
       'on a machine with internet access to download and prepare it once, '
       'or point config.data.data_dir to where it is prepared.'
     )
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-  )
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+  except Exception as e:  # network errors come in many types
+    raise DataError(
+      f'{name} could not be downloaded and prepared in {data_dir} '
+      f'({type(e).__name__}: {str(e)[:200]}). Without internet access, '
+      'provide the files locally (see README: Data).'
+    ) from None
   return builder
 
 

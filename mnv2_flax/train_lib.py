@@ -378,6 +378,12 @@ def train_and_evaluate(
   state, start_step = checkpointing.restore_latest(manager, state, config)
   if start_step:
     logging.info('Resumed from step %d of %d.', start_step, num_steps)
+  results_path = os.path.join(workdir, 'results.json')
+  if start_step >= num_steps and os.path.exists(results_path):
+    logging.info('Already finished: %s', results_path)
+    manager.close()
+    with open(results_path) as f:
+      return json.load(f)
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
@@ -484,15 +490,18 @@ def train_and_evaluate(
       break
   manager.wait_until_finished()
   writer.flush()
+  completed = manager.latest_step() or 0
   result = dict(
     eval_metrics,
     train_seconds=train_time,
     images_per_second=images / train_time if train_time else 0.0,
     steps=num_steps,
+    completed_steps=completed,
+    finished=completed == num_steps,
     **model_stats,
   )
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    with open(results_path, 'w') as f:
       json.dump(result, f, indent=2)
   return result
 
