@@ -23,11 +23,11 @@ test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup
-	$(PY) -m ruff check mnv2_flax tests tools configs
-	$(PY) -m ruff format --check mnv2_flax tests tools configs
+	$(PY) -m ruff check mnv2_flax tests tools configs benchmarks
+	$(PY) -m ruff format --check mnv2_flax tests tools configs benchmarks
 
 format: setup
-	$(PY) -m ruff format mnv2_flax tests tools configs
+	$(PY) -m ruff format mnv2_flax tests tools configs benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

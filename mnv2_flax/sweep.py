@@ -342,6 +342,7 @@ def _plot(module, rows: list[dict], root: str) -> None:
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
   done = [
     r for r in rows if r['status'] == 'finished' and r['top1'] is not None
@@ -377,7 +378,7 @@ def _plot(module, rows: list[dict], root: str) -> None:
         [r['macs'] / 1e6 for r in line],
         [100 * r['top1'] for r in line],
         'o-',
-        label=f'width {width} (ours)',
+        label=f'width {width}',
       )
       for r in line:
         ax.annotate(
@@ -395,9 +396,12 @@ def _plot(module, rows: list[dict], root: str) -> None:
           *zip(*line, strict=True),
           'x--',
           alpha=0.6,
-          label=f'width {width} (TF-slim)',
+          label=f'width {width}, TF-slim published',
         )
     ax.set_xscale('log')
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel('MACs (millions, log scale)')
     ax.set_ylabel('top-1 accuracy (%)')
     ax.legend(fontsize=8)

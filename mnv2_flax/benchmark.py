@@ -1,0 +1,222 @@
+"""Times the library's own train step or inference apply.
+
+  python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
+      --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
+      [--devices=N] [--depthwise_impl=auto|xla|shift] [--json]
+
+Train mode times `train_lib.train_step` under the same `jax.pmap` as the
+training loop (SGD with momentum 0.9 and weight decay, the torchvision recipe
+of configs/torchvision.py, EMA of the parameters included), on a fixed
+random batch split over `--devices`. Infer mode times `model.apply(...,
+train=False)` under `jax.jit` on one device.
+
+Prints: compile time (ahead-of-time `lower().compile()`, through the
+persistent compilation cache unless `--compilation_cache_dir=''`), the median
+step time over `--steps` timed steps after `--warmup` untimed ones, images/s,
+achieved GFLOP/s (2 FLOPs per MAC from `mnv2_flax.stats`, x3 for a train step:
+forward plus a backward of twice its cost), and the process's peak resident
+memory.
+"""
+
+import functools
+import json
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import torchvision as torchvision_config
+from mnv2_flax import compilation_cache
+from mnv2_flax import depthwise
+from mnv2_flax import stats
+from mnv2_flax import train_lib
+
+MODES = ('train', 'infer')
+DTYPES = ('float32', 'bfloat16')
+
+
+def make_config(width_multiplier, resolution, batch_size, dtype, impl):
+  config = torchvision_config.get_config()
+  config.model.width_multiplier = width_multiplier
+  config.model.dropout_rate = 0.2
+  config.model.depthwise_impl = impl
+  config.data.image_size = resolution
+  config.data.batch_size = batch_size
+  config.train.dtype = dtype
+  config.optim.warmup_epochs = 0.0
+  return config
+
+
+def _batch(batch_size, resolution, num_classes, shape_prefix):
+  rng = np.random.default_rng(0)
+  image = rng.uniform(-1, 1, (batch_size, resolution, resolution, 3))
+  label = rng.integers(0, num_classes, batch_size)
+  return {
+    'image': image.astype(np.float32).reshape(
+      shape_prefix + (resolution, resolution, 3)
+    ),
+    'label': label.astype(np.int32).reshape(shape_prefix),
+  }
+
+
+def _time(fn, args, steps, warmup):
+  """Median seconds of fn(*args) (its output fed back as args[0])."""
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+    if isinstance(out, tuple):  # train: the new state goes back in
+      args = (out[0],) + args[1:]
+  return statistics.median(times), times
+
+
+def run(
+  width_multiplier: float = 1.0,
+  resolution: int = 224,
+  batch_size: int = 32,
+  mode: str = 'train',
+  dtype: str = 'float32',
+  devices: int | None = None,
+  num_classes: int = 1000,
+  depthwise_impl: str = 'auto',
+  steps: int = 10,
+  warmup: int = 2,
+) -> dict:
+  """Compiles and times one configuration; returns the measurements."""
+  if mode not in MODES:
+    raise ValueError(f'--mode={mode!r}: valid are {", ".join(MODES)}.')
+  if dtype not in DTYPES:
+    raise ValueError(f'--dtype={dtype!r}: valid are {", ".join(DTYPES)}.')
+  if depthwise_impl not in depthwise.IMPLS:
+    raise ValueError(
+      f'--depthwise_impl={depthwise_impl!r}: valid are '
+      f'{", ".join(depthwise.IMPLS)}.'
+    )
+  available = jax.local_device_count()
+  devices = devices or available
+  if not 1 <= devices <= available or batch_size % devices:
+    raise ValueError(
+      f'--devices={devices}: expected 1..{available} devices dividing '
+      f'--batch_size={batch_size}.'
+    )
+  config = make_config(
+    width_multiplier, resolution, batch_size, dtype, depthwise_impl
+  )
+  train_lib.check_config(config)
+  model = train_lib.create_model(config, num_classes)
+  counts = stats.count(model.clone(bn_axis_name=None), resolution)
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
+  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+
+  if mode == 'train':
+    step = jax.pmap(
+      functools.partial(
+        train_lib.train_step, config=config, learning_rate_fn=lr
+      ),
+      axis_name=train_lib.AXIS,
+      in_axes=(None, 0, None),
+      out_axes=(None, None),
+      devices=jax.local_devices()[:devices],
+    )
+    batch = _batch(
+      batch_size, resolution, num_classes, (devices, batch_size // devices)
+    )
+    args = (state, batch, jax.random.key(1))
+    flops_per_image = 3 * 2 * counts.macs
+  else:
+    infer_model = model.clone(bn_axis_name=None)
+    step = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    batch = _batch(batch_size, resolution, num_classes, (batch_size,))
+    args = (variables, jnp.asarray(batch['image']))
+    flops_per_image = 2 * counts.macs
+
+  start = time.perf_counter()
+  compiled = step.lower(*args).compile()
+  compile_seconds = time.perf_counter() - start
+  median, times = _time(compiled, args, steps, warmup)
+  return dict(
+    mode=mode,
+    width_multiplier=width_multiplier,
+    resolution=resolution,
+    batch_size=batch_size,
+    num_classes=num_classes,
+    dtype=dtype,
+    devices=devices,
+    depthwise_impl=depthwise.resolve(depthwise_impl),
+    backend=jax.default_backend(),
+    compile_seconds=compile_seconds,
+    median_step_seconds=median,
+    min_step_seconds=min(times),
+    images_per_second=batch_size / median,
+    gflops_per_second=flops_per_image * batch_size / median / 1e9,
+    macs_per_image=counts.macs,
+    peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+  )
+
+
+def format_result(r: dict) -> str:
+  return (
+    f'{r["mode"]} w{r["width_multiplier"]} r{r["resolution"]} '
+    f'b{r["batch_size"]} {r["dtype"]} {r["devices"]} dev '
+    f'{r["backend"]}/{r["depthwise_impl"]}: compile '
+    f'{r["compile_seconds"]:.1f} s, step {1e3 * r["median_step_seconds"]:.1f}'
+    f' ms (median), {r["images_per_second"]:,.1f} img/s, '
+    f'{r["gflops_per_second"]:.1f} GFLOP/s, peak RSS '
+    f'{r["peak_rss_mib"]:,.0f} MiB'
+  )
+
+
+def main(argv):
+  del argv
+  config = make_config(1.0, 224, 1, 'float32', 'auto')
+  config.train.compilation_cache_dir = FLAGS.compilation_cache_dir
+  compilation_cache.enable(config)
+  try:
+    result = run(
+      FLAGS.width_multiplier,
+      FLAGS.resolution,
+      FLAGS.batch_size,
+      FLAGS.mode,
+      FLAGS.dtype,
+      FLAGS.devices,
+      FLAGS.num_classes,
+      FLAGS.depthwise_impl,
+      FLAGS.steps,
+      FLAGS.warmup,
+    )
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(json.dumps(result) if FLAGS.json else format_result(result))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
+  flags.DEFINE_integer('resolution', 224, 'Input height and width.')
+  flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
+  flags.DEFINE_enum('mode', 'train', MODES, 'Train step or inference.')
+  flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Compute dtype.')
+  flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
+  flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
+  flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla or shift.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps.')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
+  flags.DEFINE_string(
+    'compilation_cache_dir',
+    compilation_cache.DEFAULT_DIR,
+    "Persistent compilation cache; '' disables it.",
+  )
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
+  FLAGS = flags.FLAGS
+  app.run(main)

@@ -1,0 +1,40 @@
+"""Tests of the benchmark harness (it runs; its numbers are consistent)."""
+
+import pytest
+
+from mnv2_flax import benchmark
+
+
+@pytest.mark.parametrize('mode', ['train', 'infer'])
+def test_benchmark_times_the_library_step(mode):
+  r = benchmark.run(
+    width_multiplier=0.35,
+    resolution=32,
+    batch_size=4,
+    mode=mode,
+    num_classes=10,
+    steps=3,
+    warmup=1,
+  )
+  assert r['compile_seconds'] > 0 and r['median_step_seconds'] > 0
+  assert r['min_step_seconds'] <= r['median_step_seconds']
+  assert r['images_per_second'] == pytest.approx(4 / r['median_step_seconds'])
+  flops = (3 if mode == 'train' else 1) * 2 * r['macs_per_image'] * 4
+  assert r['gflops_per_second'] == pytest.approx(
+    flops / r['median_step_seconds'] / 1e9
+  )
+  assert r['depthwise_impl'] == 'shift' and r['peak_rss_mib'] > 100
+
+
+@pytest.mark.parametrize(
+  'field, value, words',
+  [
+    ('mode', 'eval', "--mode='eval'"),
+    ('dtype', 'float16', "--dtype='float16'"),
+    ('depthwise_impl', 'fft', "--depthwise_impl='fft'"),
+    ('devices', 3, '--devices=3'),
+  ],
+)
+def test_benchmark_rejects_bad_flags(field, value, words):
+  with pytest.raises(ValueError, match=words):
+    benchmark.run(resolution=32, batch_size=4, **{field: value})
