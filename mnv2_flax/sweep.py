@@ -404,7 +404,8 @@ def _plot(module, rows: list[dict], root: str) -> None:
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel('MACs (millions, log scale)')
     ax.set_ylabel('top-1 accuracy (%)')
-    ax.legend(fontsize=8)
+    if done:
+      ax.legend(fontsize=8)
     name = 'accuracy_vs_macs.png'
   ax.set_title(
     f'{os.path.basename(os.path.abspath(root))}: '

@@ -1,4 +1,4 @@
-"""One process of the multi-process training test (see train_lib_test.py).
+"""One process of the multi-process training test (multiprocess_test.py).
 
   python tests/multiprocess_worker.py DATA_DIR WORKDIR PROCESS_ID NUM_PROCS PORT
 
