@@ -89,6 +89,57 @@ def shifted_depthwise_conv(
   return out
 
 
+def pointwise_conv(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides: Sequence[int],
+  padding: Any,
+  lhs_dilation: Sequence[int] | None = None,
+  rhs_dilation: Sequence[int] | None = None,
+  dimension_numbers: Any = None,
+  feature_group_count: int = 1,
+  precision: Any = None,
+  **kwargs: Any,
+) -> jax.Array:
+  """A 1x1, stride-1 NHWC conv as a matrix multiply (its backward too).
+
+  Arguments follow `lax.conv_general_dilated`; any other conv goes to it
+  unchanged. XLA's CPU backend runs the weight-gradient convolutions of 1x1
+  convs far below its matrix-multiply speed; as a `dot_general` all three
+  products (forward, input and weight gradients) are matrix multiplies.
+  """
+  plain = (
+    rhs.shape[:2] == (1, 1)
+    and feature_group_count == 1
+    and all(s == 1 for s in window_strides)
+    and all(d == 1 for d in (lhs_dilation or (1, 1)))
+    and all(d == 1 for d in (rhs_dilation or (1, 1)))
+    and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))
+    and lhs.ndim == 4
+    and _is_nhwc(dimension_numbers)
+  )
+  if not plain:
+    return lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      **kwargs,
+    )
+  return lax.dot_general(
+    lhs,
+    rhs[0, 0],
+    (((3,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=kwargs.get('preferred_element_type'),
+  )
+
+
 def _is_nhwc(dimension_numbers: Any) -> bool:
   if dimension_numbers is None:
     return False
@@ -109,5 +160,10 @@ def resolve(impl: str) -> str:
 
 
 def conv_fn(impl: str) -> Callable[..., jax.Array] | None:
-  """The `nn.Conv(conv_general_dilated=...)` of an implementation name."""
+  """The depthwise `nn.Conv(conv_general_dilated=...)` of an impl name."""
   return shifted_depthwise_conv if resolve(impl) == 'shift' else None
+
+
+def pointwise_fn(impl: str) -> Callable[..., jax.Array] | None:
+  """The 1x1 `nn.Conv(conv_general_dilated=...)`: a matmul with 'shift'."""
+  return pointwise_conv if resolve(impl) == 'shift' else None

@@ -189,7 +189,12 @@ class InvertedResidual(nn.Module):
     hidden = int(round(in_channels * self.expand_ratio))
     h = x
     if self.expand_ratio != 1:
-      h = self.conv(hidden, (1, 1), name='expand_conv')(h)
+      h = self.conv(
+        hidden,
+        (1, 1),
+        conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
+        name='expand_conv',
+      )(h)
       h = nn.relu6(norm(name='expand_bn')(h))
     if (
       self.shortcut == 'expansion'
@@ -209,7 +214,12 @@ class InvertedResidual(nn.Module):
       name='depthwise_conv',
     )(h)
     h = nn.relu6(norm(name='depthwise_bn')(h))
-    h = self.conv(self.features, (1, 1), name='project_conv')(h)
+    h = self.conv(
+      self.features,
+      (1, 1),
+      conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
+      name='project_conv',
+    )(h)
     h = norm(name='project_bn')(h)
     if self.bottleneck_activation == 'relu6':
       h = nn.relu6(h)
@@ -397,7 +407,12 @@ class MobileNetV2(nn.Module):
         else None
       )
 
-    x = conv(self.head_channels, (1, 1), name='head_conv')(x)
+    x = conv(
+      self.head_channels,
+      (1, 1),
+      conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
+      name='head_conv',
+    )(x)
     x = nn.relu6(norm(use_running_average=not train, name='head_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
     if features_only or self.num_classes == 0:

@@ -1,4 +1,4 @@
-"""The shifted depthwise conv equals XLA's grouped conv, values and grads."""
+"""The fast CPU convs equal XLA's convs (grouped, 1x1), values and grads."""
 
 import functools
 
@@ -145,3 +145,34 @@ def test_models_agree_across_impls(padding):
   assert jax.tree.structure(
     jax.eval_shape(shift.init, jax.random.key(1), x)
   ) == jax.tree.structure(variables)
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])
+def test_pointwise_matmul_equals_1x1_conv(padding):
+  kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (2, 5, 6, 7))
+  k = jax.random.normal(kk, (1, 1, 7, 4))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def conv(x, k):
+    return lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn)
+
+  def matmul(x, k):
+    return depthwise.pointwise_conv(x, k, (1, 1), padding, dimension_numbers=dn)
+
+  np.testing.assert_allclose(matmul(x, k), conv(x, k), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(kg, (2, 5, 6, 4))
+  grads = jax.grad(lambda x, k: jnp.sum(matmul(x, k) * cotangent), (0, 1))
+  ref = jax.grad(lambda x, k: jnp.sum(conv(x, k) * cotangent), (0, 1))
+  for g, r in zip(grads(x, k), ref(x, k), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  # Anything but a plain 1x1 stride-1 conv goes to lax unchanged.
+  k3 = jax.random.normal(kk, (3, 3, 7, 4))
+  np.testing.assert_array_equal(
+    depthwise.pointwise_conv(x, k3, (1, 1), 'SAME', dimension_numbers=dn),
+    lax.conv_general_dilated(x, k3, (1, 1), 'SAME', dimension_numbers=dn),
+  )
+  np.testing.assert_array_equal(
+    depthwise.pointwise_conv(x, k, (2, 2), 'SAME', dimension_numbers=dn),
+    lax.conv_general_dilated(x, k, (2, 2), 'SAME', dimension_numbers=dn),
+  )
