@@ -94,11 +94,6 @@ def pointwise_conv(
   rhs: jax.Array,
   window_strides: Sequence[int],
   padding: Any,
-  lhs_dilation: Sequence[int] | None = None,
-  rhs_dilation: Sequence[int] | None = None,
-  dimension_numbers: Any = None,
-  feature_group_count: int = 1,
-  precision: Any = None,
   **kwargs: Any,
 ) -> jax.Array:
   """A 1x1, stride-1 NHWC conv as a matrix multiply (its backward too).
@@ -108,34 +103,26 @@ def pointwise_conv(
   convs far below its matrix-multiply speed; as a `dot_general` all three
   products (forward, input and weight gradients) are matrix multiplies.
   """
+  dilations = (kwargs.get('lhs_dilation'), kwargs.get('rhs_dilation'))
+  no_padding = isinstance(padding, str) or all(
+    tuple(p) == (0, 0) for p in padding
+  )
   plain = (
     rhs.shape[:2] == (1, 1)
-    and feature_group_count == 1
+    and kwargs.get('feature_group_count', 1) == 1
     and all(s == 1 for s in window_strides)
-    and all(d == 1 for d in (lhs_dilation or (1, 1)))
-    and all(d == 1 for d in (rhs_dilation or (1, 1)))
-    and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))
+    and all(d == 1 for dilation in dilations for d in (dilation or (1, 1)))
+    and no_padding
     and lhs.ndim == 4
-    and _is_nhwc(dimension_numbers)
+    and _is_nhwc(kwargs.get('dimension_numbers'))
   )
   if not plain:
-    return lax.conv_general_dilated(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      precision=precision,
-      **kwargs,
-    )
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
   return lax.dot_general(
     lhs,
     rhs[0, 0],
     (((3,), (0,)), ((), ())),
-    precision=precision,
+    precision=kwargs.get('precision'),
     preferred_element_type=kwargs.get('preferred_element_type'),
   )
 
