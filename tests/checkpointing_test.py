@@ -1,8 +1,12 @@
-"""Orbax checkpoints: restore anywhere, refuse mismatches, plain orbax reads."""
+"""Orbax checkpoints: restore anywhere, refuse mismatches, plain orbax reads;
+2 processes train as 1 process does."""
 
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import textwrap
 
 from fake_data import run_on_fake_devices
@@ -18,19 +22,14 @@ from mnv2_flax import train_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
-# Trains 3 steps with N fake devices (or restores and compares, see below).
+# Restores a workdir's checkpoint with N fake devices and saves the variables.
 _SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     import jax, numpy as np
     jax.config.update('jax_disable_most_optimizations', True)
-    from train_lib_test import tiny_config
-    from mnv2_flax import checkpointing, train_lib
+    from mnv2_flax import checkpointing
     assert jax.local_device_count() == {devices}
-    if {train}:
-      config = tiny_config({data_dir!r}, num_epochs=0.6)  # 3 steps of 8
-      config.data.batch_size = 8
-      train_lib.train_and_evaluate(config, {workdir!r})
     _, variables = checkpointing.restore({workdir!r})
     np.savez({out!r}, **{{'/'.join(str(getattr(k, 'key', k)) for k in path): x
                           for path, x in jax.tree_util.tree_flatten_with_path(
@@ -39,13 +38,11 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run(devices, *, train, data_dir, workdir, out):
+def _run(devices, *, workdir, out):
   script = _SCRIPT.format(
     root=ROOT,
     tests=TESTS,
     devices=devices,
-    train=train,
-    data_dir=data_dir,
     workdir=str(workdir),
     out=str(out),
   )
@@ -60,24 +57,52 @@ def _flat(variables):
   }
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _worker(data_dir, workdir, process_id, num_processes, port, devices, *out):
+  """tests/multiprocess_worker.py: 3 steps of 16 images, see there."""
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  )
+  args = [data_dir, workdir, process_id, num_processes, port, *out]
+  return subprocess.Popen(
+    [sys.executable, os.path.join(TESTS, 'multiprocess_worker.py')]
+    + [str(a) for a in args],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+def _finish(procs):
+  """The RESULT fields of each worker, after checking they succeeded."""
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, out[-3000:]
+  return [out.split('RESULT')[-1].split() for out in outputs]
+
+
 @pytest.fixture(scope='module')
 def trained_on_4(data_dirs, tmp_path_factory):
   """A workdir trained 3 steps on 4 fake devices, and its variables."""
   workdir = tmp_path_factory.mktemp('four')
-  saved = _run(
-    4,
-    train=True,
-    data_dir=data_dirs[1],
-    workdir=workdir,
-    out=workdir / 'saved.npz',
-  )
-  return workdir, saved
+  out = workdir / 'saved.npz'
+  results = _finish([_worker(data_dirs[1], workdir, 0, 1, 0, 4, out)])
+  assert results == [['0', '1', '4', '3']]  # process, processes, devices, steps
+  return workdir, dict(np.load(out))
 
 
 def test_saved_on_4_devices_restores_on_1(trained_on_4):
   workdir, saved = trained_on_4
   config, variables = checkpointing.restore(str(workdir))
-  assert config.data.batch_size == 8 and config.model.width_multiplier == 0.35
+  assert config.data.batch_size == 16 and config.model.width_multiplier == 0.35
   assert set(variables) == {'params', 'batch_stats', 'ema_params'}
   flat = _flat(variables)
   assert flat.keys() == saved.keys()
@@ -95,8 +120,6 @@ def test_saved_on_1_device_restores_on_4(data_dirs, tmp_path):
   _, mine = checkpointing.restore(str(tmp_path))
   theirs = _run(
     4,
-    train=False,
-    data_dir=data_dirs[1],
     workdir=tmp_path,
     out=tmp_path / 'restored.npz',
   )
@@ -193,3 +216,38 @@ def test_a_killed_save_is_never_taken_for_a_checkpoint(trained_on_4, tmp_path):
 
   manager = checkpointing.create_manager(str(copy), tiny_config())
   assert manager.latest_step() == 3
+
+
+def test_two_processes_equal_one_process_with_four_devices(
+  data_dirs, trained_on_4, tmp_path
+):
+  """2 processes x 2 devices (jax.distributed on 127.0.0.1, gloo) end with
+  the state of the same 3 steps on 1 process x 4 devices (`trained_on_4`)."""
+  one, two = str(trained_on_4[0]), str(tmp_path / 'two')
+  port = _free_port()
+  results = _finish(
+    [_worker(data_dirs[1], two, i, 2, port, 2) for i in range(2)]
+  )
+  # process index, process count, global devices, steps
+  assert results == [['0', '2', '4', '3'], ['1', '2', '4', '3']]
+
+  # Read back with plain orbax: params, batch_stats (BN statistics across
+  # processes), EMA and the momentum traces (every step's gradient).
+  def final_state(workdir):
+    path = os.path.join(workdir, 'checkpoints', '3', 'state')
+    ckpt = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+      ckpt.metadata(path).item_metadata,
+    )
+    return ckpt.restore(path, target)
+
+  expected, actual = final_state(one), final_state(two)
+  flat = jax.tree_util.tree_flatten_with_path(expected)[0]
+  assert len(flat) > 500
+  for (path, x), y in zip(flat, jax.tree.leaves(actual), strict=True):
+    x, y = np.asarray(x), np.asarray(y)
+    scale = float(np.abs(x).max())
+    diff = float(np.abs(x - y).max())
+    assert diff <= 2e-4 * scale + 2e-5, (jax.tree_util.keystr(path), diff)

@@ -1,9 +1,12 @@
-"""One process of the multi-process training test (multiprocess_test.py).
+"""One process of the multi-process training test (checkpointing_test.py).
 
-  python tests/multiprocess_worker.py DATA_DIR WORKDIR PROCESS_ID NUM_PROCS PORT
+  python tests/multiprocess_worker.py DATA_DIR WORKDIR PROCESS_ID NUM_PROCS \
+      PORT [OUT]
 
-With NUM_PROCESSES > 1 it joins a `jax.distributed` job on 127.0.0.1:PORT (CPU
-collectives over gloo); with 1 it trains alone on the devices it was given.
+With NUM_PROCS > 1 it joins a `jax.distributed` job on 127.0.0.1:PORT (CPU
+collectives over gloo); with 1 it trains alone on the devices it was given
+and, given OUT, restores the checkpoint with `checkpointing.restore` and
+saves its variables there (npz, keys 'params/...').
 """
 
 import os
@@ -13,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
 
 
-def main(data_dir, workdir, process_id, num_processes, port):
+def main(data_dir, workdir, process_id, num_processes, port, out=None):
   import jax
 
   jax.config.update('jax_disable_most_optimizations', True)
@@ -22,6 +25,7 @@ def main(data_dir, workdir, process_id, num_processes, port):
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
   from train_lib_test import tiny_config
 
+  from mnv2_flax import checkpointing
   from mnv2_flax import train_lib
 
   # 3 steps of 16 images (4 per device). The base rate is tiny: the gradients
@@ -36,6 +40,15 @@ def main(data_dir, workdir, process_id, num_processes, port):
   config.optim.warmup_epochs = 0.0
   config.checkpoint.every_steps = 2
   result = train_lib.train_and_evaluate(config, workdir)
+  if out and num_processes == 1:
+    import numpy as np
+
+    _, variables = checkpointing.restore(workdir)
+    flat = jax.tree_util.tree_flatten_with_path(variables)[0]
+    np.savez(
+      out,
+      **{'/'.join(str(k.key) for k in path): x for path, x in flat},
+    )
   print(
     'RESULT',
     jax.process_index(),
@@ -53,4 +66,5 @@ if __name__ == '__main__':
     int(sys.argv[3]),
     int(sys.argv[4]),
     int(sys.argv[5]),
+    *sys.argv[6:],
   )
