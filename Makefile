@@ -41,7 +41,7 @@ data:
 
 # The main command: set up, get Fashion-MNIST, run the Fashion-MNIST sweep.
 # Without Debian's package (no apt, not root) tfds downloads fashion_mnist,
-# which needs internet; the sweep then stops with a message saying so.
+# which needs internet; without it every point fails with a message saying so.
 SWEEP ?= fashion_mnist
 SWEEP_ROOT ?= sweeps/$(SWEEP)
 sweep: setup data
