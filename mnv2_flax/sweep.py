@@ -120,9 +120,7 @@ def apply_overrides(
       value = text in ('True', 'true')
     elif isinstance(current, (int, float)):
       try:
-        value = type(current)(
-          float(text) if isinstance(current, float) else int(text)
-        )
+        value = type(current)(text)
       except ValueError:
         raise ValueError(
           f'--set {key}={text}: expected a {type(current).__name__}.'
@@ -206,7 +204,7 @@ def run(
     len(configs),
     len(todo),
   )
-  durations = []
+  durations, rows = [], None
   for k, point in enumerate(todo):
     eta = (
       _format_duration(sum(durations) / len(durations) * (len(todo) - k))
@@ -232,13 +230,13 @@ def run(
         f.write(traceback.format_exc())
     durations.append(time.perf_counter() - start)
     _record(point, durations[-1], error)
-    summarize(module, point_args, root)
-  rows = summarize(module, point_args, root)
-  failed = sum(r['status'] == 'failed' for r in rows)
+    rows = summarize(module, point_args, root)
+  if rows is None:  # nothing ran: the summary is still written
+    rows = summarize(module, point_args, root)
   logging.info(
     'Sweep done: %d finished, %d failed, %d not run here. Summary: %s',
     sum(r['status'] == 'finished' for r in rows),
-    failed,
+    sum(r['status'] == 'failed' for r in rows),
     sum(r['status'] in ('pending', 'interrupted') for r in rows),
     os.path.join(root, 'results.md'),
   )
@@ -436,7 +434,7 @@ def main(argv):
     shard = parse_shard(FLAGS.shard)
     if FLAGS.dry_run:
       for command in dry_run_commands(
-        FLAGS.config.partition(':')[0], point_args, FLAGS.root, overrides, shard
+        path, point_args, FLAGS.root, overrides, shard
       ):
         print(command)
       return
