@@ -5,12 +5,16 @@ a 3x3 depthwise conv forward and backward costs about as much as a dense conv
 with 144 times its FLOPs (jax-ml/jax#23713, google/flax#4207). Written as
 kh * kw shifted, strided slices of the padded input times one kernel tap each,
 it becomes a chain of elementwise multiply-adds that XLA fuses into one loop
-on CPU; its gradient (slices, pads and reductions) is derived by autodiff.
+on CPU. Its gradients are written out the same way (a custom VJP): the input
+gradient is a stride-1 shifted multiply-add of the dilated output gradient
+with the flipped kernel, the kernel gradient one product-sum per tap, about
+2-3x faster on CPU than autodiff's nine padded copies of the gradient.
 Outputs and gradients equal the grouped convolution's up to float rounding
 (tests/depthwise_test.py).
 """
 
 from collections.abc import Callable, Sequence
+import functools
 from typing import Any
 
 import jax
@@ -63,30 +67,87 @@ def shifted_depthwise_conv(
     padding = lax.padtype_to_pads(
       lhs.shape[1:3], (kh, kw), window_strides, padding
     )
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _depthwise(lhs, rhs[:, :, 0], tuple(window_strides), padding)
+
+
+def _tap(x, i, j, strides, out_hw):
+  """x[:, i::sh, j::sw] cut to out_hw: what kernel tap (i, j) multiplies."""
+  (sh, sw), (out_h, out_w) = strides, out_hw
+  end = (x.shape[0], i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1)
+  return lax.slice(x, (0, i, j, 0), end + x.shape[3:], (1, sh, sw, 1))
+
+
+def _taps(x, kernel, strides, out_hw):
+  """The sum over taps of `_tap * kernel[i, j]`: one fused loop on CPU."""
+  kh, kw, _ = kernel.shape
+  taps = (
+    _tap(x, i, j, strides, out_hw) * kernel[i, j]
+    for i in range(kh)
+    for j in range(kw)
+  )
+  return functools.reduce(lambda a, b: a + b, taps)
+
+
+def _padded(x, padding):
   (top, bottom), (left, right) = padding
-  x = jnp.pad(lhs, ((0, 0), (top, bottom), (left, right), (0, 0)))
-  sh, sw = window_strides
-  out_h = (x.shape[1] - kh) // sh + 1
-  out_w = (x.shape[2] - kw) // sw + 1
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = (
-        lax.slice(
-          x,
-          (0, i, j, 0),
-          (
-            x.shape[0],
-            i + sh * (out_h - 1) + 1,
-            j + sw * (out_w - 1) + 1,
-            channels,
-          ),
-          (1, sh, sw, 1),
-        )
-        * rhs[i, j, 0]
+  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, padding):
+  kh, kw, _ = kernel.shape
+  x = _padded(x, padding)
+  out_h = (x.shape[1] - kh) // strides[0] + 1
+  out_w = (x.shape[2] - kw) // strides[1] + 1
+  return _taps(x, kernel, strides, (out_h, out_w))
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+  return _depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, residuals, dy):
+  """Both gradients as shifted multiply-adds, like the forward pass.
+
+  Autodiff of the forward's slices gives one padded copy of `dy` per tap
+  (9 pads of full tensors summed); written out, the input gradient is the
+  stride-1 depthwise correlation of `dy` (dilated by the stride, padded) with
+  the flipped kernel, and the kernel gradient one product-sum per tap.
+  """
+  x, kernel = residuals
+  kh, kw, _ = kernel.shape
+  (top, bottom), (left, right) = padding
+  (sh, sw), (h, w) = strides, x.shape[1:3]
+  out_h, out_w = dy.shape[1:3]
+  zero = jnp.zeros((), dy.dtype)
+  dilated = lax.pad(
+    dy,
+    zero,
+    (
+      (0, 0, 0),
+      (kh - 1 - top, h + top - sh * (out_h - 1) - 1, sh - 1),
+      (kw - 1 - left, w + left - sw * (out_w - 1) - 1, sw - 1),
+      (0, 0, 0),
+    ),
+  )
+  dx = _taps(dilated, kernel[::-1, ::-1], (1, 1), (h, w))
+  x = _padded(x, padding)
+  dkernel = jnp.stack(
+    [
+      jnp.sum(
+        _tap(x, i, j, strides, (out_h, out_w)) * dy,
+        axis=(0, 1, 2),
+        dtype=jnp.float32,
       )
-      out = tap if out is None else out + tap
-  return out
+      for i in range(kh)
+      for j in range(kw)
+    ]
+  )
+  return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def pointwise_conv(
@@ -113,18 +174,46 @@ def pointwise_conv(
     and all(s == 1 for s in window_strides)
     and all(d == 1 for dilation in dilations for d in (dilation or (1, 1)))
     and no_padding
+    and kwargs.get('preferred_element_type') is None
     and lhs.ndim == 4
     and _is_nhwc(kwargs.get('dimension_numbers'))
   )
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, **kwargs)
-  return lax.dot_general(
-    lhs,
-    rhs[0, 0],
-    (((3,), (0,)), ((), ())),
-    precision=kwargs.get('precision'),
-    preferred_element_type=kwargs.get('preferred_element_type'),
+  return _matmul(lhs, rhs[0, 0], kwargs.get('precision'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x, kernel, precision):
+  return lax.dot_general(x, kernel, (((3,), (0,)), ((), ())), precision)
+
+
+def _matmul_fwd(x, kernel, precision):
+  return _matmul(x, kernel, precision), (x, kernel)
+
+
+def _matmul_bwd(precision, residuals, dy):
+  """dx = dy W^T and dW = X^T dy over all N*H*W rows.
+
+  The barrier keeps `dy` (the BatchNorm backward's output) a plain row-major
+  buffer: without it XLA fuses that elementwise computation into a transposed
+  copy for the weight gradient, the costliest op of a 224-pixel train step
+  (340 of ~3,400 ms at width 1.0, batch 32).
+  """
+  x, kernel = residuals
+  dy = lax.optimization_barrier(dy)
+  dx = lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision)
+  rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+  dkernel = lax.dot_general(
+    x.reshape(rows, x.shape[3]),
+    dy.reshape(rows, dy.shape[3]),
+    (((0,), (0,)), ((), ())),
+    precision,
   )
+  return dx, dkernel.astype(kernel.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _is_nhwc(dimension_numbers: Any) -> bool:

@@ -24,21 +24,28 @@ def _grouped(x, k, strides, padding):
 
 
 @pytest.mark.parametrize(
-  'size, strides, padding',
+  'size, strides, padding, kernel',
   [
-    (8, 1, 'SAME'),
-    (8, 2, 'SAME'),
-    (9, 2, 'SAME'),
-    (7, 1, 'VALID'),
-    (8, 2, ((1, 1), (1, 1))),
-    (9, 2, ((1, 1), (1, 1))),
-    (6, 2, ((0, 1), (2, 0))),
+    (8, 1, 'SAME', 3),
+    (8, 2, 'SAME', 3),
+    (9, 2, 'SAME', 3),
+    (7, 1, 'VALID', 3),
+    (8, 2, ((1, 1), (1, 1)), 3),
+    (9, 2, ((1, 1), (1, 1)), 3),
+    (6, 2, ((0, 1), (2, 0)), 3),
+    # The written-out gradient for other kernels, strides and paddings
+    # (a padding beyond the kernel's reach included).
+    (11, 3, 'SAME', 5),
+    (10, 2, 'VALID', 5),
+    (7, 1, ((4, 0), (0, 3)), 2),
   ],
 )
-def test_outputs_and_gradients_equal_grouped_conv(size, strides, padding):
+def test_outputs_and_gradients_equal_grouped_conv(
+  size, strides, padding, kernel
+):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, size, size + 1, 5))
-  k = jax.random.normal(kk, (3, 3, 1, 5))
+  k = jax.random.normal(kk, (kernel, kernel, 1, 5))
   strides = (strides, strides)
   ref = _grouped(x, k, strides, padding)
   out = depthwise.shifted_depthwise_conv(
