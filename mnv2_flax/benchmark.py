@@ -2,7 +2,8 @@
 
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
-      [--devices=N] [--depthwise_impl=auto|xla|shift] [--json]
+      [--devices=N] [--depthwise_impl=auto|xla|shift] [--profile_steps=3]
+      [--json]
 
 Train mode times `train_lib.train_step` under the same `jax.pmap` as the
 training loop (SGD with momentum 0.9 and weight decay, the torchvision recipe
@@ -15,14 +16,20 @@ persistent compilation cache unless `--compilation_cache_dir=''`), the median
 step time over `--steps` timed steps after `--warmup` untimed ones, images/s,
 achieved GFLOP/s (2 FLOPs per MAC from `mnv2_flax.stats`, x3 for a train step:
 forward plus a backward of twice its cost), and the process's peak resident
-memory.
+memory. `--profile_steps=N` traces N more steps with `jax.profiler` and prints
+the time per XLA op kind and the largest single ops with the model operation
+each came from.
 """
 
+import collections
 import functools
+import glob
 import json
+import re
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -88,6 +95,7 @@ def run(
   depthwise_impl: str = 'auto',
   steps: int = 10,
   warmup: int = 2,
+  profile_steps: int = 0,
 ) -> dict:
   """Compiles and times one configuration; returns the measurements."""
   if mode not in MODES:
@@ -142,6 +150,7 @@ def run(
   compiled = step.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
   median, times = _time(compiled, args, steps, warmup)
+  ops = profile_ops(compiled, args, profile_steps) if profile_steps else None
   return dict(
     mode=mode,
     width_multiplier=width_multiplier,
@@ -159,7 +168,66 @@ def run(
     gflops_per_second=flops_per_image * batch_size / median / 1e9,
     macs_per_image=counts.macs,
     peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    ops=ops,
   )
+
+
+def profile_ops(compiled, args, steps: int) -> list[dict]:
+  """Per-op time of `steps` runs of `compiled`, from a jax.profiler trace.
+
+  Returns one entry per XLA op (fusion, dot, ...) that ran, with its mean
+  time per step summed over the runtime's threads (so the entries add up to
+  more than the step time when ops run in parallel), its output shape and the
+  model operation it came from (HLO metadata), largest first.
+  """
+  with tempfile.TemporaryDirectory() as logdir:
+    jax.profiler.start_trace(logdir)
+    _time(compiled, args, steps, 0)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f'{logdir}/**/*.xplane.pb', recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  total = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if not line.name.startswith('tf_XLA'):  # the XLA runtime's threads
+        continue
+      for event in line.events:
+        if not event.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):
+          total[event.name] += event.duration_ns
+  hlo = compiled.as_text()
+  ops = []
+  for name, ns in total.most_common():
+    found = re.search(rf'%{re.escape(name)} = (\S+) .*?op_name="([^"]*)"', hlo)
+    ops.append(
+      dict(
+        name=name,
+        kind=re.sub(r'\.\d+$', '', name),
+        ms_per_step=ns / 1e6 / steps,
+        shape=found.group(1) if found else '',
+        source=found.group(2) if found else '',
+      )
+    )
+  return ops
+
+
+def format_ops(ops: list[dict], top: int) -> str:
+  """The op kinds and the single ops that take the most time."""
+  all_ms = sum(op['ms_per_step'] for op in ops)
+  kinds = collections.Counter()
+  for op in ops:
+    kinds[op['kind']] += op['ms_per_step']
+  lines = [f'op time per step, summed over threads: {all_ms:,.1f} ms']
+  lines += [
+    f'  {ms:9.1f} ms {100 * ms / all_ms:5.1f}%  {kind}'
+    for kind, ms in kinds.most_common(top)
+  ]
+  lines.append('largest single ops:')
+  lines += [
+    f'  {op["ms_per_step"]:9.1f} ms  {op["name"]}  {op["shape"]}  '
+    f'{op["source"].removeprefix("jit(_fun)/")}'
+    for op in ops[:top]
+  ]
+  return '\n'.join(lines)
 
 
 def format_result(r: dict) -> str:
@@ -191,11 +259,17 @@ def main(argv):
       FLAGS.depthwise_impl,
       FLAGS.steps,
       FLAGS.warmup,
+      FLAGS.profile_steps,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(json.dumps(result) if FLAGS.json else format_result(result))
+  if FLAGS.json:
+    print(json.dumps(result))
+    return
+  print(format_result(result))
+  if result['ops']:
+    print(format_ops(result['ops'], FLAGS.profile_top))
 
 
 if __name__ == '__main__':
@@ -217,6 +291,10 @@ if __name__ == '__main__':
     compilation_cache.DEFAULT_DIR,
     "Persistent compilation cache; '' disables it.",
   )
+  flags.DEFINE_integer(
+    'profile_steps', 0, 'Trace this many more steps; print time per op.'
+  )
+  flags.DEFINE_integer('profile_top', 15, 'Op kinds and ops to print.')
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
   FLAGS = flags.FLAGS
   app.run(main)

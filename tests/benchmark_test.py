@@ -15,6 +15,7 @@ def test_benchmark_times_the_library_step(mode):
     num_classes=10,
     steps=3,
     warmup=1,
+    profile_steps=2,
   )
   assert r['compile_seconds'] > 0 and r['median_step_seconds'] > 0
   assert r['min_step_seconds'] <= r['median_step_seconds']
@@ -24,6 +25,14 @@ def test_benchmark_times_the_library_step(mode):
     flops / r['median_step_seconds'] / 1e9
   )
   assert r['depthwise_impl'] == 'shift' and r['peak_rss_mib'] > 100
+  # The per-op profile: XLA ops that ran, traced back to the model.
+  ops = r['ops']
+  assert ops and all(op['ms_per_step'] >= 0 for op in ops)
+  assert [op['ms_per_step'] for op in ops] == sorted(
+    (op['ms_per_step'] for op in ops), reverse=True
+  )
+  assert any('depthwise_conv' in op['source'] for op in ops)
+  assert 'op time per step' in benchmark.format_ops(ops, top=5)
 
 
 @pytest.mark.parametrize(
