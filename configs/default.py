@@ -61,7 +61,7 @@ def get_config(arg=None):
   config.data.process_sharding = 'files'
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.optimizer = 'rmsprop_tf'  # or 'sgd'
+  config.optim.optimizer = 'rmsprop_tf'  # or 'sgd', 'adamw'
   config.optim.learning_rate = 0.045  # per lr_reference_batch images
   config.optim.lr_reference_batch = 96  # lr scales with batch / this
   config.optim.schedule = 'exponential'  # 'cosine', 'constant'
@@ -70,6 +70,7 @@ def get_config(arg=None):
   config.optim.warmup_epochs = 0.0  # linear warm-up from 0
   config.optim.momentum = 0.9
   config.optim.nesterov = False  # sgd only
+  config.optim.adam_b2 = 0.999  # adamw only (b1 is optim.momentum)
   config.optim.rmsprop_decay = 0.9
   config.optim.rmsprop_epsilon = 1.0
   config.optim.weight_decay = 4e-5  # L2, added to the gradient

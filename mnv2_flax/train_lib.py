@@ -29,7 +29,7 @@ from mnv2_flax import input_pipeline
 from mnv2_flax import models
 from mnv2_flax import stats
 
-OPTIMIZERS = ('rmsprop_tf', 'sgd')
+OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
 SCHEDULES = ('exponential', 'cosine', 'constant')
 WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
 AXIS = 'batch'
@@ -153,6 +153,7 @@ def create_optimizer(
   config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
   optim = config.optim
+  mask = functools.partial(weight_decay_mask, mode=optim.weight_decay_mask)
   if optim.optimizer == 'rmsprop_tf':
     # TF1 RMSProp: epsilon inside the square root, accumulator starting at 1.
     opt = optax.rmsprop(
@@ -163,6 +164,15 @@ def create_optimizer(
       eps_in_sqrt=True,
       momentum=optim.momentum,
     )
+  elif optim.optimizer == 'adamw':
+    # Decoupled decay (Loshchilov & Hutter): lr * wd * w, same mask.
+    return optax.adamw(
+      learning_rate_fn,
+      b1=optim.momentum,
+      b2=optim.adam_b2,
+      weight_decay=optim.weight_decay,
+      mask=mask,
+    )
   else:
     opt = optax.sgd(
       learning_rate_fn, momentum=optim.momentum, nesterov=optim.nesterov
@@ -171,7 +181,6 @@ def create_optimizer(
     return opt
   # L2 as TF-slim and torch's SGD apply it: wd * w is added to the gradient
   # before the optimizer (the gradient of wd / 2 * ||w||^2).
-  mask = functools.partial(weight_decay_mask, mode=optim.weight_decay_mask)
   return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), opt)
 
 

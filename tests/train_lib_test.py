@@ -200,6 +200,25 @@ def test_rmsprop_has_tf1_semantics():
   np.testing.assert_allclose(updates['w'], [-mom], rtol=1e-6)
 
 
+def test_adamw_decay_is_decoupled_and_masked():
+  config = tiny_config()
+  config.optim.update(
+    optimizer='adamw', weight_decay=0.5, weight_decay_mask='tf_slim'
+  )
+  tx = train_lib.create_optimizer(config, lambda _: 0.1)
+  params = {
+    'expand_conv': {'kernel': jnp.array([2.0])},
+    'depthwise_conv': {'kernel': jnp.array([2.0])},
+    'expand_bn': {'scale': jnp.array([2.0])},
+  }
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Zero gradients: only the decoupled decay, lr * wd * w, where masked.
+  np.testing.assert_allclose(updates['expand_conv']['kernel'], [-0.1])
+  np.testing.assert_allclose(updates['depthwise_conv']['kernel'], [0.0])
+  np.testing.assert_allclose(updates['expand_bn']['scale'], [0.0])
+
+
 @pytest.mark.parametrize(
   'field, value, words',
   [
