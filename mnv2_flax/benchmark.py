@@ -197,14 +197,15 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
   hlo = compiled.as_text()
   ops = []
   for name, ns in total.most_common():
-    found = re.search(rf'%{re.escape(name)} = (\S+) .*?op_name="([^"]*)"', hlo)
+    line = re.search(rf'%{re.escape(name)} = (\S+) .*', hlo)
+    source = line and re.search(r'op_name="([^"]*)"', line.group(0))
     ops.append(
       dict(
         name=name,
         kind=re.sub(r'\.\d+$', '', name),
         ms_per_step=ns / 1e6 / steps,
-        shape=found.group(1) if found else '',
-        source=found.group(2) if found else '',
+        shape=line.group(1) if line else '',
+        source=source.group(1) if source else '',
       )
     )
   return ops

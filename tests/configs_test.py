@@ -16,4 +16,3 @@ def test_shipped_configs_are_valid(name):
   train_lib.check_config(config)
   input_pipeline.check_data_config(config)
   assert config.optim.optimizer in train_lib.OPTIMIZERS
-
