@@ -9,6 +9,8 @@ on CPU. Its gradients are written out the same way (a custom VJP): the input
 gradient is a stride-1 shifted multiply-add of the dilated output gradient
 with the flipped kernel, the kernel gradient one product-sum per tap, about
 2-3x faster on CPU than autodiff's nine padded copies of the gradient.
+A custom VJP has no forward-mode derivative: `jax.jvp` (and Hessians built on
+it) of a model using 'shift' raise; use `depthwise_impl='xla'` for those.
 Outputs and gradients equal the grouped convolution's up to float rounding
 (tests/depthwise_test.py).
 """
