@@ -20,6 +20,10 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The full-size model of the 224-pixel configurations and the compile check.
+FULL_SIZE = dict(width_multiplier=1.0, resolution=224, num_classes=1000)
+LAYOUTS = ('contiguous', 'channels_last')
+
 # (name, common args, torch variants, target (kind, value)).
 CONFIGS = (
   (
@@ -31,35 +35,19 @@ CONFIGS = (
       num_classes=10,
       mode='train',
     ),
-    ('contiguous', 'channels_last'),
+    LAYOUTS,
     ('throughput ratio vs contiguous >=', 2.0),
   ),
   (
     'train w1.0 r224 b32',
-    dict(
-      width_multiplier=1.0,
-      resolution=224,
-      batch_size=32,
-      num_classes=1000,
-      mode='train',
-      steps=5,
-      warmup=1,
-    ),
-    ('contiguous', 'channels_last'),
+    dict(FULL_SIZE, batch_size=32, mode='train', steps=5, warmup=1),
+    LAYOUTS,
     ('throughput ratio vs channels_last >=', 1.0),
   ),
   (
     'infer w1.0 r224 b1',
-    dict(
-      width_multiplier=1.0,
-      resolution=224,
-      batch_size=1,
-      num_classes=1000,
-      mode='infer',
-      steps=30,
-      warmup=5,
-    ),
-    ('contiguous', 'channels_last'),
+    dict(FULL_SIZE, batch_size=1, mode='infer', steps=30, warmup=5),
+    LAYOUTS,
     ('latency ratio vs best torch <=', 0.7),
   ),
 )
@@ -134,15 +122,7 @@ def main():
     print(f'  target: {target} {value}')
 
   if not args.only or 'compile' in args.only:
-    common = dict(
-      width_multiplier=1.0,
-      resolution=224,
-      batch_size=32,
-      num_classes=1000,
-      mode='train',
-      steps=1,
-      warmup=0,
-    )
+    common = dict(FULL_SIZE, batch_size=32, mode='train', steps=1, warmup=0)
     with tempfile.TemporaryDirectory() as cache:
       cold = flax(common, cache)['compile_seconds']
       warm = flax(common, cache)['compile_seconds']

@@ -245,9 +245,7 @@ def format_result(r: dict) -> str:
 
 def main(argv):
   del argv
-  config = make_config(1.0, 224, 1, 'float32', 'auto')
-  config.train.compilation_cache_dir = FLAGS.compilation_cache_dir
-  compilation_cache.enable(config)
+  compilation_cache.enable_dir(FLAGS.compilation_cache_dir)
   try:
     result = run(
       FLAGS.width_multiplier,

@@ -14,7 +14,11 @@ def enable(config: ml_collections.ConfigDict) -> None:
   A second run of the same shapes then loads its programs instead of
   compiling them. An empty string disables the cache.
   """
-  directory = config.train.get('compilation_cache_dir', DEFAULT_DIR)
+  enable_dir(config.train.get('compilation_cache_dir', DEFAULT_DIR))
+
+
+def enable_dir(directory: str) -> None:
+  """Caches compiled programs in `directory`; '' leaves the cache off."""
   if not directory:
     return
   directory = os.path.expanduser(directory)
