@@ -441,7 +441,10 @@ def main(argv):
     if FLAGS.summarize_only:
       rows = summarize(module, point_args, FLAGS.root)
     else:
-      compilation_cache.enable(module.get_config(point_args[0]))
+      # The cache directory is the points' own, `--set` overrides included.
+      compilation_cache.enable(
+        apply_overrides(module.get_config(point_args[0]), overrides)
+      )
       rows = run(module, point_args, FLAGS.root, overrides, shard)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
