@@ -41,14 +41,14 @@ def shifted_depthwise_conv(
   """A depthwise conv of NHWC `lhs` with an HWIO `rhs` of shape (kh, kw, 1, C).
 
   Arguments follow `lax.conv_general_dilated`; anything other than a plain
-  NHWC depthwise conv (dilation, channel multiplier) goes to it unchanged.
+  NHWC depthwise conv (input dilation, channel multiplier) goes to it
+  unchanged. Kernel dilation (atrous convolution) is supported.
   """
   kh, kw, per_group, channels = rhs.shape
   plain = (
     per_group == 1
     and feature_group_count == channels == lhs.shape[-1]
     and all(d == 1 for d in (lhs_dilation or (1, 1)))
-    and all(d == 1 for d in (rhs_dilation or (1, 1)))
     and lhs.ndim == 4
     and _is_nhwc(dimension_numbers)
   )
@@ -65,51 +65,83 @@ def shifted_depthwise_conv(
       precision=precision,
       **kwargs,
     )
+  dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(
-      lhs.shape[1:3], (kh, kw), window_strides, padding
+      lhs.shape[1:3], _extent((kh, kw), dilation), window_strides, padding
     )
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return _depthwise(lhs, rhs[:, :, 0], tuple(window_strides), padding)
+  return _depthwise(lhs, rhs[:, :, 0], tuple(window_strides), padding, dilation)
+
+
+def _extent(kernel_hw, dilation):
+  """The window a dilated kernel spans: (k - 1) * d + 1 per axis."""
+  return tuple(
+    (k - 1) * d + 1 for k, d in zip(kernel_hw, dilation, strict=True)
+  )
 
 
 def _tap(x, i, j, strides, out_hw):
-  """x[:, i::sh, j::sw] cut to out_hw: what kernel tap (i, j) multiplies."""
+  """x[:, i::sh, j::sw] cut to out_hw: what the tap at offset (i, j) sees."""
   (sh, sw), (out_h, out_w) = strides, out_hw
   end = (x.shape[0], i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1)
   return lax.slice(x, (0, i, j, 0), end + x.shape[3:], (1, sh, sw, 1))
 
 
-def _taps(x, kernel, strides, out_hw):
-  """The sum over taps of `_tap * kernel[i, j]`: one fused loop on CPU."""
+def _reaches(offset, stride, count, data):
+  """Whether rows offset + stride * o (o < count) meet the span `data`.
+
+  `data` is (first row, number of rows) of `x` that are not zero padding. A
+  tap whose rows all lie in the padding adds zeros and is left out: on small
+  feature maps (1x1 or 2x2 at 32 pixels, or atrous rates past the map) most
+  of the 9 taps are such.
+  """
+  first, size = data
+  return any(first <= offset + stride * o < first + size for o in range(count))
+
+
+def _taps(x, kernel, strides, dilation, out_hw, data):
+  """The sum over taps of `_tap * kernel[i, j]`: one fused loop on CPU.
+
+  `data`: ((first row, rows), (first column, columns)) of `x` that are not
+  zero padding.
+  """
   kh, kw, _ = kernel.shape
-  taps = (
-    _tap(x, i, j, strides, out_hw) * kernel[i, j]
+  (dh, dw), (sh, sw), (out_h, out_w) = dilation, strides, out_hw
+  taps = [
+    _tap(x, i * dh, j * dw, strides, out_hw) * kernel[i, j]
     for i in range(kh)
+    if _reaches(i * dh, sh, out_h, data[0])
     for j in range(kw)
-  )
+    if _reaches(j * dw, sw, out_w, data[1])
+  ]
+  if not taps:
+    dtype = jnp.result_type(x, kernel)
+    return jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), dtype)
   return functools.reduce(lambda a, b: a + b, taps)
 
 
 def _padded(x, padding):
+  """x zero-padded, and the span of its real rows and columns."""
   (top, bottom), (left, right) = padding
-  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  data = ((top, x.shape[1]), (left, x.shape[2]))
+  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), data
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise(x, kernel, strides, padding):
-  kh, kw, _ = kernel.shape
-  x = _padded(x, padding)
-  out_h = (x.shape[1] - kh) // strides[0] + 1
-  out_w = (x.shape[2] - kw) // strides[1] + 1
-  return _taps(x, kernel, strides, (out_h, out_w))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise(x, kernel, strides, padding, dilation):
+  eh, ew = _extent(kernel.shape[:2], dilation)
+  x, data = _padded(x, padding)
+  out_h = (x.shape[1] - eh) // strides[0] + 1
+  out_w = (x.shape[2] - ew) // strides[1] + 1
+  return _taps(x, kernel, strides, dilation, (out_h, out_w), data)
 
 
-def _depthwise_fwd(x, kernel, strides, padding):
-  return _depthwise(x, kernel, strides, padding), (x, kernel)
+def _depthwise_fwd(x, kernel, strides, padding, dilation):
+  return _depthwise(x, kernel, strides, padding, dilation), (x, kernel)
 
 
-def _depthwise_bwd(strides, padding, residuals, dy):
+def _depthwise_bwd(strides, padding, dilation, residuals, dy):
   """Both gradients as shifted multiply-adds, like the forward pass.
 
   Autodiff of the forward's slices gives one padded copy of `dy` per tap
@@ -119,32 +151,44 @@ def _depthwise_bwd(strides, padding, residuals, dy):
   """
   x, kernel = residuals
   kh, kw, _ = kernel.shape
-  (top, bottom), (left, right) = padding
+  eh, ew = _extent((kh, kw), dilation)
+  (top, _), (left, _) = padding
   (sh, sw), (h, w) = strides, x.shape[1:3]
   out_h, out_w = dy.shape[1:3]
   zero = jnp.zeros((), dy.dtype)
+  front = (eh - 1 - top, ew - 1 - left)
   dilated = lax.pad(
     dy,
     zero,
     (
       (0, 0, 0),
-      (kh - 1 - top, h + top - sh * (out_h - 1) - 1, sh - 1),
-      (kw - 1 - left, w + left - sw * (out_w - 1) - 1, sw - 1),
+      (front[0], h + top - sh * (out_h - 1) - 1, sh - 1),
+      (front[1], w + left - sw * (out_w - 1) - 1, sw - 1),
       (0, 0, 0),
     ),
   )
-  dx = _taps(dilated, kernel[::-1, ::-1], (1, 1), (h, w))
-  x = _padded(x, padding)
+  # The span of `dy` in `dilated` (a negative front padding crops it).
+  dy_data = tuple(
+    (max(lo, 0), lo + s * (n - 1) + 1 - max(lo, 0))
+    for lo, s, n in zip(front, strides, dy.shape[1:3], strict=True)
+  )
+  dx = _taps(dilated, kernel[::-1, ::-1], (1, 1), dilation, (h, w), dy_data)
+  x, data = _padded(x, padding)
+
+  def tap_gradient(i, j):
+    i, j = i * dilation[0], j * dilation[1]
+    if not (
+      _reaches(i, sh, out_h, data[0]) and _reaches(j, sw, out_w, data[1])
+    ):
+      return jnp.zeros(kernel.shape[2:], jnp.float32)
+    return jnp.sum(
+      _tap(x, i, j, strides, (out_h, out_w)) * dy,
+      axis=(0, 1, 2),
+      dtype=jnp.float32,
+    )
+
   dkernel = jnp.stack(
-    [
-      jnp.sum(
-        _tap(x, i, j, strides, (out_h, out_w)) * dy,
-        axis=(0, 1, 2),
-        dtype=jnp.float32,
-      )
-      for i in range(kh)
-      for j in range(kw)
-    ]
+    [tap_gradient(i, j) for i in range(kh) for j in range(kw)]
   )
   return dx, dkernel.reshape(kernel.shape).astype(kernel.dtype)
 

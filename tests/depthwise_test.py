@@ -12,47 +12,61 @@ from mnv2_flax import depthwise
 from mnv2_flax import models
 
 
-def _grouped(x, k, strides, padding):
+def _grouped(x, k, strides, padding, dilation=(1, 1)):
   return lax.conv_general_dilated(
     x,
     k,
     strides,
     padding,
+    rhs_dilation=dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     feature_group_count=x.shape[-1],
   )
 
 
 @pytest.mark.parametrize(
-  'size, strides, padding, kernel',
+  'size, strides, padding, kernel, dilation',
   [
-    (8, 1, 'SAME', 3),
-    (8, 2, 'SAME', 3),
-    (9, 2, 'SAME', 3),
-    (7, 1, 'VALID', 3),
-    (8, 2, ((1, 1), (1, 1)), 3),
-    (9, 2, ((1, 1), (1, 1)), 3),
-    (6, 2, ((0, 1), (2, 0)), 3),
+    (8, 1, 'SAME', 3, 1),
+    (8, 2, 'SAME', 3, 1),
+    (9, 2, 'SAME', 3, 1),
+    (7, 1, 'VALID', 3, 1),
+    (8, 2, ((1, 1), (1, 1)), 3, 1),
+    (9, 2, ((1, 1), (1, 1)), 3, 1),
+    (6, 2, ((0, 1), (2, 0)), 3, 1),
     # The written-out gradient for other kernels, strides and paddings
     # (a padding beyond the kernel's reach included).
-    (11, 3, 'SAME', 5),
-    (10, 2, 'VALID', 5),
-    (7, 1, ((4, 0), (0, 3)), 2),
+    (11, 3, 'SAME', 5, 1),
+    (10, 2, 'VALID', 5, 1),
+    (7, 1, ((4, 0), (0, 3)), 2, 1),
+    # Atrous (kernel-dilated) convs, as `output_stride` uses them, including
+    # a rate whose taps reach past a small map.
+    (8, 1, 'SAME', 3, 2),
+    (4, 1, 'SAME', 3, 4),
+    (9, 1, ((2, 2), (2, 2)), 3, 2),
+    (11, 2, 'VALID', 3, (2, 3)),
+    # Maps so small that some taps read only padding (left out), or all.
+    (1, 1, 'SAME', 3, 1),
+    (2, 2, 'SAME', 3, 1),
+    (3, 1, ((3, 3), (3, 3)), 3, 3),
+    (1, 3, ((5, 0), (5, 0)), 2, 1),
   ],
 )
 def test_outputs_and_gradients_equal_grouped_conv(
-  size, strides, padding, kernel
+  size, strides, padding, kernel, dilation
 ):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, size, size + 1, 5))
   k = jax.random.normal(kk, (kernel, kernel, 1, 5))
   strides = (strides, strides)
-  ref = _grouped(x, k, strides, padding)
+  dilation = dilation if isinstance(dilation, tuple) else (dilation,) * 2
+  ref = _grouped(x, k, strides, padding, dilation)
   out = depthwise.shifted_depthwise_conv(
     x,
     k,
     strides,
     padding,
+    rhs_dilation=dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     feature_group_count=5,
   )
@@ -67,12 +81,15 @@ def test_outputs_and_gradients_equal_grouped_conv(
     depthwise.shifted_depthwise_conv,
     window_strides=strides,
     padding=padding,
+    rhs_dilation=dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     feature_group_count=5,
   )
   grads = jax.grad(functools.partial(loss, shifted), argnums=(0, 1))(x, k)
   ref_grads = jax.grad(
-    functools.partial(loss, lambda x, k: _grouped(x, k, strides, padding)),
+    functools.partial(
+      loss, lambda x, k: _grouped(x, k, strides, padding, dilation)
+    ),
     argnums=(0, 1),
   )(x, k)
   for g, r in zip(grads, ref_grads, strict=True):
@@ -183,3 +200,33 @@ def test_pointwise_matmul_equals_1x1_conv(padding):
     depthwise.pointwise_conv(x, k, (2, 2), 'SAME', dimension_numbers=dn),
     lax.conv_general_dilated(x, k, (2, 2), 'SAME', dimension_numbers=dn),
   )
+
+
+@pytest.mark.parametrize(
+  'size, strides, dilation, taps',
+  [(1, 1, 1, 1), (2, 2, 1, 4), (4, 1, 4, 1), (8, 1, 1, 9)],
+)
+def test_taps_that_read_only_padding_are_left_out(
+  size, strides, dilation, taps
+):
+  """1x1 maps, stride 2 on 2x2 maps and rates past the map use fewer taps."""
+  x = jnp.ones((1, size, size, 4))
+  k = jnp.ones((3, 3, 1, 4))
+  jaxpr = jax.make_jaxpr(
+    lambda x, k: depthwise.shifted_depthwise_conv(
+      x,
+      k,
+      (strides, strides),
+      'SAME',
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=4,
+    )
+  )(x, k)
+  (call,) = [e for e in jaxpr.eqns if e.primitive.name == 'custom_vjp_call']
+  image_slices = [
+    e
+    for e in call.params['call_jaxpr'].eqns
+    if e.primitive.name == 'slice' and len(e.params['start_indices']) == 4
+  ]
+  assert len(image_slices) == taps
