@@ -17,6 +17,7 @@ tfds.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config(arg=None):
@@ -35,6 +36,9 @@ def get_config(arg=None):
   config.model.bottleneck_activation = 'linear'  # Fig. 6a: or 'relu6'
   config.model.shortcut = 'bottleneck'  # Fig. 6b: 'expansion', 'none'
   config.model.expand_ratio = 6.0  # t of the bottleneck rows
+  # None: 32, the classifier. 8 or 16: later strides become atrous rates
+  # (TF-slim's output_stride), denser final feature maps.
+  config.model.output_stride = config_dict.placeholder(int)
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'imagenet2012'  # any tfds image-classification dataset

@@ -50,6 +50,7 @@ PADDINGS = ('tf', 'torch')
 SHORTCUTS = ('bottleneck', 'expansion', 'none')
 BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
 INIT_SCHEMES = ('tf_slim', 'torchvision')
+OUTPUT_STRIDES = (None, 1, 2, 4, 8, 16, 32)
 
 # The published variants, by name. Resolution is a property of the input, not
 # of the model: `mobilenet_v2_100` serves every row 1.0/96 ... 1.0/224.
@@ -128,6 +129,7 @@ class InvertedResidual(nn.Module):
   Attributes:
     features: output channels of the projection.
     strides: stride of the depthwise convolution.
+    dilation: atrous rate of the depthwise convolution (1: none).
     expand_ratio: hidden width = round(expand_ratio * input channels).
     bottleneck_activation: 'linear' (the paper) or 'relu6' after the
       projection (Fig. 6a ablation).
@@ -143,6 +145,7 @@ class InvertedResidual(nn.Module):
 
   features: int
   strides: int = 1
+  dilation: int = 1
   expand_ratio: float = 6
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
@@ -209,6 +212,7 @@ class InvertedResidual(nn.Module):
       (3, 3),
       strides=self.strides,
       padding=self.depthwise_padding,
+      kernel_dilation=self.dilation,
       feature_group_count=hidden,
       conv_general_dilated=depthwise.conv_fn(self.depthwise_impl),
       name='depthwise_conv',
@@ -258,6 +262,12 @@ class MobileNetV2(nn.Module):
     depthwise_impl: 'auto' (default: shifted multiply-adds on CPU, XLA's
       grouped conv elsewhere), 'xla' or 'shift'; identical parameters and
       results, different speed.
+    output_stride: None (the classifier's 32) or the largest ratio of input
+      to feature-map resolution, as in TF-slim's `mobilenet(output_stride=)`
+      and the paper's DeepLabv3 experiments: once the stem and blocks reach
+      it, the remaining strides become 1 and multiply the atrous rate of the
+      later depthwise convs instead. Same parameters, denser feature maps
+      (more compute in the later stages).
   """
 
   num_classes: int = 1000
@@ -274,6 +284,7 @@ class MobileNetV2(nn.Module):
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
   depthwise_impl: str = 'auto'
+  output_stride: int | None = None
 
   def __post_init__(self):
     if not isinstance(self.width_multiplier, (int, float)) or (
@@ -312,6 +323,7 @@ class MobileNetV2(nn.Module):
     _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
     _check_choice('depthwise_impl', self.depthwise_impl, depthwise.IMPLS)
+    _check_choice('output_stride', self.output_stride, OUTPUT_STRIDES)
     _check_choice(
       'bottleneck_activation',
       self.bottleneck_activation,
@@ -336,6 +348,24 @@ class MobileNetV2(nn.Module):
       channels = make_divisible(c * self.width_multiplier)
       configs += [(t, channels, s if i == 0 else 1) for i in range(n)]
     return configs
+
+  def strides_and_rates(self) -> list[tuple[int, int]]:
+    """(stride, atrous rate) of the stem and then of each block, in order.
+
+    TF-slim's rule for `output_stride`: a layer that would take the input to
+    output ratio past it runs with stride 1 at the current rate, and the rate
+    of every later layer is multiplied by the stride it dropped.
+    """
+    strides = [2] + [s for _, _, s in self.block_configs()]
+    current, rate, result = 1, 1, []
+    for stride in strides:
+      if current == self.output_stride:
+        result.append((1, rate))
+        rate *= stride
+      else:
+        result.append((stride, 1))
+        current *= stride
+    return result
 
   @nn.compact
   def __call__(
@@ -371,23 +401,33 @@ class MobileNetV2(nn.Module):
       axis_name=self.bn_axis_name,
       use_fast_variance=False,
     )
-    pad_3x3 = 'SAME' if self.padding == 'tf' else ((1, 1), (1, 1))
 
+    def pad_3x3(rate):
+      return 'SAME' if self.padding == 'tf' else ((rate, rate), (rate, rate))
+
+    (stem_stride, stem_rate), *block_strides = self.strides_and_rates()
     x = jnp.asarray(x, self.dtype)
     x = conv(
-      self.stem_channels, (3, 3), strides=2, padding=pad_3x3, name='stem_conv'
+      self.stem_channels,
+      (3, 3),
+      strides=stem_stride,
+      padding=pad_3x3(stem_rate),
+      kernel_dilation=stem_rate,
+      name='stem_conv',
     )(x)
     x = nn.relu6(norm(use_running_average=not train, name='stem_bn')(x))
 
     skip = None
-    for i, (t, channels, stride) in enumerate(self.block_configs()):
+    blocks = zip(self.block_configs(), block_strides, strict=True)
+    for i, ((t, channels, _), (stride, rate)) in enumerate(blocks):
       block = InvertedResidual(
         features=channels,
         strides=stride,
+        dilation=rate,
         expand_ratio=t,
         bottleneck_activation=self.bottleneck_activation,
         shortcut=self.shortcut,
-        depthwise_padding=pad_3x3,
+        depthwise_padding=pad_3x3(rate),
         depthwise_impl=self.depthwise_impl,
         conv=conv,
         norm=norm,

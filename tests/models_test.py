@@ -446,6 +446,41 @@ def test_tf_and_torch_padding_differ_only_at_even_stride_2_inputs(
   assert logits_differ == (first_difference is not None)
 
 
+@pytest.mark.parametrize('output_stride, rate', [(16, 2), (8, 4)])
+def test_output_stride_is_the_atrous_form_of_the_same_network(
+  output_stride, rate
+):
+  """Same parameters; every `rate`-th position of the denser maps (from
+  offset rate - 1, where TF 'SAME' centres a stride-2 window) is the plain
+  network's map, in eval mode; only the pooled head differs."""
+  x = _images(n=2, h=64, w=64)
+  plain = models.MobileNetV2(num_classes=10, width_multiplier=0.35)
+  atrous = plain.clone(output_stride=output_stride)
+  variables = _randomise_bn(plain, _init(plain, x))
+  chex.assert_trees_all_equal_shapes(
+    variables, jax.eval_shape(atrous.init, jax.random.key(0), x)
+  )
+  strides = [s for s, _ in atrous.strides_and_rates()]
+  assert math.prod(strides) == output_stride
+  dense = _capture(atrous, variables, x, models.InvertedResidual)
+  steps = set()
+  for name, (coarse, _) in _capture(
+    plain, variables, x, models.InvertedResidual
+  ).items():
+    fine = dense[name][0]
+    step = fine.shape[1] // coarse.shape[1]
+    steps.add(step)
+    np.testing.assert_allclose(
+      fine[:, step - 1 :: step, step - 1 :: step],
+      coarse,
+      rtol=1e-4,
+      atol=1e-4 * float(jnp.abs(coarse).max()),
+      err_msg=name,
+    )
+  assert steps == {1, rate // 2, rate} - {0}
+  assert dense['block_17'][0].shape[1:3] == (64 // output_stride,) * 2
+
+
 def test_inverted_residual_standalone():
   x = _images(h=8, w=8)[..., :3]
   x = jnp.concatenate([x] * 8, axis=-1)  # 24 channels
@@ -478,6 +513,7 @@ def test_inverted_residual_standalone():
     ('dropout_rate', 1.5),
     ('expand_ratio', 0),
     ('bn_epsilon', 0.0),
+    ('output_stride', 6),
   ],
 )
 def test_invalid_fields_name_field_and_value(field, value):
