@@ -108,24 +108,37 @@ def _taps(x, kernel, strides, dilation, out_hw, data):
   """
   kh, kw, _ = kernel.shape
   (dh, dw), (sh, sw), (out_h, out_w) = dilation, strides, out_hw
+  dtype = jnp.result_type(x, kernel)
+  x, kernel = x.astype(dtype), kernel.astype(dtype)
+  shape = (x.shape[0], out_h, out_w, x.shape[3])
+  # lax ops, not jnp's: this runs for every tap of every layer while tracing.
   taps = [
-    _tap(x, i * dh, j * dw, strides, out_hw) * kernel[i, j]
+    lax.mul(
+      _tap(x, i * dh, j * dw, strides, out_hw),
+      lax.broadcast_in_dim(_entry(kernel, i, j), shape, (3,)),
+    )
     for i in range(kh)
     if _reaches(i * dh, sh, out_h, data[0])
     for j in range(kw)
     if _reaches(j * dw, sw, out_w, data[1])
   ]
   if not taps:
-    dtype = jnp.result_type(x, kernel)
-    return jnp.zeros((x.shape[0], out_h, out_w, x.shape[3]), dtype)
-  return functools.reduce(lambda a, b: a + b, taps)
+    return jnp.zeros(shape, dtype)
+  return functools.reduce(lax.add, taps)
+
+
+def _entry(kernel, i, j):
+  """kernel[i, j] of a (kh, kw, C) kernel, as lax slices."""
+  row = lax.index_in_dim(kernel, i, axis=0, keepdims=False)
+  return lax.index_in_dim(row, j, axis=0, keepdims=False)
 
 
 def _padded(x, padding):
   """x zero-padded, and the span of its real rows and columns."""
   (top, bottom), (left, right) = padding
   data = ((top, x.shape[1]), (left, x.shape[2]))
-  return jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0))), data
+  config = ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0))
+  return lax.pad(x, jnp.zeros((), x.dtype), config), data
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -172,8 +185,10 @@ def _depthwise_bwd(strides, padding, dilation, residuals, dy):
     (max(lo, 0), lo + s * (n - 1) + 1 - max(lo, 0))
     for lo, s, n in zip(front, strides, dy.shape[1:3], strict=True)
   )
-  dx = _taps(dilated, kernel[::-1, ::-1], (1, 1), dilation, (h, w), dy_data)
-  x, data = _padded(x, padding)
+  flipped = lax.rev(kernel, (0, 1))
+  dx = _taps(dilated, flipped, (1, 1), dilation, (h, w), dy_data)
+  dx = dx.astype(x.dtype)
+  x, data = _padded(x.astype(dy.dtype), padding)
 
   def tap_gradient(i, j):
     i, j = i * dilation[0], j * dilation[1]
@@ -181,10 +196,9 @@ def _depthwise_bwd(strides, padding, dilation, residuals, dy):
       _reaches(i, sh, out_h, data[0]) and _reaches(j, sw, out_w, data[1])
     ):
       return jnp.zeros(kernel.shape[2:], jnp.float32)
-    return jnp.sum(
-      _tap(x, i, j, strides, (out_h, out_w)) * dy,
-      axis=(0, 1, 2),
-      dtype=jnp.float32,
+    product = lax.mul(_tap(x, i, j, strides, (out_h, out_w)), dy)
+    return lax.reduce_sum(
+      lax.convert_element_type(product, jnp.float32), (0, 1, 2)
     )
 
   dkernel = jnp.stack(
