@@ -10,7 +10,8 @@ A whole sweep (see mnv2_flax/sweep.py):
       --root=sweeps/fashion_mnist
 
 Point arguments (comma-separated `key=value`, all optional):
-  data        'fashion_mnist' (default: the quickstart recipe) or 'imagenet'
+  data        'fashion_mnist' (default: the quickstart's optimiser, output
+              stride 32, batch 256) or 'imagenet'
               (the TF-slim recipe of configs/default.py)
   width       config.model.width_multiplier
   res         config.data.image_size
@@ -127,6 +128,11 @@ def get_config(arg=None):
     config = default.get_config()
   else:
     config = quickstart.get_config()
+    # The quickstart's optimiser on the plain network (output stride 32),
+    # batch 256, 1 epoch: the sweep compares widths and resolutions of the
+    # paper's architecture.
+    config.model.output_stride = None
+    config.data.batch_size = 256
     config.train.num_epochs = 1.0
   if 'width' in args:
     config.model.width_multiplier = _number('width', args['width'], float)

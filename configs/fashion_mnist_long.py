@@ -22,6 +22,7 @@ def get_config(arg=None):
   config = quickstart.get_config(arg)
   config.model.width_multiplier = 1.0
   config.model.dropout_rate = 0.2
+  config.model.output_stride = None  # measured with the plain network
 
   config.data.batch_size = 128
   config.data.crop_area_range = (0.8, 1.0)

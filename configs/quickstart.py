@@ -1,19 +1,27 @@
-"""Fashion-MNIST on CPU: width 0.35, resolution 32, 3 epochs.
+"""Fashion-MNIST on CPU: width 0.35, resolution 32, output stride 8, 2.5 epochs.
 
   python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
-Measured on this project's 2-core machine (no accelerator): 85.3% top-1 on
-the test split (EMA 85.4%) in 3 min 30 s wall time, compile included, about
-1,280 images/s in training. That is short of the 91% this config is meant to
-reach in 5 minutes, and no variant tried here gets there in that time (1
-epoch unless said, same machine): SGD learning rate 0.05 / 0.15 / 0.3: 80.8 /
-81.1 / 67.4% (the start is unstable above ~0.15; zero-initialised residual
-BatchNorm scales made it worse, 29%); AdamW 3e-3, 3 epochs: 82.9%; batch 64:
-82.2%; width 1.0 (batch 128): 85.7% at 480 images/s; a stride-1 stem (a
-local experiment, not an option): 84.6% at 370 images/s; resolution 48, 2
-epochs: 84.8-87.3% in 5.5-7 minutes. At 32 pixels
-the network ends on 1x1 feature maps, and the thin width-0.35 stages (8
-channels at 8x8) underfit: training accuracy stays at the test accuracy.
+Measured on this project's 2-core machine (no accelerator): 89.2% top-1 on
+the test split (EMA 89.3%) in 4 min 29 s wall time, compile included, about
+725 images/s in training. That is short of the 91% this config is meant to
+reach in 5 minutes. What was tried (same machine; 1 epoch unless said):
+  * The plain network (output stride 32, batch 256, 3 epochs): 85.3% in
+    3 min 30 s at 1,280 images/s. At 32 pixels its last stages run on 2x2
+    and 1x1 maps, and training accuracy stays at test accuracy (it
+    underfits). `output_stride=8` keeps them at 4x4 (TF-slim's atrous rule):
+    83.9% vs 80.5% after 1 epoch; 88.0% after 2.5 epochs at batch 256, 89.2%
+    at batch 128, 87.9% at batch 64 (5.5 min); output stride 16: 79.8%.
+  * SGD learning rate 0.05 / 0.15 / 0.3 (per 256): 80.8 / 81.1 / 67.4% (the
+    start is unstable above ~0.15; zero-initialised residual BatchNorm scales
+    made it worse, 29%); 0.2 with output stride 8, batch 128, 2.5 epochs:
+    88.3%. AdamW 3e-3, 3 epochs: 82.9%. Width 1.0 (batch 128): 85.7% at 480
+    images/s. A stride-1 stem: 84.6% at 370 images/s. Resolution 48, 2
+    epochs: 84.8-87.3% in 5.5-7 minutes.
+  * For scale: a small plain CNN (two 3x3 conv + BN + max-pool layers, dense
+    128; a throwaway script, SGD with Nesterov momentum, lr 0.1, warm-up then
+    cosine, flips) reaches 83.6% after 1 epoch at batch 256: this schedule is
+    short in steps, not only in capacity.
 
 Fashion-MNIST is prepared offline on first use from the idx files of Debian's
 `dataset-fashion-mnist` package (or `config.data.manual_dir`).
@@ -28,10 +36,13 @@ def get_config(arg=None):
   config.model.width_multiplier = 0.35
   config.model.dropout_rate = 0.0
   config.model.bn_momentum = 0.9
+  # Strides past 8 become atrous rates: the last stages keep 4x4 maps at 32
+  # pixels instead of 2x2 and 1x1 (+3.4 points after 1 epoch, half the speed).
+  config.model.output_stride = 8
 
   config.data.name = 'fashion_mnist'
   config.data.image_size = 32
-  config.data.batch_size = 256
+  config.data.batch_size = 128
   config.data.eval_batch_size = 500
   config.data.eval_split = 'test'
   # Centred 28x28 objects: no random crop (measured: area (0.6, 1) cost ~6
@@ -52,7 +63,7 @@ def get_config(arg=None):
   config.optim.label_smoothing = 0.0
   config.optim.ema_decay = 0.99
 
-  config.train.num_epochs = 3.0
+  config.train.num_epochs = 2.5
   config.train.dtype = 'float32'
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 100_000  # at the end only
