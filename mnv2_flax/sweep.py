@@ -74,6 +74,13 @@ def load_config_module(path: str):
   """Imports a config file by path, as `ml_collections.config_flags` does."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f'--config: no config file at {path!r}.')
+  # A config inside a package (configs/ablation.py imports configs.default)
+  # needs the package's parent importable, wherever the command runs from.
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')):
+    parent = os.path.dirname(folder)
+    if parent not in sys.path:
+      sys.path.insert(0, parent)
   spec = importlib.util.spec_from_file_location('sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -3,12 +3,16 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from configs import ablation
 from mnv2_flax import sweep
 from mnv2_flax import train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_grids():
@@ -181,3 +185,25 @@ def test_sweep_runs_resumes_skips_and_isolates_a_failure(data_dirs, tmp_path):
   assert markdown.count('\n') == 5 and '| failed |' in markdown
   with open(os.path.join(root, 'accuracy_vs_macs.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_config_loads_from_outside_the_repository_root(tmp_path):
+  """configs/ablation.py imports configs.default: no PYTHONPATH needed."""
+  path = os.path.join(ROOT, 'configs', 'ablation.py')
+  code = (
+    'from mnv2_flax import sweep; '
+    f'm = sweep.load_config_module({path!r}); '
+    'print(len(m.get_sweep(None)))'
+  )
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  result = subprocess.run(
+    [sys.executable, '-c', code],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+    timeout=120,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split()[-1] == '6'
