@@ -563,3 +563,11 @@ def test_initialisers_follow_the_reference(scheme):
       depthwise.std(), np.sqrt(2 / (9 * hidden)), rtol=0.05
     )
     np.testing.assert_allclose(dense.std(), 0.01, rtol=0.05)
+
+
+def test_output_stride_32_is_the_plain_network():
+  plain = models.MobileNetV2()
+  assert plain.clone(output_stride=32).strides_and_rates() == (
+    plain.strides_and_rates()
+  )
+  assert [s for s, _ in plain.strides_and_rates()].count(2) == 5
