@@ -100,6 +100,12 @@ def _reaches(offset, stride, count, data):
   return any(first <= offset + stride * o < first + size for o in range(count))
 
 
+def _tap_reaches(i, j, strides, out_hw, data):
+  """Whether the tap at offset (i, j) reads any real (unpadded) entry."""
+  (sh, sw), (out_h, out_w) = strides, out_hw
+  return _reaches(i, sh, out_h, data[0]) and _reaches(j, sw, out_w, data[1])
+
+
 def _taps(x, kernel, strides, dilation, out_hw, data):
   """The sum over taps of `_tap * kernel[i, j]`: one fused loop on CPU.
 
@@ -107,7 +113,7 @@ def _taps(x, kernel, strides, dilation, out_hw, data):
   zero padding.
   """
   kh, kw, _ = kernel.shape
-  (dh, dw), (sh, sw), (out_h, out_w) = dilation, strides, out_hw
+  (dh, dw), (out_h, out_w) = dilation, out_hw
   dtype = jnp.result_type(x, kernel)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   shape = (x.shape[0], out_h, out_w, x.shape[3])
@@ -118,9 +124,8 @@ def _taps(x, kernel, strides, dilation, out_hw, data):
       lax.broadcast_in_dim(_entry(kernel, i, j), shape, (3,)),
     )
     for i in range(kh)
-    if _reaches(i * dh, sh, out_h, data[0])
     for j in range(kw)
-    if _reaches(j * dw, sw, out_w, data[1])
+    if _tap_reaches(i * dh, j * dw, strides, out_hw, data)
   ]
   if not taps:
     return jnp.zeros(shape, dtype)
@@ -192,9 +197,7 @@ def _depthwise_bwd(strides, padding, dilation, residuals, dy):
 
   def tap_gradient(i, j):
     i, j = i * dilation[0], j * dilation[1]
-    if not (
-      _reaches(i, sh, out_h, data[0]) and _reaches(j, sw, out_w, data[1])
-    ):
+    if not _tap_reaches(i, j, strides, (out_h, out_w), data):
       return jnp.zeros(kernel.shape[2:], jnp.float32)
     product = lax.mul(_tap(x, i, j, strides, (out_h, out_w)), dy)
     return lax.reduce_sum(
