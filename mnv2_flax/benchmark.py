@@ -2,7 +2,7 @@
 
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
-      [--devices=N] [--depthwise_impl=auto|xla|shift] [--profile_steps=3]
+      [--devices=N] [--depthwise_impl=auto|xla|shift|native] [--profile_steps=3]
       [--json]
 
 Train mode times `train_lib.train_step` under the same `jax.pmap` as the
@@ -282,7 +282,7 @@ if __name__ == '__main__':
   flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Compute dtype.')
   flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-  flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla or shift.')
+  flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla, shift or native.')
   flags.DEFINE_integer('steps', 10, 'Timed steps.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
   flags.DEFINE_string(

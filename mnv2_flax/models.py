@@ -137,8 +137,9 @@ class InvertedResidual(nn.Module):
       the previous block's expanded activation, passed as `expansion_skip`, to
       its own) or 'none'.
     depthwise_padding: padding of the 3x3 depthwise conv, in `nn.Conv` terms.
-    depthwise_impl: 'xla' (grouped conv), 'shift' (shifted multiply-adds,
-      fast on CPU) or 'auto' (the fastest for the backend); same results.
+    depthwise_impl: 'xla' (grouped conv), 'shift' (shifted multiply-adds),
+      'native' (a C++ kernel, CPU float32) or 'auto' (the fastest for the
+      backend); same results.
     conv: a `nn.Conv` constructor with dtype and initialiser bound.
     norm: a `nn.BatchNorm` constructor with momentum, epsilon, axis_name bound.
   """
@@ -259,9 +260,10 @@ class MobileNetV2(nn.Module):
       happens exactly after the 10 blocks that carry a bottleneck residual in
       the paper's design (stride 1, equal in/out channels), since the next
       block expands the same channels at the same resolution.
-    depthwise_impl: 'auto' (default: shifted multiply-adds on CPU, XLA's
-      grouped conv elsewhere), 'xla' or 'shift'; identical parameters and
-      results, different speed.
+    depthwise_impl: 'auto' (default: on CPU the C++ kernel of
+      `mnv2_flax/csrc`, or shifted multiply-adds where it cannot be built;
+      XLA's grouped conv elsewhere), 'xla', 'shift' or 'native'; identical
+      parameters and results, different speed.
     output_stride: None (the classifier's 32) or the largest ratio of input
       to feature-map resolution, as in TF-slim's `mobilenet(output_stride=)`
       and the paper's DeepLabv3 experiments: once the stem and blocks reach

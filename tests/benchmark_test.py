@@ -24,7 +24,8 @@ def test_benchmark_times_the_library_step(mode):
   assert r['gflops_per_second'] == pytest.approx(
     flops / r['median_step_seconds'] / 1e9
   )
-  assert r['depthwise_impl'] == 'shift' and r['peak_rss_mib'] > 100
+  # 'auto' on CPU: the C++ kernel (depthwise_test checks that it builds).
+  assert r['depthwise_impl'] == 'native' and r['peak_rss_mib'] > 100
   # The per-op profile: XLA ops that ran, traced back to the model.
   ops = r['ops']
   assert ops and all(op['ms_per_step'] >= 0 for op in ops)

@@ -1,6 +1,7 @@
 """The fast CPU convs equal XLA's convs (grouped, 1x1), values and grads."""
 
 import functools
+import re
 
 import jax
 from jax import lax
@@ -10,6 +11,19 @@ import pytest
 
 from mnv2_flax import depthwise
 from mnv2_flax import models
+from mnv2_flax import native
+
+# Each fast path with lax.conv_general_dilated's signature.
+FAST_CONVS = {
+  'shift': depthwise.shifted_depthwise_conv,
+  'native': depthwise.native_depthwise_conv,
+}
+
+
+def _custom_calls(fn, *args):
+  """The names of the XLA FFI targets that `fn(*args)` lowers to."""
+  text = jax.jit(fn).lower(*args).as_text()
+  return set(re.findall(r'custom_call @(\w+)', text))
 
 
 def _grouped(x, k, strides, padding, dilation=(1, 1)):
@@ -24,6 +38,7 @@ def _grouped(x, k, strides, padding, dilation=(1, 1)):
   )
 
 
+@pytest.mark.parametrize('impl', sorted(FAST_CONVS))
 @pytest.mark.parametrize(
   'size, strides, padding, kernel, dilation',
   [
@@ -53,7 +68,7 @@ def _grouped(x, k, strides, padding, dilation=(1, 1)):
   ],
 )
 def test_outputs_and_gradients_equal_grouped_conv(
-  size, strides, padding, kernel, dilation
+  size, strides, padding, kernel, dilation, impl
 ):
   kx, kk, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (2, size, size + 1, 5))
@@ -61,15 +76,15 @@ def test_outputs_and_gradients_equal_grouped_conv(
   strides = (strides, strides)
   dilation = dilation if isinstance(dilation, tuple) else (dilation,) * 2
   ref = _grouped(x, k, strides, padding, dilation)
-  out = depthwise.shifted_depthwise_conv(
-    x,
-    k,
-    strides,
-    padding,
+  fast = functools.partial(
+    FAST_CONVS[impl],
+    window_strides=strides,
+    padding=padding,
     rhs_dilation=dilation,
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
     feature_group_count=5,
   )
+  out = fast(x, k)
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   cotangent = jax.random.normal(kg, ref.shape)
@@ -77,15 +92,7 @@ def test_outputs_and_gradients_equal_grouped_conv(
   def loss(fn, x, k):
     return jnp.sum(fn(x, k) * cotangent)
 
-  shifted = functools.partial(
-    depthwise.shifted_depthwise_conv,
-    window_strides=strides,
-    padding=padding,
-    rhs_dilation=dilation,
-    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-    feature_group_count=5,
-  )
-  grads = jax.grad(functools.partial(loss, shifted), argnums=(0, 1))(x, k)
+  grads = jax.grad(functools.partial(loss, fast), argnums=(0, 1))(x, k)
   ref_grads = jax.grad(
     functools.partial(
       loss, lambda x, k: _grouped(x, k, strides, padding, dilation)
@@ -94,6 +101,74 @@ def test_outputs_and_gradients_equal_grouped_conv(
   )(x, k)
   for g, r in zip(grads, ref_grads, strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+def _depthwise_fn(impl, strides=(1, 1), dilation=(1, 1)):
+  return functools.partial(
+    FAST_CONVS[impl],
+    window_strides=strides,
+    padding='SAME',
+    rhs_dilation=dilation,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=24,
+  )
+
+
+def test_native_kernel_is_built_and_runs_forward_and_backward():
+  assert native.available(), (
+    'the C++ kernel did not build: is a C++ compiler (g++) installed?'
+  )
+  conv = _depthwise_fn('native')
+  x, k = jnp.ones((1, 5, 5, 24)), jnp.ones((3, 3, 1, 24))
+  assert _custom_calls(conv, x, k) == {'mnv2_depthwise_forward'}
+  grad = jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), (0, 1))
+  assert _custom_calls(grad, x, k) == {
+    'mnv2_depthwise_forward',
+    'mnv2_depthwise_backward',
+  }
+
+
+@pytest.mark.parametrize('strides, dilation', [(1, 1), (2, 1), (1, 2)])
+def test_native_kernel_on_maps_split_across_threads(strides, dilation):
+  """Rows come in several chunks, the kernel gradient in 16 partial sums."""
+  kx, kk, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (4, 33, 34, 24))
+  k = jax.random.normal(kk, (3, 3, 1, 24))
+  conv = _depthwise_fn('native', (strides,) * 2, (dilation,) * 2)
+
+  def ref(x, k):
+    return _grouped(x, k, (strides,) * 2, 'SAME', (dilation,) * 2)
+
+  np.testing.assert_allclose(conv(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(kg, ref(x, k).shape)
+  grad = jax.jit(jax.grad(lambda x, k: jnp.sum(conv(x, k) * cotangent), (0, 1)))
+  ref_grad = jax.grad(lambda x, k: jnp.sum(ref(x, k) * cotangent), (0, 1))
+  grads = grad(x, k)
+  for g, r in zip(grads, ref_grad(x, k), strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-3)
+  # The partial sums are added in a fixed order: bitwise reproducible.
+  for g, again in zip(grads, grad(x, k), strict=True):
+    np.testing.assert_array_equal(g, again)
+
+
+def test_native_is_float32_only_and_vmaps():
+  conv = _depthwise_fn('native')
+  x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 24))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 1, 24))
+  # bfloat16 takes the 'shift' path: no custom call, the same values.
+  x16, k16 = x[0].astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+  assert not _custom_calls(conv, x16, k16)
+  np.testing.assert_array_equal(
+    conv(x16, k16).astype(jnp.float32),
+    _depthwise_fn('shift')(x16, k16).astype(jnp.float32),
+  )
+  # A vmapped call runs the kernel once per entry.
+  np.testing.assert_allclose(
+    jax.vmap(conv, (0, None))(x, k),
+    jnp.stack([_grouped(xi, k, (1, 1), 'SAME') for xi in x]),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_non_depthwise_falls_back_to_lax():
@@ -121,8 +196,9 @@ def test_non_depthwise_falls_back_to_lax():
 
 
 def test_resolve_auto_per_backend():
+  cpu = 'native' if native.available() else 'shift'
   assert depthwise.resolve('auto') == (
-    'shift' if jax.default_backend() == 'cpu' else 'xla'
+    cpu if jax.default_backend() == 'cpu' else 'xla'
   )
   assert depthwise.resolve('xla') == 'xla'
 
@@ -150,25 +226,26 @@ def test_models_agree_across_impls(padding):
   (_, ref), ref_grads = jax.jit(
     jax.value_and_grad(functools.partial(loss, model), has_aux=True)
   )(variables['params'])
-  shift = model.clone(depthwise_impl='shift')
-  (_, out), grads = jax.jit(
-    jax.value_and_grad(functools.partial(loss, shift), has_aux=True)
-  )(variables['params'])
-  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
   # Float32 rounding relative to the gradients' scale: some gradients are
   # analytically zero (a BN bias followed, through a conv, by another BN)
   # and only rounding noise remains in them.
   scale = max(float(np.abs(r).max()) for r in jax.tree.leaves(ref_grads))
-  for g, r in zip(
-    jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
-  ):
-    np.testing.assert_allclose(
-      g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()) + 1e-5 * scale
-    )
-  # Same parameter tree whichever implementation runs.
-  assert jax.tree.structure(
-    jax.eval_shape(shift.init, jax.random.key(1), x)
-  ) == jax.tree.structure(variables)
+  for impl in FAST_CONVS:
+    fast = model.clone(depthwise_impl=impl)
+    (_, out), grads = jax.jit(
+      jax.value_and_grad(functools.partial(loss, fast), has_aux=True)
+    )(variables['params'])
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    for g, r in zip(
+      jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
+    ):
+      np.testing.assert_allclose(
+        g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()) + 1e-5 * scale
+      )
+    # Same parameter tree whichever implementation runs.
+    assert jax.tree.structure(
+      jax.eval_shape(fast.init, jax.random.key(1), x)
+    ) == jax.tree.structure(variables)
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])

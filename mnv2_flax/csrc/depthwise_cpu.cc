@@ -1,0 +1,276 @@
+// Depthwise 2D convolution of NHWC float32 tensors for XLA's CPU backend.
+//
+// XLA's CPU backend runs a grouped convolution with one channel per group far
+// below memory speed, and the shifted multiply-add form (depthwise.py's
+// 'shift') writes padded copies and, for the kernel gradient, reads the input
+// and output gradient once per tap. These loops read each tensor once: for
+// every output pixel the taps that fall inside the image are accumulated over
+// a contiguous channel vector (what the compiler vectorises), rows are shared
+// among XLA's intra-op threads.
+//
+// Conventions (those of lax.conv_general_dilated with NHWC / HWIO and
+// feature_group_count == C): out[b, y, x, c] =
+//   sum_{i, j} in[b, y * sh + i * dh - top, x * sw + j * dw - left, c] * k[i, j, c]
+// with zero outside the image.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+struct Geometry {
+  int64_t n, h, w, c;        // input
+  int64_t kh, kw;            // kernel
+  int64_t oh, ow;            // output
+  int64_t sh, sw, dh, dw;    // strides, dilation
+  int64_t top, left;         // leading padding
+};
+
+// Runs body(begin, end) over [0, total) in chunks, on the calling thread and
+// the XLA intra-op pool. Chunks are claimed from a shared counter, so the
+// call returns once every chunk is done even if a pool task never starts; a
+// task that starts late finds nothing left and touches no buffer.
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t grain,
+                 const std::function<void(int64_t, int64_t)>& body) {
+  int64_t chunks = (total + grain - 1) / grain;
+  int64_t threads = std::min<int64_t>(pool.num_threads(), chunks - 1);
+  if (threads <= 0) {
+    body(0, total);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    const std::function<void(int64_t, int64_t)>* body;
+    int64_t chunks, grain, total;
+  };
+  auto state = std::make_shared<State>();
+  state->body = &body;
+  state->chunks = chunks;
+  state->grain = grain;
+  state->total = total;
+  auto work = [](State& s) {
+    for (;;) {
+      int64_t k = s.next.fetch_add(1);
+      if (k >= s.chunks) return;
+      int64_t begin = k * s.grain;
+      (*s.body)(begin, std::min(begin + s.grain, s.total));
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 0; t < threads; ++t) {
+    pool.Schedule([state, work]() { work(*state); });
+  }
+  work(*state);
+  while (state->done.load(std::memory_order_acquire) < chunks) {
+    std::this_thread::yield();
+  }
+}
+
+Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& in,
+                      const ffi::AnyBuffer::Dimensions& kernel,
+                      const ffi::AnyBuffer::Dimensions& out, int64_t sh,
+                      int64_t sw, int64_t dh, int64_t dw, int64_t top,
+                      int64_t left) {
+  return Geometry{in[0],     in[1],  in[2], in[3], kernel[0], kernel[1],
+                  out[1],    out[2], sh,    sw,    dh,        dw,
+                  top,       left};
+}
+
+// Forward: one output row (b, y) at a time.
+void ForwardRows(const Geometry& g, const float* __restrict in,
+                 const float* __restrict kernel, float* __restrict out,
+                 int64_t row_begin, int64_t row_end) {
+  const int64_t c = g.c;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / g.oh, y = row % g.oh;
+    float* __restrict out_row = out + row * g.ow * c;
+    std::memset(out_row, 0, sizeof(float) * g.ow * c);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = y * g.sh + i * g.dh - g.top;
+      if (iy < 0 || iy >= g.h) continue;
+      const float* __restrict in_row = in + ((b * g.h + iy) * g.w) * c;
+      for (int64_t x = 0; x < g.ow; ++x) {
+        float* __restrict o = out_row + x * c;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t ix = x * g.sw + j * g.dw - g.left;
+          if (ix < 0 || ix >= g.w) continue;
+          const float* __restrict v = in_row + ix * c;
+          const float* __restrict k = kernel + (i * g.kw + j) * c;
+          for (int64_t ch = 0; ch < c; ++ch) o[ch] += v[ch] * k[ch];
+        }
+      }
+    }
+  }
+}
+
+// Input gradient: one input row (b, iy) at a time; each input pixel gathers
+// the output pixels whose window covers it.
+void InputGradRows(const Geometry& g, const float* __restrict dout,
+                   const float* __restrict kernel, float* __restrict din,
+                   int64_t row_begin, int64_t row_end) {
+  const int64_t c = g.c;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / g.h, iy = row % g.h;
+    float* __restrict din_row = din + row * g.w * c;
+    std::memset(din_row, 0, sizeof(float) * g.w * c);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ny = iy + g.top - i * g.dh;  // = y * sh
+      if (ny < 0 || ny % g.sh != 0) continue;
+      const int64_t y = ny / g.sh;
+      if (y >= g.oh) continue;
+      const float* __restrict dout_row = dout + ((b * g.oh + y) * g.ow) * c;
+      for (int64_t ix = 0; ix < g.w; ++ix) {
+        float* __restrict d = din_row + ix * c;
+        for (int64_t j = 0; j < g.kw; ++j) {
+          const int64_t nx = ix + g.left - j * g.dw;
+          if (nx < 0 || nx % g.sw != 0) continue;
+          const int64_t x = nx / g.sw;
+          if (x >= g.ow) continue;
+          const float* __restrict v = dout_row + x * c;
+          const float* __restrict k = kernel + (i * g.kw + j) * c;
+          for (int64_t ch = 0; ch < c; ++ch) d[ch] += v[ch] * k[ch];
+        }
+      }
+    }
+  }
+}
+
+// Kernel gradient of output rows [row_begin, row_end), added to `acc`
+// (kh * kw * c floats).
+void KernelGradRows(const Geometry& g, const float* __restrict in,
+                    const float* __restrict dout, float* __restrict acc,
+                    int64_t row_begin, int64_t row_end) {
+  const int64_t c = g.c;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / g.oh, y = row % g.oh;
+    const float* __restrict dout_row = dout + row * g.ow * c;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t iy = y * g.sh + i * g.dh - g.top;
+      if (iy < 0 || iy >= g.h) continue;
+      const float* __restrict in_row = in + ((b * g.h + iy) * g.w) * c;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        float* __restrict a = acc + (i * g.kw + j) * c;
+        for (int64_t x = 0; x < g.ow; ++x) {
+          const int64_t ix = x * g.sw + j * g.dw - g.left;
+          if (ix < 0 || ix >= g.w) continue;
+          const float* __restrict v = in_row + ix * c;
+          const float* __restrict d = dout_row + x * c;
+          for (int64_t ch = 0; ch < c; ++ch) a[ch] += v[ch] * d[ch];
+        }
+      }
+    }
+  }
+}
+
+// Rows per chunk: about 64 KiB of output each, at least one row.
+int64_t Grain(int64_t row_floats) {
+  return std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, row_floats));
+}
+
+ffi::Error CheckShapes(const Geometry& g) {
+  if (g.oh <= 0 || g.ow <= 0 || g.sh <= 0 || g.sw <= 0 || g.dh <= 0 ||
+      g.dw <= 0) {
+    return ffi::Error::InvalidArgument("depthwise: bad output shape or stride");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
+                   ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> out, int64_t stride_h,
+                   int64_t stride_w, int64_t dilation_h, int64_t dilation_w,
+                   int64_t pad_top, int64_t pad_left) {
+  Geometry g = MakeGeometry(in.dimensions(), kernel.dimensions(),
+                            out->dimensions(), stride_h, stride_w, dilation_h,
+                            dilation_w, pad_top, pad_left);
+  if (auto error = CheckShapes(g); error.failure()) return error;
+  const float* x = in.typed_data();
+  const float* k = kernel.typed_data();
+  float* y = out->typed_data();
+  ParallelFor(pool, g.n * g.oh, Grain(g.ow * g.c),
+              [&](int64_t begin, int64_t end) {
+                ForwardRows(g, x, k, y, begin, end);
+              });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
+                    ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> din,
+                    ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride_h,
+                    int64_t stride_w, int64_t dilation_h, int64_t dilation_w,
+                    int64_t pad_top, int64_t pad_left) {
+  Geometry g = MakeGeometry(in.dimensions(), kernel.dimensions(),
+                            dout.dimensions(), stride_h, stride_w, dilation_h,
+                            dilation_w, pad_top, pad_left);
+  if (auto error = CheckShapes(g); error.failure()) return error;
+  const float* x = in.typed_data();
+  const float* k = kernel.typed_data();
+  const float* dy = dout.typed_data();
+  float* dx = din->typed_data();
+  float* dk = dkernel->typed_data();
+  ParallelFor(pool, g.n * g.h, Grain(g.w * g.c),
+              [&](int64_t begin, int64_t end) {
+                InputGradRows(g, dy, k, dx, begin, end);
+              });
+  // Kernel gradient: a private accumulator per chunk, summed in chunk order
+  // (the result does not depend on which thread ran which chunk).
+  const int64_t taps = g.kh * g.kw * g.c;
+  const int64_t rows = g.n * g.oh;
+  const int64_t parts = std::min<int64_t>(rows, 16);
+  const int64_t per_part = (rows + parts - 1) / parts;
+  std::vector<float> partial(parts * taps, 0.0f);
+  ParallelFor(pool, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      KernelGradRows(g, x, dy, partial.data() + p * taps, p * per_part,
+                     std::min(rows, (p + 1) * per_part));
+    }
+  });
+  std::memset(dk, 0, sizeof(float) * taps);
+  for (int64_t p = 0; p < parts; ++p) {
+    const float* src = partial.data() + p * taps;
+    for (int64_t t = 0; t < taps; ++t) dk[t] += src[t];
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2DepthwiseForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("dilation_h")
+                                  .Attr<int64_t>("dilation_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2DepthwiseBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("dilation_h")
+                                  .Attr<int64_t>("dilation_w")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left"));

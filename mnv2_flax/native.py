@@ -1,0 +1,125 @@
+"""Builds and registers the C++ CPU kernels in `csrc/` as XLA FFI targets.
+
+The library is compiled on first use with the system's C++ compiler (`$CXX`,
+else `c++` or `g++`) against the XLA FFI headers that jaxlib ships, for this
+machine's CPU (`-march=native`), and cached under
+`$MNV2_FLAX_NATIVE_DIR` (default `~/.cache/mnv2_flax/native`) in a file named
+by a hash of the source, the flags, the jaxlib version and the CPU; a second
+process loads it in milliseconds. Without a compiler (or if the build fails)
+`load()` returns None with one warning, and callers fall back to the pure-JAX
+path: results are the same up to float rounding, only slower.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+from absl import logging
+import jax
+import jaxlib
+
+_SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'depthwise_cpu.cc')
+_FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
+TARGETS = {
+  'mnv2_depthwise_forward': 'Mnv2DepthwiseForward',
+  'mnv2_depthwise_backward': 'Mnv2DepthwiseBackward',
+}
+
+
+def cache_dir() -> str:
+  return os.path.expanduser(
+    os.environ.get('MNV2_FLAX_NATIVE_DIR', '~/.cache/mnv2_flax/native')
+  )
+
+
+def _compiler() -> str | None:
+  for name in (os.environ.get('CXX'), 'c++', 'g++', 'clang++'):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def _cpu_identity() -> str:
+  """The CPU's model and feature flags (-march=native depends on them)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [
+        line
+        for line in f
+        if line.startswith(('model name', 'flags', 'Features'))
+      ]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def library_path(compiler: str) -> str:
+  with open(_SOURCE, 'rb') as f:
+    source = f.read()
+  key = hashlib.sha256()
+  for part in (source, ' '.join(_FLAGS).encode(), compiler.encode()):
+    key.update(part)
+  key.update(jaxlib.__version__.encode())
+  key.update(_cpu_identity().encode())
+  return os.path.join(cache_dir(), f'depthwise_cpu-{key.hexdigest()[:16]}.so')
+
+
+def _build(compiler: str, path: str) -> None:
+  """Compiles to a temporary file and renames it: never a half-written .so."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    command = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), _SOURCE]
+    subprocess.run(
+      command + ['-o', tmp], check=True, capture_output=True, text=True
+    )
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+  """The compiled kernels, registered with XLA's CPU backend; None if none.
+
+  Set `MNV2_FLAX_NATIVE=0` to skip them (the pure-JAX path is used).
+  """
+  if os.environ.get('MNV2_FLAX_NATIVE', '1') == '0':
+    return None
+  compiler = _compiler()
+  if compiler is None:
+    logging.warning(
+      'No C++ compiler (set CXX): the native depthwise kernel is off and '
+      "depthwise_impl='auto' uses the slower 'shift' path."
+    )
+    return None
+  path = library_path(compiler)
+  try:
+    if not os.path.exists(path):
+      logging.info('Building the native depthwise kernel: %s', path)
+      _build(compiler, path)
+    library = ctypes.cdll.LoadLibrary(path)
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = getattr(e, 'stderr', '') or str(e)
+    logging.warning(
+      'Building the native depthwise kernel failed; using the slower '
+      "'shift' path. %s",
+      detail[-2000:],
+    )
+    return None
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(
+      target, jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu'
+    )
+  return library
+
+
+def available() -> bool:
+  return load() is not None
