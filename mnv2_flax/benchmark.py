@@ -2,7 +2,8 @@
 
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
-      [--devices=N] [--depthwise_impl=auto|xla|shift|native] [--profile_steps=3]
+      [--devices=N] [--depthwise_impl=auto|xla|shift|native] [--output_stride=8]
+      [--profile_steps=3]
       [--json]
 
 Train mode times `train_lib.train_step` under the same `jax.pmap` as the
@@ -46,8 +47,11 @@ MODES = ('train', 'infer')
 DTYPES = ('float32', 'bfloat16')
 
 
-def make_config(width_multiplier, resolution, batch_size, dtype, impl):
+def make_config(
+  width_multiplier, resolution, batch_size, dtype, impl, output_stride=None
+):
   config = torchvision_config.get_config()
+  config.model.output_stride = output_stride
   config.model.width_multiplier = width_multiplier
   config.model.dropout_rate = 0.2
   config.model.depthwise_impl = impl
@@ -96,6 +100,7 @@ def run(
   steps: int = 10,
   warmup: int = 2,
   profile_steps: int = 0,
+  output_stride: int | None = None,
 ) -> dict:
   """Compiles and times one configuration; returns the measurements."""
   if mode not in MODES:
@@ -115,7 +120,12 @@ def run(
       f'--batch_size={batch_size}.'
     )
   config = make_config(
-    width_multiplier, resolution, batch_size, dtype, depthwise_impl
+    width_multiplier,
+    resolution,
+    batch_size,
+    dtype,
+    depthwise_impl,
+    output_stride,
   )
   train_lib.check_config(config)
   model = train_lib.create_model(config, num_classes)
@@ -259,6 +269,7 @@ def main(argv):
       FLAGS.steps,
       FLAGS.warmup,
       FLAGS.profile_steps,
+      FLAGS.output_stride,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -283,6 +294,9 @@ if __name__ == '__main__':
   flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
   flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla, shift or native.')
+  flags.DEFINE_integer(
+    'output_stride', None, 'The model output_stride (default: plain, 32).'
+  )
   flags.DEFINE_integer('steps', 10, 'Timed steps.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
   flags.DEFINE_string(
