@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup clean data sweep
+.PHONY: test lint format setup clean data sweep compiler
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ format: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# A C++ compiler for the CPU depthwise kernel (mnv2_flax/csrc, built on first
+# use); without one the slower pure-JAX path runs and its test fails.
+compiler:
+	@if command -v c++ >/dev/null || command -v g++ >/dev/null; then echo "C++ compiler present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq g++; \
+	else echo "warning: no C++ compiler and cannot install g++ (no apt or not root)" >&2; fi
 
 # Offline Fashion-MNIST from Debian's package, where apt is there and allowed.
 data:
