@@ -87,6 +87,29 @@ Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& in,
                   top,       left};
 }
 
+// The outputs x in [*begin, *end) whose tap at column offset `offset`
+// (= j * dilation - left padding) reads an input column in [0, w).
+inline void ValidColumns(int64_t offset, int64_t stride, int64_t w,
+                         int64_t ow, int64_t* begin, int64_t* end) {
+  // x * stride + offset >= 0  and  x * stride + offset <= w - 1.
+  int64_t lo = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  int64_t hi = w - 1 - offset < 0 ? 0 : (w - 1 - offset) / stride + 1;
+  *begin = std::min(lo, ow);
+  *end = std::max(*begin, std::min(hi, ow));
+}
+
+// dst[x * c + ch] += src[(x * stride + offset) * c + ch] * k[ch] over the
+// valid x: every tap of a row is one tight loop, no bounds tests inside.
+inline void RowTap(float* __restrict dst, const float* __restrict src,
+                   const float* __restrict k, int64_t c, int64_t stride,
+                   int64_t offset, int64_t begin, int64_t end) {
+  for (int64_t x = begin; x < end; ++x) {
+    float* __restrict o = dst + x * c;
+    const float* __restrict v = src + (x * stride + offset) * c;
+    for (int64_t ch = 0; ch < c; ++ch) o[ch] += v[ch] * k[ch];
+  }
+}
+
 // Forward: one output row (b, y) at a time.
 void ForwardRows(const Geometry& g, const float* __restrict in,
                  const float* __restrict kernel, float* __restrict out,
@@ -99,23 +122,22 @@ void ForwardRows(const Geometry& g, const float* __restrict in,
     for (int64_t i = 0; i < g.kh; ++i) {
       const int64_t iy = y * g.sh + i * g.dh - g.top;
       if (iy < 0 || iy >= g.h) continue;
-      const float* __restrict in_row = in + ((b * g.h + iy) * g.w) * c;
-      for (int64_t x = 0; x < g.ow; ++x) {
-        float* __restrict o = out_row + x * c;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t ix = x * g.sw + j * g.dw - g.left;
-          if (ix < 0 || ix >= g.w) continue;
-          const float* __restrict v = in_row + ix * c;
-          const float* __restrict k = kernel + (i * g.kw + j) * c;
-          for (int64_t ch = 0; ch < c; ++ch) o[ch] += v[ch] * k[ch];
-        }
+      const float* in_row = in + ((b * g.h + iy) * g.w) * c;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t offset = j * g.dw - g.left;
+        int64_t begin, end;
+        ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
+        RowTap(out_row, in_row, kernel + (i * g.kw + j) * c, c, g.sw, offset,
+               begin, end);
       }
     }
   }
 }
 
-// Input gradient: one input row (b, iy) at a time; each input pixel gathers
-// the output pixels whose window covers it.
+// Input gradient: one input row (b, iy) at a time. Each output pixel of the
+// output rows that read this input row adds its gradient times the tap
+// weight to the input pixel it read (a scatter within the row, which this
+// thread owns).
 void InputGradRows(const Geometry& g, const float* __restrict dout,
                    const float* __restrict kernel, float* __restrict din,
                    int64_t row_begin, int64_t row_end) {
@@ -130,15 +152,14 @@ void InputGradRows(const Geometry& g, const float* __restrict dout,
       const int64_t y = ny / g.sh;
       if (y >= g.oh) continue;
       const float* __restrict dout_row = dout + ((b * g.oh + y) * g.ow) * c;
-      for (int64_t ix = 0; ix < g.w; ++ix) {
-        float* __restrict d = din_row + ix * c;
-        for (int64_t j = 0; j < g.kw; ++j) {
-          const int64_t nx = ix + g.left - j * g.dw;
-          if (nx < 0 || nx % g.sw != 0) continue;
-          const int64_t x = nx / g.sw;
-          if (x >= g.ow) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t offset = j * g.dw - g.left;
+        int64_t begin, end;
+        ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
+        const float* __restrict k = kernel + (i * g.kw + j) * c;
+        for (int64_t x = begin; x < end; ++x) {
+          float* __restrict d = din_row + (x * g.sw + offset) * c;
           const float* __restrict v = dout_row + x * c;
-          const float* __restrict k = kernel + (i * g.kw + j) * c;
           for (int64_t ch = 0; ch < c; ++ch) d[ch] += v[ch] * k[ch];
         }
       }
@@ -160,11 +181,12 @@ void KernelGradRows(const Geometry& g, const float* __restrict in,
       if (iy < 0 || iy >= g.h) continue;
       const float* __restrict in_row = in + ((b * g.h + iy) * g.w) * c;
       for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t offset = j * g.dw - g.left;
+        int64_t begin, end;
+        ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
         float* __restrict a = acc + (i * g.kw + j) * c;
-        for (int64_t x = 0; x < g.ow; ++x) {
-          const int64_t ix = x * g.sw + j * g.dw - g.left;
-          if (ix < 0 || ix >= g.w) continue;
-          const float* __restrict v = in_row + ix * c;
+        for (int64_t x = begin; x < end; ++x) {
+          const float* __restrict v = in_row + (x * g.sw + offset) * c;
           const float* __restrict d = dout_row + x * c;
           for (int64_t ch = 0; ch < c; ++ch) a[ch] += v[ch] * d[ch];
         }
