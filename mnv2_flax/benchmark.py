@@ -40,6 +40,7 @@ import numpy as np
 from configs import torchvision as torchvision_config
 from mnv2_flax import compilation_cache
 from mnv2_flax import depthwise
+from mnv2_flax import models
 from mnv2_flax import stats
 from mnv2_flax import train_lib
 
@@ -48,13 +49,20 @@ DTYPES = ('float32', 'bfloat16')
 
 
 def make_config(
-  width_multiplier, resolution, batch_size, dtype, impl, output_stride=None
+  width_multiplier,
+  resolution,
+  batch_size,
+  dtype,
+  impl,
+  output_stride=None,
+  norm_impl='auto',
 ):
   config = torchvision_config.get_config()
   config.model.output_stride = output_stride
   config.model.width_multiplier = width_multiplier
   config.model.dropout_rate = 0.2
   config.model.depthwise_impl = impl
+  config.model.norm_impl = norm_impl
   config.data.image_size = resolution
   config.data.batch_size = batch_size
   config.train.dtype = dtype
@@ -101,12 +109,17 @@ def run(
   warmup: int = 2,
   profile_steps: int = 0,
   output_stride: int | None = None,
+  norm_impl: str = 'auto',
 ) -> dict:
   """Compiles and times one configuration; returns the measurements."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: valid are {", ".join(MODES)}.')
   if dtype not in DTYPES:
     raise ValueError(f'--dtype={dtype!r}: valid are {", ".join(DTYPES)}.')
+  if norm_impl not in models.NORM_IMPLS:
+    raise ValueError(
+      f'--norm_impl={norm_impl!r}: valid are {", ".join(models.NORM_IMPLS)}.'
+    )
   if depthwise_impl not in depthwise.IMPLS:
     raise ValueError(
       f'--depthwise_impl={depthwise_impl!r}: valid are '
@@ -126,6 +139,7 @@ def run(
     dtype,
     depthwise_impl,
     output_stride,
+    norm_impl,
   )
   train_lib.check_config(config)
   model = train_lib.create_model(config, num_classes)
@@ -170,6 +184,7 @@ def run(
     dtype=dtype,
     devices=devices,
     depthwise_impl=depthwise.resolve(depthwise_impl),
+    norm_impl=models.resolve_norm_impl(norm_impl),
     backend=jax.default_backend(),
     compile_seconds=compile_seconds,
     median_step_seconds=median,
@@ -245,7 +260,7 @@ def format_result(r: dict) -> str:
   return (
     f'{r["mode"]} w{r["width_multiplier"]} r{r["resolution"]} '
     f'b{r["batch_size"]} {r["dtype"]} {r["devices"]} dev '
-    f'{r["backend"]}/{r["depthwise_impl"]}: compile '
+    f'{r["backend"]}/{r["depthwise_impl"]}/{r["norm_impl"]}: compile '
     f'{r["compile_seconds"]:.1f} s, step {1e3 * r["median_step_seconds"]:.1f}'
     f' ms (median), {r["images_per_second"]:,.1f} img/s, '
     f'{r["gflops_per_second"]:.1f} GFLOP/s, peak RSS '
@@ -270,6 +285,7 @@ def main(argv):
       FLAGS.warmup,
       FLAGS.profile_steps,
       FLAGS.output_stride,
+      FLAGS.norm_impl,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -294,6 +310,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
   flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
   flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla, shift or native.')
+  flags.DEFINE_string('norm_impl', 'auto', 'auto, flax or fused.')
   flags.DEFINE_integer(
     'output_stride', None, 'The model output_stride (default: plain, 32).'
   )

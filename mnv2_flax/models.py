@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnv2_flax import batch_norm
 from mnv2_flax import depthwise
 
 ModuleDef = Any
@@ -49,6 +50,23 @@ MIN_RESOLUTION = 32
 PADDINGS = ('tf', 'torch')
 SHORTCUTS = ('bottleneck', 'expansion', 'none')
 BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
+NORM_IMPLS = ('auto', 'flax', 'fused')
+
+
+def resolve_norm_impl(impl: str) -> str:
+  """'auto': the fused BatchNorm + ReLU6 on CPU, `nn.BatchNorm` elsewhere."""
+  if impl == 'auto':
+    return 'fused' if jax.default_backend() == 'cpu' else 'flax'
+  return impl
+
+
+def _norm_relu6(norm, name, x, **kwargs):
+  """ReLU6(BN(x)): one module when `norm` makes the fused BatchNorm."""
+  if getattr(norm, 'func', None) is batch_norm.BatchNorm:
+    return norm(name=name, activation='relu6', **kwargs)(x)
+  return nn.relu6(norm(name=name, **kwargs)(x))
+
+
 INIT_SCHEMES = ('tf_slim', 'torchvision')
 OUTPUT_STRIDES = (None, 1, 2, 4, 8, 16, 32)
 
@@ -199,7 +217,7 @@ class InvertedResidual(nn.Module):
         conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
         name='expand_conv',
       )(h)
-      h = nn.relu6(norm(name='expand_bn')(h))
+      h = _norm_relu6(norm, 'expand_bn', h)
     if (
       self.shortcut == 'expansion'
       and expansion_skip is not None
@@ -218,7 +236,7 @@ class InvertedResidual(nn.Module):
       conv_general_dilated=depthwise.conv_fn(self.depthwise_impl),
       name='depthwise_conv',
     )(h)
-    h = nn.relu6(norm(name='depthwise_bn')(h))
+    h = _norm_relu6(norm, 'depthwise_bn', h)
     h = self.conv(
       self.features,
       (1, 1),
@@ -264,6 +282,9 @@ class MobileNetV2(nn.Module):
       `mnv2_flax/csrc`, or shifted multiply-adds where it cannot be built;
       XLA's grouped conv elsewhere), 'xla', 'shift' or 'native'; identical
       parameters and results, different speed.
+    norm_impl: 'auto' (default: `batch_norm.BatchNorm`, BatchNorm + ReLU6
+      with a hand-written backward, on CPU; `nn.BatchNorm` elsewhere),
+      'flax' or 'fused'; identical variables and results, different speed.
     output_stride: None (the classifier's 32) or the largest ratio of input
       to feature-map resolution, as in TF-slim's `mobilenet(output_stride=)`
       and the paper's DeepLabv3 experiments: once the stem and blocks reach
@@ -286,6 +307,7 @@ class MobileNetV2(nn.Module):
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
   depthwise_impl: str = 'auto'
+  norm_impl: str = 'auto'
   output_stride: int | None = None
 
   def __post_init__(self):
@@ -325,6 +347,7 @@ class MobileNetV2(nn.Module):
     _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
     _check_choice('depthwise_impl', self.depthwise_impl, depthwise.IMPLS)
+    _check_choice('norm_impl', self.norm_impl, NORM_IMPLS)
     _check_choice('output_stride', self.output_stride, OUTPUT_STRIDES)
     _check_choice(
       'bottleneck_activation',
@@ -394,15 +417,19 @@ class MobileNetV2(nn.Module):
       param_dtype=self.param_dtype,
       kernel_init=conv_init,
     )
-    norm = functools.partial(
-      nn.BatchNorm,
+    norm_options = dict(
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       axis_name=self.bn_axis_name,
-      use_fast_variance=False,
     )
+    if resolve_norm_impl(self.norm_impl) == 'fused':
+      norm = functools.partial(batch_norm.BatchNorm, **norm_options)
+    else:
+      norm = functools.partial(
+        nn.BatchNorm, use_fast_variance=False, **norm_options
+      )
 
     def pad_3x3(rate):
       return 'SAME' if self.padding == 'tf' else ((rate, rate), (rate, rate))
@@ -417,7 +444,7 @@ class MobileNetV2(nn.Module):
       kernel_dilation=stem_rate,
       name='stem_conv',
     )(x)
-    x = nn.relu6(norm(use_running_average=not train, name='stem_bn')(x))
+    x = _norm_relu6(norm, 'stem_bn', x, use_running_average=not train)
 
     skip = None
     blocks = zip(self.block_configs(), block_strides, strict=True)
@@ -455,7 +482,7 @@ class MobileNetV2(nn.Module):
       conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
       name='head_conv',
     )(x)
-    x = nn.relu6(norm(use_running_average=not train, name='head_bn')(x))
+    x = _norm_relu6(norm, 'head_bn', x, use_running_average=not train)
     x = jnp.mean(x, axis=(1, 2))
     if features_only or self.num_classes == 0:
       return x.astype(jnp.float32)

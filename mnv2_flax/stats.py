@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mnv2_flax import batch_norm
 from mnv2_flax import models
 
 
@@ -102,7 +103,7 @@ def count(
 
   def is_counted(module: nn.Module, method_name: str) -> bool:
     counted = method_name == '__call__' and isinstance(
-      module, (nn.Conv, nn.Dense, nn.BatchNorm)
+      module, (nn.Conv, nn.Dense, nn.BatchNorm, batch_norm.BatchNorm)
     )
     if counted:
       call_order.append(tuple(module.scope.path))

@@ -1,0 +1,139 @@
+"""BatchNorm (+ ReLU6) with a hand-written backward, for the CPU path.
+
+`nn.BatchNorm`'s variables (params `scale`, `bias`; batch_stats `mean`,
+`var`), statistics (float32, two-pass variance as with
+`use_fast_variance=False`, averaged over `axis_name`) and running-average
+update, with an optional ReLU6 inside one custom VJP. Autodiff of
+`nn.BatchNorm` + `nn.relu6` keeps the centred input and the activation as
+residuals and runs its backward as several passes over the full tensor (on
+XLA's CPU backend about half of a 224-pixel train step is such elementwise
+work); here the backward keeps only the input, recomputes the normalised
+value and the ReLU6 mask, and is two reductions and one elementwise pass:
+
+  g = dy * [0 < z < 6]
+  dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat))
+
+with the means over the whole (cross-device) batch. Equal to `nn.BatchNorm`
+in outputs, updated statistics and gradients up to float rounding
+(tests/batch_norm_test.py).
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+ACTIVATIONS = (None, 'relu6')
+_AXES = (0, 1, 2)
+
+
+def _apply_act(z, activation):
+  return jnp.minimum(jnp.maximum(z, 0.0), 6.0) if activation == 'relu6' else z
+
+
+def _mean(x, axis_name):
+  mean = jnp.mean(x, _AXES)
+  return mean if axis_name is None else lax.pmean(mean, axis_name)
+
+
+def _stats(x, axis_name):
+  """Mean and two-pass variance (`nn.BatchNorm(use_fast_variance=False)`)."""
+  mean = _mean(x, axis_name)
+  return mean, _mean(jnp.square(x - mean), axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def batch_norm_train(x, scale, bias, epsilon, axis_name, activation, dtype):
+  """(activation(BN(x)) in `dtype`, batch mean, batch variance)."""
+  return _forward(x, scale, bias, epsilon, axis_name, activation, dtype)[0]
+
+
+def _forward(x, scale, bias, epsilon, axis_name, activation, dtype):
+  x32 = x.astype(jnp.float32)
+  mean, var = _stats(x32, axis_name)
+  mul = lax.rsqrt(var + epsilon) * scale.astype(jnp.float32)
+  z = (x32 - mean) * mul + bias.astype(jnp.float32)
+  y = _apply_act(z, activation).astype(dtype)
+  return (y, mean, var), (x, mean, var, scale, bias)
+
+
+def _backward(epsilon, axis_name, activation, dtype, residuals, cotangents):
+  del dtype
+  x, mean, var, scale, bias = residuals
+  dy = cotangents[0].astype(jnp.float32)  # the statistics' are not used
+  x32 = x.astype(jnp.float32)
+  inv = lax.rsqrt(var + epsilon)
+  mul = inv * scale.astype(jnp.float32)
+  centred = x32 - mean
+  x_hat = centred * inv
+  if activation is not None:
+    z = centred * mul + bias.astype(jnp.float32)
+    # jax.nn.relu6's derivative: 1 strictly inside (0, 6), 0 elsewhere.
+    dy = jnp.where((z > 0) & (z < 6), dy, 0.0)
+  dbias = jnp.sum(dy, _AXES)
+  dscale = jnp.sum(dy * x_hat, _AXES)
+  count = x.shape[0] * x.shape[1] * x.shape[2]
+  total_dbias, total_dscale = dbias, dscale
+  if axis_name is not None:
+    count = count * lax.psum(1, axis_name)
+    total_dbias, total_dscale = lax.psum((dbias, dscale), axis_name)
+  dx = mul * (dy - total_dbias / count - x_hat * (total_dscale / count))
+  return (
+    dx.astype(x.dtype),
+    dscale.astype(scale.dtype),
+    dbias.astype(bias.dtype),
+  )
+
+
+batch_norm_train.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over NHWC's channels with ReLU6 optionally fused.
+
+  Attributes follow `nn.BatchNorm` (`use_fast_variance=False`); `activation`
+  is None or 'relu6'.
+  """
+
+  use_running_average: bool | None = None
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  axis_name: str | None = None
+  activation: str | None = None
+
+  @nn.compact
+  def __call__(self, x, use_running_average: bool | None = None):
+    use_running_average = nn.merge_param(
+      'use_running_average', self.use_running_average, use_running_average
+    )
+    channels = x.shape[-1]
+    ra_mean = self.variable(
+      'batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), (channels,)
+    )
+    ra_var = self.variable(
+      'batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), (channels,)
+    )
+    scale = self.param(
+      'scale', nn.initializers.ones, (channels,), self.param_dtype
+    )
+    bias = self.param(
+      'bias', nn.initializers.zeros, (channels,), self.param_dtype
+    )
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    if use_running_average:
+      mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+      z = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
+      return _apply_act(z, self.activation).astype(dtype)
+    y, mean, var = batch_norm_train(
+      x, scale, bias, self.epsilon, self.axis_name, self.activation, dtype
+    )
+    if not self.is_initializing():
+      m = self.momentum
+      ra_mean.value = m * ra_mean.value + (1 - m) * mean
+      ra_var.value = m * ra_var.value + (1 - m) * var
+    return y

@@ -1,0 +1,154 @@
+"""The fused BatchNorm (+ ReLU6) equals nn.BatchNorm (+ nn.relu6)."""
+
+import os
+
+from fake_data import run_on_fake_devices
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnv2_flax import batch_norm
+from mnv2_flax import models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPTIONS = dict(momentum=0.9, epsilon=1e-3, use_running_average=False)
+
+
+def _reference(activation, dtype=None, **kwargs):
+  norm = nn.BatchNorm(use_fast_variance=False, dtype=dtype, **OPTIONS, **kwargs)
+  if activation is None:
+    return norm
+  return nn.Sequential([norm, nn.relu6])
+
+
+def _apply(module, variables, x):
+  """(output, updated batch_stats) in train mode."""
+  return module.apply(variables, x, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('activation', [None, 'relu6'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_equals_flax_batch_norm(activation, dtype):
+  x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 1.0
+  x = x.astype(dtype)
+  fused = batch_norm.BatchNorm(activation=activation, dtype=dtype, **OPTIONS)
+  ref = _reference(activation, dtype)
+  variables = fused.init(jax.random.key(1), x)
+  # Same variables; random scale and bias and non-trivial running stats.
+  keys = iter(jax.random.split(jax.random.key(2), 4))
+  variables = jax.tree.map(
+    lambda v: v + jax.random.uniform(next(keys), v.shape), variables
+  )
+  ref_variables = (
+    variables
+    if activation is None
+    else {k: {'layers_0': v} for k, v in variables.items()}
+  )
+  assert jax.tree.structure(
+    jax.eval_shape(ref.init, jax.random.key(1), x)
+  ) == jax.tree.structure(ref_variables)
+
+  out, stats = _apply(fused, variables, x)
+  ref_out, ref_stats = _apply(ref, ref_variables, x)
+  assert out.dtype == ref_out.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(
+    np.asarray(out, np.float32), np.asarray(ref_out, np.float32), atol=tol
+  )
+  for a, b in zip(
+    jax.tree.leaves(stats), jax.tree.leaves(ref_stats), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # Eval mode, with the running statistics.
+  eval_out = fused.clone(use_running_average=True).apply(variables, x)
+  plain = _reference(None, dtype).clone(use_running_average=True)
+  ref_eval = plain.apply(
+    {k: v['layers_0'] for k, v in ref_variables.items()}
+    if activation
+    else ref_variables,
+    x,
+  )
+  if activation:
+    ref_eval = nn.relu6(ref_eval)
+  np.testing.assert_allclose(
+    np.asarray(eval_out, np.float32),
+    np.asarray(ref_eval, np.float32),
+    atol=tol,
+  )
+
+  # Gradients of x, scale and bias under a random cotangent.
+  cotangent = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(module, variables, x):
+    out, _ = _apply(module, variables, x)
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  grads = jax.grad(loss, (1, 2))(fused, variables, x)
+  ref_grads = jax.grad(loss, (1, 2))(ref, ref_variables, x)
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
+  for a, b in zip(
+    jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
+  ):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+_PMAP_SCRIPT = """
+import json, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
+from mnv2_flax import batch_norm
+opts = dict(momentum=0.9, epsilon=1e-3, use_running_average=False,
+            axis_name='batch')
+fused = batch_norm.BatchNorm(activation='relu6', **opts)
+ref = nn.Sequential([nn.BatchNorm(use_fast_variance=False, **opts), nn.relu6])
+x = 3.0 * jax.random.normal(jax.random.key(0), (4, 2, 5, 6, 7)) + 1.0
+cot = jax.random.normal(jax.random.key(3), x.shape)
+single = batch_norm.BatchNorm(activation='relu6', **dict(opts, axis_name=None))
+variables = single.init(jax.random.key(1), x[0])
+variables = jax.tree.map(lambda v: v + 0.5, variables)
+ref_vars = {{k: {{'layers_0': v}} for k, v in variables.items()}}
+
+def step(module, variables, x, cot):
+  def loss(variables, x):
+    out, stats = module.apply(variables, x, mutable=['batch_stats'])
+    return jnp.sum(out * cot), stats
+  grad = jax.value_and_grad(loss, (0, 1), has_aux=True)
+  (_, stats), grads = grad(variables, x)
+  return stats, grads
+
+out = {{}}
+for name, module, v in (('fused', fused, variables), ('ref', ref, ref_vars)):
+  stats, grads = jax.pmap(lambda x, c: step(module, v, x, c),
+                          axis_name='batch')(x, cot)
+  out[name] = [np.asarray(a).tolist() for a in jax.tree.leaves((stats, grads))]
+print('RESULT' + json.dumps(out))
+"""
+
+
+def test_cross_device_statistics_and_gradients_on_4_devices():
+  """Under pmap the statistics and the input gradient span all devices."""
+  out = run_on_fake_devices(
+    _PMAP_SCRIPT.format(root=ROOT, tests=os.path.dirname(__file__)), 4
+  )
+  # Updated mean and var; gradients of the 4 variables and of x.
+  assert len(out['fused']) == len(out['ref']) == 7
+  for a, b in zip(out['fused'], out['ref'], strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_model_uses_it_on_cpu_with_the_same_variables():
+  x = jnp.ones((2, 32, 32, 3))
+  model = models.MobileNetV2(num_classes=4, width_multiplier=0.35)
+  assert models.resolve_norm_impl('auto') == (
+    'fused' if jax.default_backend() == 'cpu' else 'flax'
+  )
+  flax_model = model.clone(norm_impl='flax')
+  assert jax.tree.structure(
+    jax.eval_shape(model.init, jax.random.key(0), x)
+  ) == jax.tree.structure(jax.eval_shape(flax_model.init, jax.random.key(0), x))
+  with pytest.raises(ValueError, match="norm_impl='lax'"):
+    models.MobileNetV2(num_classes=4, norm_impl='lax')
