@@ -111,27 +111,39 @@ inline void RowTap(float* __restrict dst, const float* __restrict src,
   }
 }
 
+// Calls f(tap, in_row, offset, begin, end) for every tap (i, j) of output
+// row y of image b that reads a real input row: `tap` = i * kw + j, the
+// valid outputs x in [begin, end) read in_row[(x * sw + offset) * c ...].
+template <typename F>
+inline void ForEachTap(const Geometry& g, const float* in, int64_t b,
+                       int64_t y, F&& f) {
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t iy = y * g.sh + i * g.dh - g.top;
+    if (iy < 0 || iy >= g.h) continue;
+    const float* in_row = in + ((b * g.h + iy) * g.w) * g.c;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t offset = j * g.dw - g.left;
+      int64_t begin, end;
+      ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
+      f(i * g.kw + j, in_row, offset, begin, end);
+    }
+  }
+}
+
 // Forward: one output row (b, y) at a time.
 void ForwardRows(const Geometry& g, const float* __restrict in,
                  const float* __restrict kernel, float* __restrict out,
                  int64_t row_begin, int64_t row_end) {
   const int64_t c = g.c;
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / g.oh, y = row % g.oh;
     float* __restrict out_row = out + row * g.ow * c;
     std::memset(out_row, 0, sizeof(float) * g.ow * c);
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t iy = y * g.sh + i * g.dh - g.top;
-      if (iy < 0 || iy >= g.h) continue;
-      const float* in_row = in + ((b * g.h + iy) * g.w) * c;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t offset = j * g.dw - g.left;
-        int64_t begin, end;
-        ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
-        RowTap(out_row, in_row, kernel + (i * g.kw + j) * c, c, g.sw, offset,
-               begin, end);
-      }
-    }
+    ForEachTap(g, in, row / g.oh, row % g.oh,
+               [&](int64_t tap, const float* in_row, int64_t offset,
+                   int64_t begin, int64_t end) {
+                 RowTap(out_row, in_row, kernel + tap * c, c, g.sw, offset,
+                        begin, end);
+               });
   }
 }
 
@@ -175,24 +187,17 @@ void KernelGradRows(const Geometry& g, const float* __restrict in,
                     int64_t row_begin, int64_t row_end) {
   const int64_t c = g.c;
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t b = row / g.oh, y = row % g.oh;
     const float* __restrict dout_row = dout + row * g.ow * c;
-    for (int64_t i = 0; i < g.kh; ++i) {
-      const int64_t iy = y * g.sh + i * g.dh - g.top;
-      if (iy < 0 || iy >= g.h) continue;
-      const float* __restrict in_row = in + ((b * g.h + iy) * g.w) * c;
-      for (int64_t j = 0; j < g.kw; ++j) {
-        const int64_t offset = j * g.dw - g.left;
-        int64_t begin, end;
-        ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
-        float* __restrict a = acc + (i * g.kw + j) * c;
-        for (int64_t x = begin; x < end; ++x) {
-          const float* __restrict v = in_row + (x * g.sw + offset) * c;
-          const float* __restrict d = dout_row + x * c;
-          for (int64_t ch = 0; ch < c; ++ch) a[ch] += v[ch] * d[ch];
-        }
-      }
-    }
+    ForEachTap(g, in, row / g.oh, row % g.oh,
+               [&](int64_t tap, const float* in_row, int64_t offset,
+                   int64_t begin, int64_t end) {
+                 float* __restrict a = acc + tap * c;
+                 for (int64_t x = begin; x < end; ++x) {
+                   const float* __restrict v = in_row + (x * g.sw + offset) * c;
+                   const float* __restrict d = dout_row + x * c;
+                   for (int64_t ch = 0; ch < c; ++ch) a[ch] += v[ch] * d[ch];
+                 }
+               });
   }
 }
 
