@@ -7,11 +7,12 @@ the test split (EMA 89.9%) in 4 min 30 s wall time, compile included, about
 1,100 images/s in training (the C++ depthwise kernel and the fused
 BatchNorm backward); `--config.seed=1` / `2`: 89.6% / 90.0% in 4 min 28 s
 each (mean of the three seeds 89.9%). That is short of the 91% this config
-is meant to reach in 5 minutes. With the C++ kernel but nn.BatchNorm's backward, 2.5 / 3.5 /
-4 epochs gave 87.8 / 88.3 / 88.7% (3 min 27 s and 4 min 29 s for 2.5 and
-3.5 epochs). Runs differ by about a point from float
-rounding alone: the same 2.5-epoch config gave 89.2% with the pure-JAX
-depthwise path and 87.8% with the C++ kernel (equal up to rounding).
+is meant to reach in 5 minutes. With the C++ kernel but nn.BatchNorm's
+backward, 2.5 / 3.5 / 4 epochs gave 87.8 / 88.3 / 88.7% (3 min 27 s and
+4 min 29 s for 2.5 and 3.5 epochs). Runs can differ by more than a point
+from float rounding alone: the same 2.5-epoch config gave 89.2% with the
+pure-JAX depthwise path and 87.8% with the C++ kernel (equal up to
+rounding).
 What was tried before (same machine, the pure-JAX path; 1 epoch unless
 said):
   * The plain network (output stride 32, batch 256, 3 epochs): 85.3% in
