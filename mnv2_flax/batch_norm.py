@@ -31,7 +31,7 @@ _AXES = (0, 1, 2)
 
 
 def _apply_act(z, activation):
-  return jnp.minimum(jnp.maximum(z, 0.0), 6.0) if activation == 'relu6' else z
+  return jax.nn.relu6(z) if activation == 'relu6' else z
 
 
 def _mean(x, axis_name):
@@ -108,6 +108,11 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(
+        f'activation={self.activation!r} is not valid; expected one of '
+        f'{ACTIVATIONS}.'
+      )
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )

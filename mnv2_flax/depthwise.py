@@ -105,6 +105,15 @@ def _extent(kernel_hw, dilation):
   )
 
 
+def _out_hw(x_hw, kernel_hw, strides, padding, dilation):
+  """Output height and width of a conv of x_hw with explicit padding."""
+  extent = _extent(kernel_hw, dilation)
+  return tuple(
+    (size + lo + hi - e) // s + 1
+    for size, (lo, hi), e, s in zip(x_hw, padding, extent, strides, strict=True)
+  )
+
+
 def _tap(x, i, j, strides, out_hw):
   """x[:, i::sh, j::sw] cut to out_hw: what the tap at offset (i, j) sees."""
   (sh, sw), (out_h, out_w) = strides, out_hw
@@ -172,11 +181,9 @@ def _padded(x, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise(x, kernel, strides, padding, dilation):
-  eh, ew = _extent(kernel.shape[:2], dilation)
+  out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, padding, dilation)
   x, data = _padded(x, padding)
-  out_h = (x.shape[1] - eh) // strides[0] + 1
-  out_w = (x.shape[2] - ew) // strides[1] + 1
-  return _taps(x, kernel, strides, dilation, (out_h, out_w), data)
+  return _taps(x, kernel, strides, dilation, out_hw, data)
 
 
 def _depthwise_fwd(x, kernel, strides, padding, dilation):
@@ -235,14 +242,6 @@ def _depthwise_bwd(strides, padding, dilation, residuals, dy):
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def _out_hw(x_hw, kernel_hw, strides, padding, dilation):
-  extent = _extent(kernel_hw, dilation)
-  return tuple(
-    (size + lo + hi - e) // s + 1
-    for size, (lo, hi), e, s in zip(x_hw, padding, extent, strides, strict=True)
-  )
 
 
 def _native_attrs(strides, padding, dilation):

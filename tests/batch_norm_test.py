@@ -152,3 +152,10 @@ def test_model_uses_it_on_cpu_with_the_same_variables():
   ) == jax.tree.structure(jax.eval_shape(flax_model.init, jax.random.key(0), x))
   with pytest.raises(ValueError, match="norm_impl='lax'"):
     models.MobileNetV2(num_classes=4, norm_impl='lax')
+
+
+def test_unknown_activation_is_refused_by_name():
+  with pytest.raises(ValueError, match="activation='gelu'"):
+    batch_norm.BatchNorm(use_running_average=False, activation='gelu').init(
+      jax.random.key(0), jnp.ones((1, 2, 2, 3))
+    )
