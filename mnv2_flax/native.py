@@ -4,7 +4,7 @@ The library is compiled on first use with the system's C++ compiler (`$CXX`,
 else `c++` or `g++`) against the XLA FFI headers that jaxlib ships, for this
 machine's CPU (`-march=native`), and cached under
 `$MNV2_FLAX_NATIVE_DIR` (default `~/.cache/mnv2_flax/native`) in a file named
-by a hash of the source, the flags, the jaxlib version and the CPU; a second
+by a hash of the sources, the flags, the jaxlib version and the CPU; a second
 process loads it in milliseconds. Without a compiler (or if the build fails)
 `load()` returns None with one warning, and callers fall back to the pure-JAX
 path: results are the same up to float rounding, only slower.
@@ -12,6 +12,7 @@ path: results are the same up to float rounding, only slower.
 
 import ctypes
 import functools
+import glob
 import hashlib
 import os
 import platform
@@ -23,12 +24,18 @@ from absl import logging
 import jax
 import jaxlib
 
-_SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'depthwise_cpu.cc')
+_CSRC = os.path.join(os.path.dirname(__file__), 'csrc')
 _FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
 TARGETS = {
   'mnv2_depthwise_forward': 'Mnv2DepthwiseForward',
   'mnv2_depthwise_backward': 'Mnv2DepthwiseBackward',
+  'mnv2_batch_norm_stats': 'Mnv2BatchNormStats',
+  'mnv2_batch_norm_grad_sums': 'Mnv2BatchNormGradSums',
 }
+
+
+def _sources() -> list[str]:
+  return sorted(glob.glob(os.path.join(_CSRC, '*.cc')))
 
 
 def cache_dir() -> str:
@@ -59,14 +66,13 @@ def _cpu_identity() -> str:
 
 
 def library_path(compiler: str) -> str:
-  with open(_SOURCE, 'rb') as f:
-    source = f.read()
   key = hashlib.sha256()
-  for part in (source, ' '.join(_FLAGS).encode(), compiler.encode()):
-    key.update(part)
-  key.update(jaxlib.__version__.encode())
-  key.update(_cpu_identity().encode())
-  return os.path.join(cache_dir(), f'depthwise_cpu-{key.hexdigest()[:16]}.so')
+  for path in sorted(glob.glob(os.path.join(_CSRC, '*'))):
+    with open(path, 'rb') as f:
+      key.update(os.path.basename(path).encode() + f.read())
+  for part in (' '.join(_FLAGS), compiler, jaxlib.__version__, _cpu_identity()):
+    key.update(part.encode())
+  return os.path.join(cache_dir(), f'kernels_cpu-{key.hexdigest()[:16]}.so')
 
 
 def _build(compiler: str, path: str) -> None:
@@ -75,7 +81,7 @@ def _build(compiler: str, path: str) -> None:
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
   os.close(fd)
   try:
-    command = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), _SOURCE]
+    command = [compiler, *_FLAGS, '-I', jax.ffi.include_dir(), *_sources()]
     subprocess.run(
       command + ['-o', tmp], check=True, capture_output=True, text=True
     )
@@ -96,21 +102,22 @@ def load() -> ctypes.CDLL | None:
   compiler = _compiler()
   if compiler is None:
     logging.warning(
-      'No C++ compiler (set CXX): the native depthwise kernel is off and '
-      "depthwise_impl='auto' uses the slower 'shift' path."
+      'No C++ compiler (set CXX): the native CPU kernels are off; '
+      "depthwise_impl='auto' uses the slower 'shift' path and BatchNorm "
+      'its jax.numpy statistics.'
     )
     return None
   path = library_path(compiler)
   try:
     if not os.path.exists(path):
-      logging.info('Building the native depthwise kernel: %s', path)
+      logging.info('Building the native CPU kernels: %s', path)
       _build(compiler, path)
     library = ctypes.cdll.LoadLibrary(path)
   except (OSError, subprocess.CalledProcessError) as e:
     detail = getattr(e, 'stderr', '') or str(e)
     logging.warning(
-      'Building the native depthwise kernel failed; using the slower '
-      "'shift' path. %s",
+      'Building the native CPU kernels failed; using the slower pure-JAX '
+      'paths. %s',
       detail[-2000:],
     )
     return None

@@ -11,6 +11,7 @@ import pytest
 
 from mnv2_flax import batch_norm
 from mnv2_flax import models
+from mnv2_flax import native
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = dict(momentum=0.9, epsilon=1e-3, use_running_average=False)
@@ -28,9 +29,23 @@ def _apply(module, variables, x):
   return module.apply(variables, x, mutable=['batch_stats'])
 
 
+NATIVE_TARGETS = ('mnv2_batch_norm_stats', 'mnv2_batch_norm_grad_sums')
+
+
 @pytest.mark.parametrize('activation', [None, 'relu6'])
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_equals_flax_batch_norm(activation, dtype):
+@pytest.mark.parametrize(
+  'dtype, sums',
+  [
+    (jnp.float32, 'native'),
+    (jnp.float32, 'jax.numpy'),
+    (jnp.bfloat16, 'jax.numpy'),  # the C++ sums are float32 only
+  ],
+)
+def test_equals_flax_batch_norm(activation, dtype, sums, monkeypatch):
+  if sums == 'native' and not native.available():
+    pytest.skip('the native CPU kernels are not built here')
+  if sums == 'jax.numpy':
+    monkeypatch.setattr(batch_norm, '_use_native', lambda x: False)
   x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 1.0
   x = x.astype(dtype)
   fused = batch_norm.BatchNorm(activation=activation, dtype=dtype, **OPTIONS)
@@ -86,6 +101,11 @@ def test_equals_flax_batch_norm(activation, dtype):
     return jnp.sum(out.astype(jnp.float32) * cotangent)
 
   grads = jax.grad(loss, (1, 2))(fused, variables, x)
+  hlo = jax.jit(jax.grad(loss, (1, 2)), static_argnums=0).lower(
+    fused, variables, x
+  )
+  for target in NATIVE_TARGETS:
+    assert (target in hlo.as_text()) == (sums == 'native')
   ref_grads = jax.grad(loss, (1, 2))(ref, ref_variables, x)
   tol = 1e-4 if dtype == jnp.float32 else 5e-2
   for a, b in zip(
@@ -152,6 +172,20 @@ def test_model_uses_it_on_cpu_with_the_same_variables():
   ) == jax.tree.structure(jax.eval_shape(flax_model.init, jax.random.key(0), x))
   with pytest.raises(ValueError, match="norm_impl='lax'"):
     models.MobileNetV2(num_classes=4, norm_impl='lax')
+
+
+@pytest.mark.skipif(not native.available(), reason='no native CPU kernels')
+def test_native_statistics_are_two_pass_accurate_far_from_zero():
+  """A large mean and a small spread: mean((x - mean)^2), not E[x^2] - mean^2
+  (which loses the variance entirely in float32 here)."""
+  noise = jax.random.normal(jax.random.key(0), (8, 16, 16, 5))
+  x = 1000.0 + 0.01 * noise
+  _, mean, var = batch_norm.batch_norm_train(
+    x, jnp.ones(5), jnp.zeros(5), 1e-3, None, None, jnp.float32
+  )
+  x64 = np.asarray(x, np.float64)
+  np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-7)
+  np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=1e-3)
 
 
 def test_unknown_activation_is_refused_by_name():

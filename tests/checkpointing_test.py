@@ -246,8 +246,17 @@ def test_two_processes_equal_one_process_with_four_devices(
   expected, actual = final_state(one), final_state(two)
   flat = jax.tree_util.tree_flatten_with_path(expected)[0]
   assert len(flat) > 500
+  # The two layouts add the gradient all-reduce in different orders. After 3
+  # steps from TF-slim's initialisation the BN biases are ~1e-7 and many
+  # depthwise outputs are exactly 0 (windows of ReLU6 zeros), so those
+  # elements sit on ReLU6's kink and rounding decides their mask: measured
+  # 3.7e-4 and 1.2e-3 of a leaf's scale (momentum traces) in two runs with
+  # the C++ kernels, 4e-5 with the pure-JAX paths (and 0.46 with the C++
+  # statistics averaged by lax.pmean, before batch_norm._device_sum fixed
+  # their order). BN statistics left per device (no cross-device average)
+  fail it: 1.1e-2 of a running mean's scale (checked).
   for (path, x), y in zip(flat, jax.tree.leaves(actual), strict=True):
     x, y = np.asarray(x), np.asarray(y)
     scale = float(np.abs(x).max())
     diff = float(np.abs(x - y).max())
-    assert diff <= 2e-4 * scale + 2e-5, (jax.tree_util.keystr(path), diff)
+    assert diff <= 5e-3 * scale + 2e-5, (jax.tree_util.keystr(path), diff)

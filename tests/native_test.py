@@ -50,7 +50,7 @@ def _probe(tmp_path, **env):
   'env, warning',
   [
     # A compiler that fails: one warning, the pure-JAX path, a working model.
-    ({'CXX': '/bin/false'}, 'Building the native depthwise kernel failed'),
+    ({'CXX': '/bin/false'}, 'Building the native CPU kernels failed'),
     # Switched off by the user: no build, no warning.
     ({'MNV2_FLAX_NATIVE': '0'}, None),
   ],
@@ -64,7 +64,7 @@ def test_without_the_kernel_auto_is_the_pure_jax_path(tmp_path, env, warning):
   if warning:
     assert stderr.count(warning) == 1
   else:
-    assert 'native depthwise kernel' not in stderr
+    assert 'native CPU kernels' not in stderr
 
 
 def test_the_built_library_is_cached_and_named_by_its_inputs(tmp_path):

@@ -14,20 +14,19 @@
 // with zero outside the image.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using mnv2::ParallelFor;
 
 struct Geometry {
   int64_t n, h, w, c;        // input
@@ -36,47 +35,6 @@ struct Geometry {
   int64_t sh, sw, dh, dw;    // strides, dilation
   int64_t top, left;         // leading padding
 };
-
-// Runs body(begin, end) over [0, total) in chunks, on the calling thread and
-// the XLA intra-op pool. Chunks are claimed from a shared counter, so the
-// call returns once every chunk is done even if a pool task never starts; a
-// task that starts late finds nothing left and touches no buffer.
-void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t grain,
-                 const std::function<void(int64_t, int64_t)>& body) {
-  int64_t chunks = (total + grain - 1) / grain;
-  int64_t threads = std::min<int64_t>(pool.num_threads(), chunks - 1);
-  if (threads <= 0) {
-    body(0, total);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-    const std::function<void(int64_t, int64_t)>* body;
-    int64_t chunks, grain, total;
-  };
-  auto state = std::make_shared<State>();
-  state->body = &body;
-  state->chunks = chunks;
-  state->grain = grain;
-  state->total = total;
-  auto work = [](State& s) {
-    for (;;) {
-      int64_t k = s.next.fetch_add(1);
-      if (k >= s.chunks) return;
-      int64_t begin = k * s.grain;
-      (*s.body)(begin, std::min(begin + s.grain, s.total));
-      s.done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 0; t < threads; ++t) {
-    pool.Schedule([state, work]() { work(*state); });
-  }
-  work(*state);
-  while (state->done.load(std::memory_order_acquire) < chunks) {
-    std::this_thread::yield();
-  }
-}
 
 Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& in,
                       const ffi::AnyBuffer::Dimensions& kernel,

@@ -1,0 +1,192 @@
+// Per-channel batch sums for BatchNorm (+ ReLU6) on XLA's CPU backend.
+//
+// Written with jax.numpy, the two-pass variance mean((x - mean)^2) makes XLA
+// write x - mean as a full-size temporary (it shares it with the output), and
+// the backward's two sums and its input gradient recompute and write the
+// masked gradient in separate passes. On this backend writing a fresh tensor
+// costs several times more than reading one, so these kernels only read:
+// the statistics are two reads of x (mean, then mean((x - mean)^2), as
+// nn.BatchNorm(use_fast_variance=False)), the backward's sums one read of x
+// and dy; XLA then writes the output / input gradient in one fused pass.
+//
+// A tensor is viewed as rows of C channels (NHWC: N * H * W rows). Rows are
+// split into at most kParts fixed ranges; each range is summed in blocks of a
+// few thousand values in float (vectorised) added into a double accumulator,
+// and the ranges are added in order, so the result does not depend on the
+// number of threads or on scheduling.
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using mnv2::ParallelFor;
+
+constexpr int64_t kParts = 16;
+
+struct Rows {
+  int64_t rows, c;
+};
+
+Rows RowsOf(const ffi::Buffer<ffi::F32>& x) {
+  auto dims = x.dimensions();
+  const int64_t c = dims.size() == 0 ? 1 : dims.back();
+  return Rows{c > 0 ? static_cast<int64_t>(x.element_count()) / c : 0, c};
+}
+
+// Sums over all rows: block(begin, end, acc) adds rows [begin, end) into
+// `acc`, `width` zeroed floats. Rows are cut into at most kParts fixed
+// ranges run in parallel; each range in blocks of a few thousand values
+// summed in float (vectorised) and added into the range's double
+// accumulator; the ranges are added in order.
+template <typename F>
+std::vector<double> SumRows(ffi::ThreadPool& pool, int64_t rows, int64_t c,
+                            int64_t width, F&& block) {
+  const int64_t parts = std::max<int64_t>(1, std::min(rows, kParts));
+  const int64_t per_part = (rows + parts - 1) / parts;
+  const int64_t per_block = std::clamp<int64_t>(4096 / c, 1, 64);
+  std::vector<double> partial(parts * width, 0.0);
+  ParallelFor(pool, parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(width);
+    for (int64_t p = begin; p < end; ++p) {
+      double* total = partial.data() + p * width;
+      const int64_t last = std::min(rows, (p + 1) * per_part);
+      for (int64_t row = p * per_part; row < last; row += per_block) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        block(row, std::min(last, row + per_block), acc.data());
+        for (int64_t i = 0; i < width; ++i) total[i] += acc[i];
+      }
+    }
+  });
+  std::vector<double> sums(width, 0.0);
+  for (int64_t p = 0; p < parts; ++p) {
+    const double* src = partial.data() + p * width;
+    for (int64_t i = 0; i < width; ++i) sums[i] += src[i];
+  }
+  return sums;
+}
+
+// s[ch] += x[ch], or (x[ch] - mean[ch])^2 when `mean`, over `rows` rows.
+// Plain functions with restrict pointers (not lambda captures, which the
+// compiler reloads every iteration) so that the channel loops vectorise.
+inline void SumRowsOf(const float* __restrict x, const float* __restrict mean,
+                      int64_t c, int64_t rows, float* __restrict s) {
+  for (int64_t row = 0; row < rows; ++row, x += c) {
+    if (mean == nullptr) {
+      for (int64_t ch = 0; ch < c; ++ch) s[ch] += x[ch];
+    } else {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const float d = x[ch] - mean[ch];
+        s[ch] += d * d;
+      }
+    }
+  }
+}
+
+// g = dy where lo < (x - mean) * mul + bias < hi, else 0:
+// s[ch] += g and sc[ch] += g * (x - mean), over `rows` rows.
+inline void GradSumRows(const float* __restrict x, const float* __restrict dy,
+                        const float* __restrict mean,
+                        const float* __restrict mul,
+                        const float* __restrict bias, float lo, float hi,
+                        int64_t c, int64_t rows, float* __restrict s,
+                        float* __restrict sc) {
+  for (int64_t row = 0; row < rows; ++row, x += c, dy += c) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float centred = x[ch] - mean[ch];
+      const float z = centred * mul[ch] + bias[ch];
+      const float d = dy[ch];  // loaded unconditionally: vectorises
+      const float g = (z > lo && z < hi) ? d : 0.0f;
+      s[ch] += g;
+      sc[ch] += g * centred;
+    }
+  }
+}
+
+// mean[c] and (biased) var[c] = mean((x - mean)^2) of x over all rows: two
+// reads of x, as nn.BatchNorm(use_fast_variance=False).
+ffi::Error Stats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                 ffi::ResultBuffer<ffi::F32> mean,
+                 ffi::ResultBuffer<ffi::F32> var) {
+  const Rows r = RowsOf(x);
+  if (r.rows <= 0) return ffi::Error::InvalidArgument("batch_norm: empty x");
+  const int64_t c = r.c;
+  const float* data = x.typed_data();
+  const double n = static_cast<double>(r.rows);
+  float* m = mean->typed_data();
+  float* v = var->typed_data();
+  std::vector<double> sums = SumRows(
+      pool, r.rows, c, c,
+      [&](int64_t begin, int64_t end, float* __restrict acc) {
+        SumRowsOf(data + begin * c, nullptr, c, end - begin, acc);
+      });
+  for (int64_t ch = 0; ch < c; ++ch) m[ch] = static_cast<float>(sums[ch] / n);
+  sums = SumRows(pool, r.rows, c, c,
+                 [&](int64_t begin, int64_t end, float* __restrict acc) {
+                   SumRowsOf(data + begin * c, m, c, end - begin, acc);
+                 });
+  for (int64_t ch = 0; ch < c; ++ch) v[ch] = static_cast<float>(sums[ch] / n);
+  return ffi::Error::Success();
+}
+
+// The backward's two sums: g = dy, or dy where 0 < (x - mean) * mul + bias < 6
+// when `relu6` (the ReLU6 mask recomputed from x, as jax.nn.relu6's gradient);
+// sum_g[c] = sum g and sum_gc[c] = sum g * (x - mean).
+ffi::Error GradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                    ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mean,
+                    ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
+                    ffi::ResultBuffer<ffi::F32> sum_g,
+                    ffi::ResultBuffer<ffi::F32> sum_gc, bool relu6) {
+  const Rows r = RowsOf(x);
+  if (r.rows <= 0) return ffi::Error::InvalidArgument("batch_norm: empty x");
+  const int64_t c = r.c;
+  const float* xd = x.typed_data();
+  const float* dyd = dy.typed_data();
+  const float* __restrict mu = mean.typed_data();
+  const float* __restrict k = mul.typed_data();
+  const float* __restrict b = bias.typed_data();
+  // relu6 = false: the mask's bounds never exclude a value.
+  const float lo = relu6 ? 0.0f : -std::numeric_limits<float>::infinity();
+  const float hi = relu6 ? 6.0f : std::numeric_limits<float>::infinity();
+  std::vector<double> sums = SumRows(
+      pool, r.rows, c, 2 * c,
+      [&](int64_t begin, int64_t end, float* __restrict acc) {
+        GradSumRows(xd + begin * c, dyd + begin * c, mu, k, b, lo, hi, c,
+                    end - begin, acc, acc + c);
+      });
+  float* out_g = sum_g->typed_data();
+  float* out_gc = sum_gc->typed_data();
+  for (int64_t ch = 0; ch < c; ++ch) {
+    out_g[ch] = static_cast<float>(sums[ch]);
+    out_gc[ch] = static_cast<float>(sums[c + ch]);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2BatchNormStats, Stats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Mnv2BatchNormGradSums, GradSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("relu6"));
