@@ -254,7 +254,7 @@ def test_two_processes_equal_one_process_with_four_devices(
   # the C++ kernels, 4e-5 with the pure-JAX paths (and 0.46 with the C++
   # statistics averaged by lax.pmean, before batch_norm._device_sum fixed
   # their order). BN statistics left per device (no cross-device average)
-  fail it: 1.1e-2 of a running mean's scale (checked).
+  # fail it: 1.1e-2 of a running mean's scale (checked).
   for (path, x), y in zip(flat, jax.tree.leaves(actual), strict=True):
     x, y = np.asarray(x), np.asarray(y)
     scale = float(np.abs(x).max())
