@@ -10,7 +10,7 @@
 // and dy; XLA then writes the output / input gradient in one fused pass.
 //
 // A tensor is viewed as rows of C channels (NHWC: N * H * W rows). Rows are
-// split into at most kParts fixed ranges; each range is summed in blocks of a
+// split into at most 16 fixed ranges; each range is summed in blocks of a
 // few thousand values in float (vectorised) added into a double accumulator,
 // and the ranges are added in order, so the result does not depend on the
 // number of threads or on scheduling.
@@ -27,9 +27,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using mnv2::ParallelFor;
-
-constexpr int64_t kParts = 16;
+using mnv2::SumOverRanges;
 
 struct Rows {
   int64_t rows, c;
@@ -42,34 +40,25 @@ Rows RowsOf(const ffi::Buffer<ffi::F32>& x) {
 }
 
 // Sums over all rows: block(begin, end, acc) adds rows [begin, end) into
-// `acc`, `width` zeroed floats. Rows are cut into at most kParts fixed
-// ranges run in parallel; each range in blocks of a few thousand values
-// summed in float (vectorised) and added into the range's double
-// accumulator; the ranges are added in order.
+// `acc`, `width` zeroed floats. Each of SumOverRanges' fixed row ranges is
+// summed in blocks of a few thousand values in float (vectorised), added
+// into the range's double accumulator.
 template <typename F>
 std::vector<double> SumRows(ffi::ThreadPool& pool, int64_t rows, int64_t c,
                             int64_t width, F&& block) {
-  const int64_t parts = std::max<int64_t>(1, std::min(rows, kParts));
-  const int64_t per_part = (rows + parts - 1) / parts;
   const int64_t per_block = std::clamp<int64_t>(4096 / c, 1, 64);
-  std::vector<double> partial(parts * width, 0.0);
-  ParallelFor(pool, parts, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(width);
-    for (int64_t p = begin; p < end; ++p) {
-      double* total = partial.data() + p * width;
-      const int64_t last = std::min(rows, (p + 1) * per_part);
-      for (int64_t row = p * per_part; row < last; row += per_block) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        block(row, std::min(last, row + per_block), acc.data());
-        for (int64_t i = 0; i < width; ++i) total[i] += acc[i];
-      }
-    }
-  });
-  std::vector<double> sums(width, 0.0);
-  for (int64_t p = 0; p < parts; ++p) {
-    const double* src = partial.data() + p * width;
-    for (int64_t i = 0; i < width; ++i) sums[i] += src[i];
-  }
+  std::vector<double> sums(width);
+  SumOverRanges(
+      pool, rows, width,
+      [&](int64_t begin, int64_t end, double* total) {
+        std::vector<float> acc(width);
+        for (int64_t row = begin; row < end; row += per_block) {
+          std::fill(acc.begin(), acc.end(), 0.0f);
+          block(row, std::min(end, row + per_block), acc.data());
+          for (int64_t i = 0; i < width; ++i) total[i] += acc[i];
+        }
+      },
+      sums.data());
   return sums;
 }
 

@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
-#include <vector>
 
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
@@ -27,6 +26,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 using mnv2::ParallelFor;
+using mnv2::SumOverRanges;
 
 struct Geometry {
   int64_t n, h, w, c;        // input
@@ -210,24 +210,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
               [&](int64_t begin, int64_t end) {
                 InputGradRows(g, dy, k, dx, begin, end);
               });
-  // Kernel gradient: a private accumulator per chunk, summed in chunk order
-  // (the result does not depend on which thread ran which chunk).
-  const int64_t taps = g.kh * g.kw * g.c;
-  const int64_t rows = g.n * g.oh;
-  const int64_t parts = std::min<int64_t>(rows, 16);
-  const int64_t per_part = (rows + parts - 1) / parts;
-  std::vector<float> partial(parts * taps, 0.0f);
-  ParallelFor(pool, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      KernelGradRows(g, x, dy, partial.data() + p * taps, p * per_part,
-                     std::min(rows, (p + 1) * per_part));
-    }
-  });
-  std::memset(dk, 0, sizeof(float) * taps);
-  for (int64_t p = 0; p < parts; ++p) {
-    const float* src = partial.data() + p * taps;
-    for (int64_t t = 0; t < taps; ++t) dk[t] += src[t];
-  }
+  // Kernel gradient: a private accumulator per range of output rows, summed
+  // in range order (bitwise reproducible).
+  SumOverRanges(
+      pool, g.n * g.oh, g.kh * g.kw * g.c,
+      [&](int64_t begin, int64_t end, float* acc) {
+        KernelGradRows(g, x, dy, acc, begin, end);
+      },
+      dk);
   return ffi::Error::Success();
 }
 

@@ -1,5 +1,5 @@
-// ParallelFor over XLA's CPU intra-op thread pool, shared by the kernels in
-// this directory.
+// ParallelFor over XLA's CPU intra-op thread pool and a reproducible sum
+// built on it, shared by the kernels in this directory.
 
 #ifndef MNV2_FLAX_CSRC_PARALLEL_FOR_H_
 #define MNV2_FLAX_CSRC_PARALLEL_FOR_H_
@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -54,6 +55,29 @@ inline void ParallelFor(xla::ffi::ThreadPool& pool, int64_t total,
   work(*state);
   while (state->done.load(std::memory_order_acquire) < chunks) {
     std::this_thread::yield();
+  }
+}
+
+// Sums over [0, total) cut into at most 16 fixed ranges: part(begin, end,
+// acc) adds its range into `acc` (width zeroed values, one per range), the
+// ranges run in parallel and are added in range order into out[0, width).
+// The result does not depend on the number of threads or on scheduling.
+template <typename T, typename F>
+void SumOverRanges(xla::ffi::ThreadPool& pool, int64_t total, int64_t width,
+                   F&& part, T* out) {
+  const int64_t ranges = std::max<int64_t>(1, std::min<int64_t>(total, 16));
+  const int64_t per_range = (total + ranges - 1) / ranges;
+  std::vector<T> partial(ranges * width, T(0));
+  ParallelFor(pool, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      part(r * per_range, std::min(total, (r + 1) * per_range),
+           partial.data() + r * width);
+    }
+  });
+  std::fill(out, out + width, T(0));
+  for (int64_t r = 0; r < ranges; ++r) {
+    const T* src = partial.data() + r * width;
+    for (int64_t i = 0; i < width; ++i) out[i] += src[i];
   }
 }
 
