@@ -112,6 +112,20 @@ def test_train_stream_is_reproducible_under_a_seed(data_dirs):
   assert not np.array_equal(a[0]['image'], a[5]['image'])
 
 
+def test_streams_run_without_the_autotuning_model(data_dirs):
+  # With it, dropping an iterator waits out the model thread's sleep (up to
+  # a minute at the end of a run, TF 2.21).
+  _, data_dir = data_dirs
+  config = small_config(data_dir)
+  builder = ip.get_builder(config)
+  for ds in (
+    ip.create_train_dataset(builder, config),
+    ip.create_eval_dataset(builder, config),
+  ):
+    assert ds.options().autotune.enabled is False
+    assert ds.options().deterministic is True
+
+
 def test_eval_counts_every_example_once_one_device(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir)
