@@ -49,6 +49,10 @@ def _is_multiprocess() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Before JAX starts its CPU client: step buffers are reused, not re-mapped.
+  from mnv2_flax import host_malloc  # pylint: disable=g-import-not-at-top
+
+  host_malloc.configure()
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -40,6 +40,7 @@ import numpy as np
 from configs import torchvision as torchvision_config
 from mnv2_flax import compilation_cache
 from mnv2_flax import depthwise
+from mnv2_flax import host_malloc
 from mnv2_flax import models
 from mnv2_flax import stats
 from mnv2_flax import train_lib
@@ -270,6 +271,7 @@ def format_result(r: dict) -> str:
 
 def main(argv):
   del argv
+  host_malloc.configure()
   compilation_cache.enable_dir(FLAGS.compilation_cache_dir)
   try:
     result = run(

@@ -17,6 +17,7 @@ import ml_collections
 
 from configs import default
 from mnv2_flax import checkpointing
+from mnv2_flax import host_malloc
 from mnv2_flax import input_pipeline
 from mnv2_flax import train_lib
 
@@ -67,6 +68,7 @@ def evaluate_checkpoint(
 
 def main(argv):
   del argv
+  host_malloc.configure()
   try:
     metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
   except (ValueError, FileNotFoundError) as e:

@@ -430,6 +430,9 @@ def _plot(module, rows: list[dict], root: str) -> None:
 def main(argv):
   del argv
   from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import host_malloc  # pylint: disable=g-import-not-at-top
+
+  host_malloc.configure()
 
   try:
     path, _, sweep_arg = FLAGS.config.partition(':')
