@@ -55,6 +55,7 @@ def get_config(arg=None):
   config.data.crop_area_range = (0.05, 1.0)
   config.data.crop_aspect_range = (3 / 4, 4 / 3)
   config.data.crop_min_object_covered = 0.1
+  config.data.random_flip = True  # horizontal, in training
   config.data.eval_crop_fraction = 0.875
   config.data.normalization = 'inception'  # [-1, 1]; 'imagenet': mean/std
   config.data.shuffle_buffer = 16_384
@@ -63,6 +64,9 @@ def get_config(arg=None):
   # 'batch' (each reads the whole stream and keeps its rows of every global
   # batch: the same batches for any process count, N times the reading).
   config.data.process_sharding = 'files'
+  # tf.data threads: 0 shares TensorFlow's pool (one per core); a small
+  # private pool leaves the cores to XLA when the input is cheap.
+  config.data.threadpool_size = 0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.optimizer = 'rmsprop_tf'  # or 'sgd', 'adamw'

@@ -84,6 +84,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     fail('shuffle_buffer', 'a positive integer')
   if data.process_sharding not in ('files', 'batch'):
     fail('process_sharding', "'files' or 'batch'")
+  if not isinstance(data.threadpool_size, int) or data.threadpool_size < 0:
+    fail('threadpool_size', "an integer >= 0 (0: TensorFlow's shared pool)")
 
 
 def _data_dir(config: ml_collections.ConfigDict) -> str:
@@ -250,7 +252,8 @@ def _preprocess(example, seed, *, train, jpeg, config):
       tf.random.experimental.stateless_split(seed, 2)
     )
     image = _decode_and_random_crop(data, shape, crop_seed, config)
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    if config.data.random_flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
     image = _central_crop(data, shape, config.data.eval_crop_fraction)
   image = tf.image.resize(
@@ -294,12 +297,12 @@ def _device_batches(ds, per_process_batch):
   return ds.map(shard, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _options(ds):
+def _options(ds, config):
   options = tf.data.Options()
   options.deterministic = True
-  options.threading.private_threadpool_size = 0
+  options.threading.private_threadpool_size = config.data.threadpool_size
   options.experimental_optimization.map_parallelization = True
-  # No autotuning model: AUTOTUNE then means one map call per core and
+  # No autotuning model: AUTOTUNE then means one map call per thread and
   # tf.data's own growing prefetch buffer. With the model on (TF 2.21),
   # destroying an iterator waits out the model thread's sleep, which grows to
   # a minute: 12 s to drop a 70-second-old iterator, up to 42 s at the end of
@@ -370,7 +373,7 @@ def create_train_dataset(
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = _device_batches(ds, batch)
-  return _options(ds.prefetch(tf.data.AUTOTUNE))
+  return _options(ds.prefetch(tf.data.AUTOTUNE), config)
 
 
 def num_eval_steps(
@@ -423,7 +426,7 @@ def create_eval_dataset(
     }
   ).repeat(steps * batch - local)
   ds = _device_batches(ds.concatenate(padding), batch)
-  return _options(ds.prefetch(tf.data.AUTOTUNE))
+  return _options(ds.prefetch(tf.data.AUTOTUNE), config)
 
 
 def prefetch_to_device(
@@ -501,7 +504,8 @@ def benchmark_jpeg(
     num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = _options(
-    _device_batches(ds, config.data.batch_size).prefetch(tf.data.AUTOTUNE)
+    _device_batches(ds, config.data.batch_size).prefetch(tf.data.AUTOTUNE),
+    config,
   )
   return _time_batches(ds, steps, warmup, config.data.batch_size)
 

@@ -124,6 +124,7 @@ def test_streams_run_without_the_autotuning_model(data_dirs):
   ):
     assert ds.options().autotune.enabled is False
     assert ds.options().deterministic is True
+    assert ds.options().threading.private_threadpool_size == 1
 
 
 def test_eval_counts_every_example_once_one_device(data_dirs):
@@ -316,6 +317,7 @@ def test_error_other_dataset_not_prepared_without_download(tmp_path):
     ('normalization', 'zscore'),
     ('crop_area_range', (0.0, 1.0)),
     ('eval_crop_fraction', 1.5),
+    ('threadpool_size', -1),
   ],
 )
 def test_error_bad_data_fields(data_dirs, field, value):
