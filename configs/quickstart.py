@@ -3,23 +3,23 @@
   python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 Measured on this project's 2-core machine (no accelerator): 91.0% top-1 on
-the test split (91.03%, EMA 91.01%). Wall time, compile included: 6 min 34 s
-from cold caches (the C++ kernels built, 7 s, and every XLA program compiled,
-about 55 s before the first logged step) at a median 1,274 training
-images/s. This machine's speed varies by up to 1.5x over a day with the same
-code: that run came while the reference train step (`python -m
-mnv2_flax.benchmark --width_multiplier=0.35 --resolution=32
---batch_size=128 --num_classes=10 --output_stride=8`) took 69 ms; at 51.5 ms
-earlier the same 3,042 steps (with flips off) ran at about 2,000 images/s
-in 3 min 36 s with warm caches, which leaves the 5 minutes this config is
-meant for. A warm-cache rerun right after the cold one: the same 91.03% in
-6 min 16 s (1,154 images/s, the reference step at 93 ms). Weight decay was the lever for accuracy (6.5 epochs, L2 5e-5 /
-5e-4 / 1e-3 / 2e-3: 90.4 / 90.7 / 90.9 / 91.0%); 7 epochs at 5e-5 gave
-90.8%; no flips 90.4%; lr 0.3 (per 256) with label smoothing 0.1 90.2%; L2
-5e-4 with label smoothing 0.1 90.1%. The same seed gives the same bits, but
-nearby configs differ by a few tenths from rounding alone: read differences
-below half a point as noise.
-Earlier, 4.5 epochs with L2 5e-5: 90.0% (seeds 1 / 2: 89.6 / 90.0%).
+the test split (91.03%, EMA 91.01%; two runs, the same bits). Wall time,
+compile included: 6 min 34 s from cold caches (the C++ kernels built, 7 s,
+and every XLA program compiled: about 55 s before the first logged step) at
+a median 1,274 training images/s, and 6 min 16 s with warm caches right
+after (1,154 images/s). Over 5 minutes: both runs came in a slow period of
+this machine, whose speed varied by up to 1.8x during the day with the same
+code. The reference train step (`python -m mnv2_flax.benchmark
+--width_multiplier=0.35 --resolution=32 --batch_size=128 --num_classes=10
+--output_stride=8`) took 69 and 93 ms around those runs; at 51.5 ms, earlier,
+the same 3,042 steps (with flips off) ran at about 2,000 images/s in 3 min
+36 s with warm caches.
+Weight decay was the lever for accuracy (6.5 epochs, L2 5e-5 / 5e-4 / 1e-3 /
+2e-3: 90.4 / 90.7 / 90.9 / 91.0%). At L2 5e-5: 7 epochs 90.8%, no flips
+90.4%, lr 0.3 (per 256) with label smoothing 0.1 90.2%; L2 5e-4 with label
+smoothing 0.1: 90.1%. Configs that agree up to rounding can differ by a few
+tenths: read differences below half a point as noise. Earlier, 4.5 epochs
+with L2 5e-5: 90.0% (seeds 1 / 2: 89.6 / 90.0%).
 
 What was tried before (same machine, the pure-JAX path; 1 epoch unless
 said):
