@@ -3,17 +3,17 @@
   python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
 Measured on this project's 2-core machine (no accelerator): 91.0% top-1 on
-the test split (91.03%, EMA 91.01%; two runs, the same bits). Wall time,
+the test split (91.03%, EMA 91.01%; three runs, the same bits). Wall time,
 compile included: 6 min 34 s from cold caches (the C++ kernels built, 7 s,
 and every XLA program compiled: about 55 s before the first logged step) at
-a median 1,274 training images/s, and 6 min 16 s with warm caches right
-after (1,154 images/s). Over 5 minutes: both runs came in a slow period of
-this machine, whose speed varied by up to 1.8x during the day with the same
-code. The reference train step (`python -m mnv2_flax.benchmark
---width_multiplier=0.35 --resolution=32 --batch_size=128 --num_classes=10
---output_stride=8`) took 69 and 93 ms around those runs; at 51.5 ms, earlier,
-the same 3,042 steps (with flips off) ran at about 2,000 images/s in 3 min
-36 s with warm caches.
+a median 1,274 training images/s; 6 min 16 s with warm caches right after
+(1,154 images/s); 5 min 41 s warm, later (1,282 images/s). Over 5 minutes:
+all three came in a slow period of this machine, whose speed varied by up to
+1.8x during the day with the same code. The reference train step (`python
+-m mnv2_flax.benchmark --width_multiplier=0.35 --resolution=32
+--batch_size=128 --num_classes=10 --output_stride=8`) took 69, 93 and 73-78
+ms around those runs; at 51.5 ms, earlier, the same 3,042 steps (with flips
+off) ran at about 2,000 images/s in 3 min 36 s with warm caches.
 Weight decay was the lever for accuracy (6.5 epochs, L2 5e-5 / 5e-4 / 1e-3 /
 2e-3: 90.4 / 90.7 / 90.9 / 91.0%). At L2 5e-5: 7 epochs 90.8%, no flips
 90.4%, lr 0.3 (per 256) with label smoothing 0.1 90.2%; L2 5e-4 with label
