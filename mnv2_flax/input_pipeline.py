@@ -297,7 +297,8 @@ def _device_batches(ds, per_process_batch):
   return ds.map(shard, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def _options(ds, config):
+def _prefetched(ds, config):
+  """The end of every stream: prefetch, and the tf.data options below."""
   options = tf.data.Options()
   options.deterministic = True
   options.threading.private_threadpool_size = config.data.threadpool_size
@@ -310,7 +311,7 @@ def _options(ds, config):
   # 17,300-17,500 on (Fashion-MNIST, batch 256), 2,050-2,090 vs 2,010-2,070
   # (375x500 JPEGs), `python -m mnv2_flax.input_pipeline --benchmark`.
   options.autotune.enabled = False
-  return ds.with_options(options)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def _topology(process_index: int | None, process_count: int | None):
@@ -373,7 +374,7 @@ def create_train_dataset(
 
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
   ds = _device_batches(ds, batch)
-  return _options(ds.prefetch(tf.data.AUTOTUNE), config)
+  return _prefetched(ds, config)
 
 
 def num_eval_steps(
@@ -426,7 +427,7 @@ def create_eval_dataset(
     }
   ).repeat(steps * batch - local)
   ds = _device_batches(ds.concatenate(padding), batch)
-  return _options(ds.prefetch(tf.data.AUTOTUNE), config)
+  return _prefetched(ds, config)
 
 
 def prefetch_to_device(
@@ -503,10 +504,7 @@ def benchmark_jpeg(
     ),
     num_parallel_calls=tf.data.AUTOTUNE,
   )
-  ds = _options(
-    _device_batches(ds, config.data.batch_size).prefetch(tf.data.AUTOTUNE),
-    config,
-  )
+  ds = _prefetched(_device_batches(ds, config.data.batch_size), config)
   return _time_batches(ds, steps, warmup, config.data.batch_size)
 
 
