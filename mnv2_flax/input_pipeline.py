@@ -16,6 +16,7 @@ Benchmark of the host pipeline:
 
 from collections.abc import Iterator
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -238,6 +239,18 @@ def _central_crop(data, shape, fraction):
   return tf.image.crop_to_bounding_box(data, offset_y, offset_x, side, side)
 
 
+def _finish(image: tf.Tensor, config: ml_collections.ConfigDict):
+  """Resize, 3 channels, normalise: one image (HWC) or a batch (NHWC)."""
+  size = config.data.image_size
+  image = tf.image.resize(
+    image, (size, size), method='bilinear', antialias=False
+  )
+  if image.shape[-1] == 1:
+    image = tf.image.grayscale_to_rgb(image)
+  image = tf.ensure_shape(image, image.shape[:-3] + (size, size, 3))
+  return _normalize(image, config)
+
+
 def _preprocess(example, seed, *, train, jpeg, config):
   """Crop, flip, resize, 3 channels, normalise; returns (image, label)."""
   if jpeg:
@@ -246,7 +259,6 @@ def _preprocess(example, seed, *, train, jpeg, config):
   else:
     data = example['image']
     shape = tf.shape(data)
-  size = config.data.image_size
   if train:
     crop_seed, flip_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 2)
@@ -256,13 +268,39 @@ def _preprocess(example, seed, *, train, jpeg, config):
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
     image = _central_crop(data, shape, config.data.eval_crop_fraction)
-  image = tf.image.resize(
-    image, (size, size), method='bilinear', antialias=False
+  return _finish(image, config), tf.cast(example['label'], tf.int32)
+
+
+def _augments_per_batch(builder, config, jpeg: bool) -> bool:
+  """Whether train augmentation can run on whole batches.
+
+  It can when every image has the same stored shape and the crop is the
+  whole image (`crop_area_range` (1, 1)): only the flip differs per example.
+  One batched call replaces a dozen small ops per image, which cost 27 ms of
+  CPU per Fashion-MNIST batch of 128 (a fifth of the quickstart's step).
+  """
+  shape = builder.info.features['image'].shape
+  return (
+    not jpeg
+    and None not in shape
+    and tuple(config.data.crop_area_range)[0] == 1.0
   )
-  if image.shape[-1] == 1:
-    image = tf.image.grayscale_to_rgb(image)
-  image = tf.reshape(image, (size, size, 3))
-  return _normalize(image, config), tf.cast(example['label'], tf.int32)
+
+
+def _preprocess_batch(examples, seeds, *, config):
+  """`_preprocess` (train) of a batch of same-size images, crop-free.
+
+  The flip of each example is the low bit of its first seed (uniform: the
+  seeds are Philox outputs).
+  """
+  image = examples['image']
+  if config.data.random_flip:
+    flip = tf.equal(tf.bitwise.bitwise_and(seeds[:, 0], 1), 1)
+    image = tf.where(flip[:, None, None, None], tf.reverse(image, [2]), image)
+  return {
+    'image': _finish(image, config),
+    'label': tf.cast(examples['label'], tf.int32),
+  }
 
 
 # ------------------------------------------------------------------ datasets
@@ -281,11 +319,15 @@ def _read(builder, split, *, shuffle, seed):
   return ds, jpeg
 
 
-def _device_batches(ds, per_process_batch):
-  """Batches of (local_devices, per_device, ...), as numpy."""
+def _device_batches(ds, per_process_batch, transform=None):
+  """Batches of (local_devices, per_device, ...), as numpy.
+
+  `transform`, if given, maps each batch (before the device split).
+  """
   devices = jax.local_device_count()
 
-  def shard(batch):
+  def shard(*batch):
+    batch = transform(*batch) if transform else batch[0]
     return {
       k: tf.reshape(
         v, [devices, per_process_batch // devices] + v.shape[1:].as_list()
@@ -365,6 +407,10 @@ def create_train_dataset(
       .filter(lambda i, _: (i // batch) % process_count == process_index)
       .map(lambda _, example: example)
     )
+
+  if _augments_per_batch(builder, config, jpeg):
+    transform = functools.partial(_preprocess_batch, config=config)
+    return _prefetched(_device_batches(ds, batch, transform), config)
 
   def preprocess(example, example_seed):
     image, label = _preprocess(

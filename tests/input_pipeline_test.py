@@ -385,3 +385,39 @@ def test_start_step_continues_the_stream_exactly(data_dirs):
   for a, b in zip(fresh[7:], resumed, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_per_batch_augmentation_matches_per_example(
+  data_dirs, monkeypatch, flip
+):
+  # Same-size images without a random crop are augmented per batch; without
+  # flips that gives the per-example pipeline's images exactly, with flips
+  # each image is either that image or its mirror (train: random textures).
+  _, data_dir = data_dirs
+  config = small_config(data_dir, random_flip=flip)
+  builder = ip.get_builder(config)
+  assert ip._augments_per_batch(builder, config, jpeg=False)
+  batched = first_batches(ip.create_train_dataset(builder, config), 10)
+  monkeypatch.setattr(ip, '_augments_per_batch', lambda *args: False)
+  config.data.random_flip = False
+  plain = first_batches(ip.create_train_dataset(builder, config), 10)
+  flipped = []
+  for a, b in zip(batched, plain, strict=True):
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert a['image'].shape == b['image'].shape == (1, 8, 32, 32, 3)
+    for x, y in zip(a['image'][0], b['image'][0], strict=True):
+      same = np.array_equal(x, y)
+      mirror = np.array_equal(x, y[:, ::-1])
+      assert same or mirror
+      flipped.append(mirror and not same)
+  if flip:
+    assert 0.3 < np.mean(flipped) < 0.7, np.mean(flipped)
+  else:
+    assert not any(flipped)
+
+
+def test_random_crops_are_augmented_per_example(data_dirs):
+  _, data_dir = data_dirs
+  config = small_config(data_dir, crop_area_range=(0.5, 1.0))
+  assert not ip._augments_per_batch(ip.get_builder(config), config, False)
