@@ -14,9 +14,11 @@ Benchmark of the host pipeline:
   python -m mnv2_flax.input_pipeline --config=configs/quickstart.py --benchmark
 """
 
+import collections
 from collections.abc import Iterator
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
@@ -24,7 +26,6 @@ from typing import Any
 
 from absl import app
 from absl import flags
-import flax.jax_utils
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -477,10 +478,44 @@ def create_eval_dataset(
 
 
 def prefetch_to_device(
-  ds: tf.data.Dataset, size: int = 2
+  ds: tf.data.Dataset | Iterator[dict[str, Any]],
+  sharding: jax.sharding.Sharding,
+  size: int = 2,
 ) -> Iterator[dict[str, Any]]:
-  """Numpy batches of `ds`, put on the local devices `size` steps ahead."""
-  return flax.jax_utils.prefetch_to_device(iter(tfds.as_numpy(ds)), size)
+  """Batches of `ds` (or of a numpy iterator), placed `size` steps ahead.
+
+  `sharding` places every array of a batch (for pmap: the leading axis over
+  the local devices, as the step expects it; see train_lib.batch_sharding).
+  """
+  it = iter(tfds.as_numpy(ds)) if isinstance(ds, tf.data.Dataset) else ds
+  queue = collections.deque()
+  for batch in it:
+    queue.append(jax.device_put(batch, sharding))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+def started(ds: tf.data.Dataset) -> Iterator[dict[str, Any]]:
+  """A numpy iterator over `ds` whose first batch has been read.
+
+  Reading it can take seconds (a shuffle buffer to fill); in a thread, it
+  overlaps with work such as compiling the step.
+  """
+  it = iter(tfds.as_numpy(ds))
+  return itertools.chain([next(it)], it)
+
+
+def batch_spec(
+  ds: tf.data.Dataset, sharding: jax.sharding.Sharding
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batches of `ds` as `prefetch_to_device` places them, abstractly."""
+  return {
+    k: jax.ShapeDtypeStruct(
+      tuple(v.shape), v.dtype.as_numpy_dtype, sharding=sharding
+    )
+    for k, v in ds.element_spec.items()
+  }
 
 
 # ----------------------------------------------------------------- benchmark

@@ -17,6 +17,7 @@ from configs import default
 from configs import quickstart
 from mnv2_flax import fashion_mnist
 from mnv2_flax import input_pipeline as ip
+from mnv2_flax import train_lib
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,11 +218,13 @@ def test_prefetch_to_device(data_dirs):
   config = small_config(data_dir)
   batch = next(
     ip.prefetch_to_device(
-      ip.create_train_dataset(ip.get_builder(config), config)
+      ip.create_train_dataset(ip.get_builder(config), config),
+      train_lib.batch_sharding(),
     )
   )
   assert isinstance(batch['image'], jax.Array)
   assert batch['image'].shape == (1, 8, 32, 32, 3)
+  assert batch['image'].sharding == train_lib.batch_sharding()
 
 
 def test_imagenet_under_mock_data():

@@ -250,7 +250,20 @@ def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
   # 40 examples, batch 8: 5 steps an epoch, 10 steps in all.
   config = tiny_config(data_dir, num_epochs=2.0)
   config.checkpoint.every_steps = 5
-  result = train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+  compiled = []
+
+  def on_compile(event, seconds, fun_name=None, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    result = train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  # The pmap-ed programs (named after pmap's inner function): the train step
+  # once (not again for the state the first step returns) and the eval step.
+  assert compiled.count('jit(_fun)') == 2, compiled
   assert result['num_examples'] == 23
   assert 0.0 <= result['top1'] <= 1.0 and 'ema_top5' in result
   assert result['steps'] == 10 and result['macs'] > 0
