@@ -57,6 +57,9 @@ def get_config(arg=None):
   config.data.crop_min_object_covered = 0.1
   config.data.random_flip = True  # horizontal, in training
   config.data.eval_crop_fraction = 0.875
+  # Also report top-1/top-5 of the mean softmax over each eval image and its
+  # mirror (metrics flip_*, ema_flip_*); the plain metrics stay single-view.
+  config.data.eval_flip_average = False
   config.data.normalization = 'inception'  # [-1, 1]; 'imagenet': mean/std
   config.data.shuffle_buffer = 16_384
   config.data.cache = False  # keep decoded examples in memory

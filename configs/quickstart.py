@@ -67,6 +67,9 @@ def get_config(arg=None):
   config.data.crop_area_range = (1.0, 1.0)
   config.data.crop_min_object_covered = 0.0
   config.data.eval_crop_fraction = 1.0
+  # Single-view metrics (top1, ema_top1) plus those of the mean over each
+  # test image and its mirror (flip_top1, ema_flip_top1).
+  config.data.eval_flip_average = True
   config.data.shuffle_buffer = 60_000
   config.data.cache = True
   # One tf.data thread: decoding 28x28 images needs ~5% of a core, and more

@@ -82,6 +82,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
     fail('crop_aspect_range', '(min, max) with 0 < min <= max')
   if not 0 < data.eval_crop_fraction <= 1:
     fail('eval_crop_fraction', 'a fraction in (0, 1]')
+  if not isinstance(data.eval_flip_average, bool):
+    fail('eval_flip_average', 'True or False')
   if not data.shuffle_buffer > 0:
     fail('shuffle_buffer', 'a positive integer')
   if data.process_sharding not in ('files', 'batch'):

@@ -306,25 +306,45 @@ def eval_step(
   state: TrainState,
   batch: dict[str, jax.Array],
   *,
+  flip_average: bool = False,
   axis_name: str | None = AXIS,
 ) -> dict[str, jax.Array]:
-  """Masked sums of loss, top-1 and top-5 for the raw and the EMA params."""
+  """Masked sums of loss, top-1 and top-5 for the raw and the EMA params.
+
+  With `flip_average`, also those of the mean softmax over each image and its
+  horizontal mirror (keys `flip_*`, `ema_flip_*`); the plain keys stay
+  single-view.
+  """
   mask = batch['mask']
+  labels = batch['label']
   num_classes = state.params['classifier']['bias'].shape[-1]
   sums = {'count': mask.sum()}
-  for prefix, params in (('', state.params), ('ema_', state.ema_params)):
-    logits = state.apply_fn(
-      {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
-      train=False,
-    )
-    loss = cross_entropy(logits, batch['label'], num_classes)
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
+
+  def add(prefix, log_probs):
+    loss = -jnp.take_along_axis(log_probs, labels[:, None], -1)[:, 0]
+    top5 = jax.lax.top_k(log_probs, min(5, num_classes))[1]
     sums[prefix + 'loss'] = (loss * mask).sum()
-    sums[prefix + 'top1'] = ((top5[:, 0] == batch['label']) * mask).sum()
-    sums[prefix + 'top5'] = (
-      (top5 == batch['label'][:, None]).any(-1) * mask
-    ).sum()
+    sums[prefix + 'top1'] = ((top5[:, 0] == labels) * mask).sum()
+    sums[prefix + 'top5'] = ((top5 == labels[:, None]).any(-1) * mask).sum()
+
+  for prefix, params in (('', state.params), ('ema_', state.ema_params)):
+
+    def log_probs(images, params=params):
+      logits = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats},
+        images,
+        train=False,
+      )
+      return jax.nn.log_softmax(logits.astype(jnp.float32))
+
+    single = log_probs(batch['image'])
+    add(prefix, single)
+    if flip_average:
+      mirrored = log_probs(batch['image'][:, :, ::-1])
+      add(
+        prefix + 'flip_',
+        jnp.logaddexp(single, mirrored) - jnp.log(2.0),
+      )
   return jax.lax.psum(sums, axis_name) if axis_name else sums
 
 
@@ -345,9 +365,14 @@ def batch_sharding() -> jax.sharding.NamedSharding:
   )
 
 
-def make_p_eval_step() -> Callable:
+def make_p_eval_step(flip_average: bool = False) -> Callable:
   """`eval_step` pmap-ed over the local devices, the state unreplicated."""
-  return jax.pmap(eval_step, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+  return jax.pmap(
+    functools.partial(eval_step, flip_average=flip_average),
+    axis_name=AXIS,
+    in_axes=(None, 0),
+    out_axes=None,
+  )
 
 
 def evaluate(p_eval_step: Callable, state: TrainState, eval_ds) -> dict:
@@ -454,7 +479,7 @@ def train_and_evaluate(
     # No donation: with several processes the unreplicated state is
     # re-sharded on input and a donated buffer would be read after free.
   )
-  p_eval_step = make_p_eval_step()
+  p_eval_step = make_p_eval_step(config.data.eval_flip_average)
   train_ds = input_pipeline.create_train_dataset(
     builder, config, start_step=start_step
   )
@@ -527,13 +552,20 @@ def train_and_evaluate(
       writer.write_scalars(
         done, {f'eval/{k}': v for k, v in eval_metrics.items()}
       )
+      flip = (
+        f'; flip-averaged top1 {eval_metrics["flip_top1"]:.4f} '
+        f'(EMA {eval_metrics["ema_flip_top1"]:.4f})'
+        if 'flip_top1' in eval_metrics
+        else ''
+      )
       logging.info(
-        'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples',
+        'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
         done,
         eval_metrics['top1'],
         eval_metrics['top5'],
         eval_metrics['ema_top1'],
         eval_metrics['num_examples'],
+        flip,
       )
       window_start = time.perf_counter()  # eval time is not train time
     if (

@@ -321,6 +321,7 @@ def test_error_other_dataset_not_prepared_without_download(tmp_path):
     ('crop_area_range', (0.0, 1.0)),
     ('eval_crop_fraction', 1.5),
     ('threadpool_size', -1),
+    ('eval_flip_average', None),
   ],
 )
 def test_error_bad_data_fields(data_dirs, field, value):

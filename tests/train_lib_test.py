@@ -137,6 +137,43 @@ def test_pmap_step_on_4_devices_equals_1_device_whole_batch():
     assert diff <= 5e-4 * scale + 1e-4, (name, diff, scale)
 
 
+def test_eval_step_flip_average():
+  config = tiny_config()
+  state, _ = _state_and_step(config)
+  batch = dict(_fixed_batch(), mask=jnp.array([1.0] * 7 + [0.0]))
+  plain = train_lib.eval_step(state, batch, axis_name=None)
+  both = train_lib.eval_step(state, batch, flip_average=True, axis_name=None)
+  assert set(both) == set(plain) | {
+    f'{p}flip_{m}' for p in ('', 'ema_') for m in ('loss', 'top1', 'top5')
+  }
+  for key, value in plain.items():  # the plain metrics stay single-view
+    np.testing.assert_allclose(both[key], value, rtol=1e-6)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+
+  def probs(images):
+    return np.asarray(
+      jax.nn.softmax(state.apply_fn(variables, images, train=False))
+    )
+
+  mean = (probs(batch['image']) + probs(batch['image'][:, :, ::-1])) / 2
+  labels, mask = np.asarray(batch['label']), np.asarray(batch['mask'])
+  np.testing.assert_allclose(
+    both['flip_top1'], ((mean.argmax(-1) == labels) * mask).sum()
+  )
+  np.testing.assert_allclose(
+    both['flip_loss'],
+    (-np.log(mean[np.arange(8), labels]) * mask).sum(),
+    rtol=1e-5,
+  )
+  # Mirror-symmetric images: averaging with the mirror changes nothing.
+  symmetric = dict(
+    batch, image=(batch['image'] + batch['image'][:, :, ::-1]) / 2
+  )
+  out = train_lib.eval_step(state, symmetric, flip_average=True, axis_name=None)
+  for m in ('loss', 'top1', 'top5'):
+    np.testing.assert_allclose(out[f'flip_{m}'], out[m], rtol=1e-5)
+
+
 def test_weight_decay_masks():
   config = tiny_config()
   state, _ = _state_and_step(config)
