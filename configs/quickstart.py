@@ -2,24 +2,36 @@
 
   python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
 
-Measured on this project's 2-core machine (no accelerator): 91.0% top-1 on
-the test split (91.03%, EMA 91.01%; three runs, the same bits). Wall time,
-compile included: 6 min 34 s from cold caches (the C++ kernels built, 7 s,
-and every XLA program compiled: about 55 s before the first logged step) at
-a median 1,274 training images/s; 6 min 16 s with warm caches right after
-(1,154 images/s); 5 min 41 s warm, later (1,282 images/s). Over 5 minutes:
-all three came in a slow period of this machine, whose speed varied by up to
-1.8x during the day with the same code. The reference train step (`python
--m mnv2_flax.benchmark --width_multiplier=0.35 --resolution=32
---batch_size=128 --num_classes=10 --output_stride=8`) took 69, 93 and 73-78
-ms around those runs; at 51.5 ms, earlier, the same 3,042 steps (with flips
-off) ran at about 2,000 images/s in 3 min 36 s with warm caches.
-Weight decay was the lever for accuracy (6.5 epochs, L2 5e-5 / 5e-4 / 1e-3 /
-2e-3: 90.4 / 90.7 / 90.9 / 91.0%). At L2 5e-5: 7 epochs 90.8%, no flips
-90.4%, lr 0.3 (per 256) with label smoothing 0.1 90.2%; L2 5e-4 with label
-smoothing 0.1: 90.1%. Configs that agree up to rounding can differ by a few
-tenths: read differences below half a point as noise. Earlier, 4.5 epochs
-with L2 5e-5: 90.0% (seeds 1 / 2: 89.6 / 90.0%).
+Measured on this project's 2-core machine (no accelerator), `time python
+train.py --config=configs/quickstart.py --workdir=...`:
+  * test top-1 90.78% single view (EMA 90.70%); 91.31% (EMA 91.29%) for the
+    mean over each test image and its mirror (`eval_flip_average`, metrics
+    flip_top1 / ema_flip_top1). Three runs, the same bits.
+  * wall time from cold caches (a fresh MNV2_FLAX_NATIVE_DIR and
+    compilation cache), compile included: 6 min 17 s at 1,172
+    training images/s (reference step, below, 74-78 ms before and after;
+    30 s to the first step: C++ kernels built, 7 s; state init compiled,
+    5 s; train step compiled while the shuffle buffer fills), 12 s of eval.
+    In a slower hour, 6 min 52 s (1,060 images/s).
+  * with warm caches right after (the native kernels and the XLA programs
+    loaded, not built): 5 min 6 s at 1,379 images/s, 16 s to the first
+    step. The step loaded from the cache ran faster than the one compiled
+    in the process (75 vs 93-107 ms in alternating runs); not understood.
+  * over the 5 minutes this config is meant for, on this machine, whose
+    speed varies by up to 2.5x with the same code: the reference train step
+    (`python -m mnv2_flax.benchmark --width_multiplier=0.35 --resolution=32
+    --batch_size=128 --num_classes=10 --output_stride=8`) took 51.5 ms in
+    its fastest hour, 75-150 ms today. The training loop runs about 20%
+    below that step (checkpoints every 500 steps cost ~1.3 s each).
+Weight decay was the lever for accuracy (6.5 epochs, single view, L2 5e-5 /
+5e-4 / 1e-3 / 2e-3 / 4e-3: 90.4 / 90.7 / 90.9 / 91.0 / 90.1%). With the
+per-example flip draws of before (the same recipe otherwise) the single-view
+top-1 was 91.03%; with today's, 7.5 epochs gave 90.66% (flip-averaged
+91.43%). At L2 5e-5: 7 epochs 90.8%, no flips 90.4%, lr 0.3 (per 256) with
+label smoothing 0.1 90.2%; L2 5e-4 with label smoothing 0.1: 90.1%. Configs
+that agree up to rounding differ by a few tenths: read differences below
+half a point as noise. Earlier, 4.5 epochs with L2 5e-5: 90.0% (seeds 1 / 2:
+89.6 / 90.0%).
 
 What was tried before (same machine, the pure-JAX path; 1 epoch unless
 said):
