@@ -98,6 +98,10 @@ def get_config(arg=None):
   config.train.stop_after_step = 0
   # JAX persistent compilation cache; '' disables it.
   config.train.compilation_cache_dir = '~/.cache/mnv2_flax/jax'
+  # On CPU, compile the init and train-step programs in a child process into
+  # that cache and load them: steps run ~20-30% faster in a process that has
+  # not compiled a large program itself (mnv2_flax/precompile.py).
+  config.train.compile_in_subprocess = True
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5000

@@ -26,8 +26,10 @@ import numpy as np
 import optax
 
 from mnv2_flax import checkpointing
+from mnv2_flax import compilation_cache
 from mnv2_flax import input_pipeline
 from mnv2_flax import models
+from mnv2_flax import precompile
 from mnv2_flax import stats
 
 OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
@@ -85,6 +87,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(f'train.{field}', train[field], 'an integer > 0')
   if train.dtype not in ('float32', 'bfloat16'):
     fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
+  if not isinstance(train.get('compile_in_subprocess', False), bool):
+    fail(
+      'train.compile_in_subprocess',
+      train.compile_in_subprocess,
+      'True or False',
+    )
   input_pipeline.check_data_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     input_pipeline.per_process_batch_size(
@@ -223,6 +231,17 @@ def create_train_state(
   init = jax.jit(_init_fn(config, model, learning_rate_fn))
   options = _INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
   return init.lower(rng).compile(compiler_options=options)(rng)
+
+
+def initial_train_state(
+  config: ml_collections.ConfigDict,
+  model: models.MobileNetV2,
+  learning_rate_fn: optax.Schedule,
+) -> TrainState:
+  """The state a run starts from (seed `config.seed`)."""
+  return create_train_state(
+    config, model, learning_rate_fn, jax.random.key(config.seed)
+  )
 
 
 def abstract_train_state(config, model, learning_rate_fn) -> TrainState:
@@ -365,6 +384,59 @@ def batch_sharding() -> jax.sharding.NamedSharding:
   )
 
 
+def make_p_train_step(
+  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+) -> Callable:
+  """`train_step` pmap-ed over the local devices, the state unreplicated."""
+  return jax.pmap(
+    functools.partial(
+      train_step, config=config, learning_rate_fn=learning_rate_fn
+    ),
+    axis_name=AXIS,
+    in_axes=(None, 0, None),
+    out_axes=(None, None),
+    # No donation: with several processes the unreplicated state is
+    # re-sharded on input and a donated buffer would be read after free.
+  )
+
+
+def lower_steps(
+  config: ml_collections.ConfigDict,
+  p_train_step: Callable,
+  p_eval_step: Callable,
+  state: TrainState,
+  train_batch: dict[str, jax.ShapeDtypeStruct],
+  eval_batch: dict[str, jax.ShapeDtypeStruct] | None,
+) -> dict[str, jax.stages.Lowered]:
+  """The train step (and the eval step if `eval_batch`), lowered for a run's
+  arguments; compiled ahead of time, later calls find the executables in
+  pmap's cache. One process only: with several, pmap cannot lower abstract
+  inputs."""
+  lowered = {
+    'Train step': p_train_step.lower(
+      state, train_batch, jax.random.key(config.seed + 1)
+    )
+  }
+  if eval_batch is not None:
+    lowered['Eval step'] = p_eval_step.lower(state, eval_batch)
+  return lowered
+
+
+def _compile_logged(what: str, lowered: jax.stages.Lowered) -> None:
+  """Compiles; logs whether it came from the persistent cache."""
+  start = time.perf_counter()
+  with compilation_cache.counting_hits() as hits:
+    lowered.compile()
+  logging.info(
+    '%s %s in %.1f s.',
+    what,
+    'loaded from the persistent compilation cache'
+    if hits
+    else 'compiled in this process',
+    time.perf_counter() - start,
+  )
+
+
 def make_p_eval_step(flip_average: bool = False) -> Callable:
   """`eval_step` pmap-ed over the local devices, the state unreplicated."""
   return jax.pmap(
@@ -440,22 +512,74 @@ def train_and_evaluate(
       json.dump(model_stats, f, indent=2)
 
   manager = checkpointing.create_manager(workdir, config)
-  state = create_train_state(
-    config, model, learning_rate_fn, jax.random.key(config.seed)
-  )
-  state, start_step = checkpointing.restore_latest(manager, state, config)
-  if jax.process_count() == 1:
-    # Placed as the pmap-ed step returns it (replicated over its mesh); from
-    # init or restore it would differ, and the second step compile again.
-    state = jax.device_put(state, replicated_sharding())
-  if start_step:
-    logging.info('Resumed from step %d of %d.', start_step, num_steps)
+  # restore_latest below restores this step (or fails).
+  start_step = manager.latest_step() or 0
   results_path = os.path.join(workdir, 'results.json')
   if start_step >= num_steps and os.path.exists(results_path):
     logging.info('Already finished: %s', results_path)
     manager.close()
     with open(results_path) as f:
       return json.load(f)
+  if start_step:
+    logging.info('Resuming from step %d of %d.', start_step, num_steps)
+
+  train_ds = input_pipeline.create_train_dataset(
+    builder, config, start_step=start_step
+  )
+  eval_ds = input_pipeline.create_eval_dataset(builder, config)
+  # Evaluating before the last step: the eval step is compiled up front too.
+  eval_early = config.train.eval_every_steps < num_steps
+
+  def shapes(ds):
+    return {
+      k: (tuple(v.shape), v.dtype.name) for k, v in ds.element_spec.items()
+    }
+
+  # On CPU the programs are compiled by a child process into the persistent
+  # cache (see precompile.py: steps run faster in a process that has not
+  # compiled them) while this one fills the shuffle buffer; then they are
+  # loaded from the cache here.
+  child = precompile.start(
+    config,
+    meta.num_classes,
+    steps_per_epoch,
+    shapes(train_ds),
+    shapes(eval_ds) if eval_early else None,
+  )
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    # The first batch waits for the shuffle buffer (for the quickstart: all
+    # of Fashion-MNIST decoded, ~6 s on 2 cores).
+    first = pool.submit(input_pipeline.started, train_ds)
+    if child is not None:
+      child.wait()
+    state = initial_train_state(config, model, learning_rate_fn)
+    state, restored_step = checkpointing.restore_latest(manager, state, config)
+    assert restored_step == start_step, (restored_step, start_step)
+    if jax.process_count() == 1:
+      # Placed as the pmap-ed step returns it (replicated over its mesh);
+      # from init or restore it would differ, and the second step compile
+      # again.
+      state = jax.device_put(state, replicated_sharding())
+
+    p_train_step = make_p_train_step(config, learning_rate_fn)
+    p_eval_step = make_p_eval_step(config.data.eval_flip_average)
+    # Ahead of time; with several processes pmap compiles at the first step.
+    if jax.process_count() == 1:
+      lowered = lower_steps(
+        config,
+        p_train_step,
+        p_eval_step,
+        state,
+        input_pipeline.batch_spec(train_ds, batch_sharding()),
+        input_pipeline.batch_spec(eval_ds, batch_sharding())
+        if eval_early
+        else None,
+      )
+      for name, program in lowered.items():
+        _compile_logged(name, program)
+    train_iter = input_pipeline.prefetch_to_device(
+      first.result(), batch_sharding()
+    )
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
@@ -468,39 +592,7 @@ def train_and_evaluate(
         if isinstance(v, (int, float, str, bool))
       }
     )
-
-  p_train_step = jax.pmap(
-    functools.partial(
-      train_step, config=config, learning_rate_fn=learning_rate_fn
-    ),
-    axis_name=AXIS,
-    in_axes=(None, 0, None),
-    out_axes=(None, None),
-    # No donation: with several processes the unreplicated state is
-    # re-sharded on input and a donated buffer would be read after free.
-  )
-  p_eval_step = make_p_eval_step(config.data.eval_flip_average)
-  train_ds = input_pipeline.create_train_dataset(
-    builder, config, start_step=start_step
-  )
   dropout_rng = jax.random.key(config.seed + 1)
-  # The first batch waits for the shuffle buffer (for the quickstart: all of
-  # Fashion-MNIST decoded, ~6 s on 2 cores); compile the step meanwhile
-  # (ahead of time: later calls find the executable in pmap's cache). With
-  # several processes pmap cannot lower abstract inputs: it compiles at the
-  # first step.
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    first = pool.submit(input_pipeline.started, train_ds)
-    if jax.process_count() == 1:
-      p_train_step.lower(
-        state,
-        input_pipeline.batch_spec(train_ds, batch_sharding()),
-        dropout_rng,
-      ).compile()
-    train_iter = input_pipeline.prefetch_to_device(
-      first.result(), batch_sharding()
-    )
-  eval_ds = input_pipeline.create_eval_dataset(builder, config)
 
   eval_metrics: dict[str, float] = {}
   train_time, images = 0.0, 0

@@ -3,6 +3,7 @@
 import functools
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from configs import quickstart
 from mnv2_flax import checkpointing
+from mnv2_flax import compilation_cache
 from mnv2_flax import evaluate
 from mnv2_flax import train_lib
 
@@ -32,8 +34,9 @@ def tiny_config(data_dir=None, **train):
   config.data.eval_batch_size = 8
   config.data.shuffle_buffer = 64
   config.model.dropout_rate = 0.0
-  # The plain network (the quickstart's output_stride=8 is slower): the
-  # golden loss and the suite's time are for it.
+  # The plain network at width 0.35: the golden loss and the suite's time are
+  # for it.
+  config.model.width_multiplier = 0.35
   config.model.output_stride = None
   config.train.log_every_steps = 2
   config.train.eval_every_steps = 1000
@@ -267,6 +270,11 @@ def test_adamw_decay_is_decoupled_and_masked():
     ('train.num_epochs', 0.0, 'config.train.num_epochs=0.0'),
     ('data.batch_size', 0, 'config.data.batch_size=0'),
     ('data.image_size', 8, 'config.data.image_size=8'),
+    (
+      'train.compile_in_subprocess',
+      None,
+      'config.train.compile_in_subprocess=None',
+    ),
   ],
 )
 def test_config_errors(field, value, words):
@@ -282,11 +290,9 @@ def _final_params(workdir):
   return variables
 
 
-def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
-  _, data_dir = data_dirs
-  # 40 examples, batch 8: 5 steps an epoch, 10 steps in all.
-  config = tiny_config(data_dir, num_epochs=2.0)
-  config.checkpoint.every_steps = 5
+def _count_compiles(run):
+  """Runs `run()`; returns its result and the programs it asked to compile
+  (pmap's are named after its inner function, jit(_fun))."""
   compiled = []
 
   def on_compile(event, seconds, fun_name=None, **kwargs):
@@ -295,11 +301,37 @@ def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
 
   jax.monitoring.register_event_duration_secs_listener(on_compile)
   try:
-    result = train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+    result = run()
   finally:
     jax.monitoring.unregister_event_duration_listener(on_compile)
-  # The pmap-ed programs (named after pmap's inner function): the train step
-  # once (not again for the state the first step returns) and the eval step.
+  return result, compiled
+
+
+def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path, caplog):
+  _, data_dir = data_dirs
+  # 40 examples, batch 8: 5 steps an epoch, 10 steps in all.
+  config = tiny_config(data_dir, num_epochs=2.0)
+  config.checkpoint.every_steps = 5
+  # A child process compiles the init, train-step and (evaluating at step 5)
+  # eval-step programs into a fresh cache; this process loads them.
+  config.train.eval_every_steps = 5
+  config.train.compilation_cache_dir = str(tmp_path / 'cache')
+  assert config.train.compile_in_subprocess
+  suite_cache = jax.config.jax_compilation_cache_dir
+  caplog.set_level(logging.INFO)
+  try:
+    result, compiled = _count_compiles(
+      lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
+    )
+  finally:
+    compilation_cache.enable_dir(suite_cache)
+  assert 'Programs compiled in a child process' in caplog.text
+  for step in ('Train step', 'Eval step'):
+    assert f'{step} loaded from the persistent compilation cache' in (
+      caplog.text
+    )
+  # The train step once (not again for the state the first step returns),
+  # the eval step once.
   assert compiled.count('jit(_fun)') == 2, compiled
   assert result['num_examples'] == 23
   assert 0.0 <= result['top1'] <= 1.0 and 'ema_top5' in result
@@ -319,10 +351,16 @@ def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path):
     == 10
   )
 
-  # Interrupted after 6 steps, then the same command again.
+  # Interrupted after 6 steps, then the same command again; compiled in this
+  # process (no child): the train step once.
   interrupted = tmp_path / 'interrupted'
+  config.train.compilation_cache_dir = ''
+  config.train.eval_every_steps = 1000
   config.train.stop_after_step = 6
-  partial = train_lib.train_and_evaluate(config, str(interrupted))
+  partial, compiled = _count_compiles(
+    lambda: train_lib.train_and_evaluate(config, str(interrupted))
+  )
+  assert compiled.count('jit(_fun)') == 1, compiled
   assert partial['steps'] == 10  # planned; stopped early
   assert (
     checkpointing.create_manager(str(interrupted), config).latest_step() == 6
