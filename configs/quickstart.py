@@ -36,6 +36,13 @@ How the recipe was chosen (same machine unless said; single view):
     takes 90-96 ms where width 0.5 at output stride 16 takes 61-68 ms
     (benchmark above, same hour), for the same accuracy: 90.85% at 6.5
     epochs. The time saved pays for 7.5 epochs.
+  * More capacity does reach 91% for both seeds tried, but not in 5
+    minutes: width 0.5 at output stride 8 (4x4 maps), lr 0.1, 7.5 epochs:
+    91.45 / 91.31% (seeds 0 / 2; EMA 91.36 / 91.33%), but 3,510 steps at
+    its ~130 ms in the loop take about 8 minutes alone (the two runs shared
+    the cores); its benchmark step took 114.6 ms in an hour when this
+    config's took ~50 ms. At 5.5 epochs (seed 0): 90.91% (flip-averaged
+    91.20%) in 6 min 25 s cold, 1,000 images/s.
   * No variant tried around the recipe did better than about 91%. Width
     0.35 / output stride 8, 6.5 epochs, one run each on an H100 (lr 0.15;
     a throwaway script running this train_step with numpy input; the base
