@@ -509,9 +509,10 @@ def started(ds: tf.data.Dataset) -> Iterator[dict[str, Any]]:
 
 
 def batch_spec(
-  ds: tf.data.Dataset, sharding: jax.sharding.Sharding
+  ds: tf.data.Dataset, sharding: jax.sharding.Sharding | None = None
 ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The batches of `ds` as `prefetch_to_device` places them, abstractly."""
+  """The batches of `ds` as `prefetch_to_device` places them, abstractly
+  (without `sharding`: shapes and dtypes only, picklable)."""
   return {
     k: jax.ShapeDtypeStruct(
       tuple(v.shape), v.dtype.as_numpy_dtype, sharding=sharding

@@ -38,7 +38,6 @@ from typing import Any
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 # The child never outlives a stuck compile by more than this.
 _TIMEOUT_SECONDS = 1800
@@ -86,8 +85,8 @@ class Child:
     self._process.stdin.write(pickle.dumps(dict(job, parent=os.getpid())))
     self._process.stdin.close()
 
-  def wait(self) -> bool:
-    """Waits for the child; True if it compiled everything."""
+  def wait(self) -> None:
+    """Waits for the child; logs a warning with its output if it failed."""
     try:
       code = self._process.wait(timeout=_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
@@ -97,7 +96,7 @@ class Child:
     seconds = time.perf_counter() - self._start
     if code == 0:
       logging.info('Programs compiled in a child process in %.1f s.', seconds)
-      return True
+      return
     self._log.seek(0)
     output = self._log.read().decode(errors='replace')[-3000:]
     logging.warning(
@@ -107,23 +106,22 @@ class Child:
       seconds,
       output,
     )
-    return False
 
 
 def start(
   config: ml_collections.ConfigDict,
   num_classes: int,
   steps_per_epoch: int,
-  batch_shapes: dict[str, tuple[tuple[int, ...], str]],
-  eval_batch_shapes: dict[str, tuple[tuple[int, ...], str]] | None = None,
+  train_batch: dict[str, jax.ShapeDtypeStruct],
+  eval_batch: dict[str, jax.ShapeDtypeStruct] | None = None,
 ) -> Child | None:
   """Starts the child if `wanted(config)`; None otherwise.
 
-  `batch_shapes`: the train batches as the step receives them, name ->
-  (shape, dtype name); `eval_batch_shapes` likewise for the eval step, which
-  is compiled only if given. The child builds the same state, steps and
-  arguments as `train_lib.train_and_evaluate`, so the programs have the same
-  cache keys.
+  `train_batch`: the train batches' shapes and dtypes, unplaced
+  (`input_pipeline.batch_spec(ds)`); `eval_batch` likewise for the eval
+  step, which is compiled only if given. The child builds the same state,
+  steps and arguments as `train_lib.train_and_evaluate`, so the programs have
+  the same cache keys.
   """
   if not wanted(config):
     return None
@@ -140,8 +138,8 @@ def start(
       config=config,
       num_classes=num_classes,
       steps_per_epoch=steps_per_epoch,
-      batch_shapes=batch_shapes,
-      eval_batch_shapes=eval_batch_shapes,
+      train_batch=train_batch,
+      eval_batch=eval_batch,
       cache_dir=config.train.compilation_cache_dir,
       # JAX's settings shape the programs and their cache keys (for example
       # jax_disable_most_optimizations): the child uses this process's.
@@ -180,22 +178,22 @@ def _compile(job: dict[str, Any]) -> None:
     train_lib.replicated_sharding(),
   )
 
-  def spec(shapes):
+  def placed(batch):
     return {
       k: jax.ShapeDtypeStruct(
-        shape, np.dtype(dtype), sharding=train_lib.batch_sharding()
+        v.shape, v.dtype, sharding=train_lib.batch_sharding()
       )
-      for k, (shape, dtype) in shapes.items()
+      for k, v in batch.items()
     }
 
-  eval_shapes = job['eval_batch_shapes']
+  eval_batch = job['eval_batch']
   lowered = train_lib.lower_steps(
     config,
     train_lib.make_p_train_step(config, learning_rate_fn),
     train_lib.make_p_eval_step(config.data.eval_flip_average),
     state,
-    spec(job['batch_shapes']),
-    spec(eval_shapes) if eval_shapes else None,
+    placed(job['train_batch']),
+    placed(eval_batch) if eval_batch else None,
   )
   for program in lowered.values():
     program.compile()

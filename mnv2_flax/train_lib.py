@@ -530,11 +530,6 @@ def train_and_evaluate(
   # Evaluating before the last step: the eval step is compiled up front too.
   eval_early = config.train.eval_every_steps < num_steps
 
-  def shapes(ds):
-    return {
-      k: (tuple(v.shape), v.dtype.name) for k, v in ds.element_spec.items()
-    }
-
   # On CPU the programs are compiled by a child process into the persistent
   # cache (see precompile.py: steps run faster in a process that has not
   # compiled them) while this one fills the shuffle buffer; then they are
@@ -543,8 +538,8 @@ def train_and_evaluate(
     config,
     meta.num_classes,
     steps_per_epoch,
-    shapes(train_ds),
-    shapes(eval_ds) if eval_early else None,
+    input_pipeline.batch_spec(train_ds),
+    input_pipeline.batch_spec(eval_ds) if eval_early else None,
   )
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     # The first batch waits for the shuffle buffer (for the quickstart: all
@@ -555,16 +550,15 @@ def train_and_evaluate(
     state = initial_train_state(config, model, learning_rate_fn)
     state, restored_step = checkpointing.restore_latest(manager, state, config)
     assert restored_step == start_step, (restored_step, start_step)
+    p_train_step = make_p_train_step(config, learning_rate_fn)
+    p_eval_step = make_p_eval_step(config.data.eval_flip_average)
+    # With several processes pmap compiles at the first step.
     if jax.process_count() == 1:
       # Placed as the pmap-ed step returns it (replicated over its mesh);
       # from init or restore it would differ, and the second step compile
       # again.
       state = jax.device_put(state, replicated_sharding())
-
-    p_train_step = make_p_train_step(config, learning_rate_fn)
-    p_eval_step = make_p_eval_step(config.data.eval_flip_average)
-    # Ahead of time; with several processes pmap compiles at the first step.
-    if jax.process_count() == 1:
+      # Ahead of time.
       lowered = lower_steps(
         config,
         p_train_step,
