@@ -35,6 +35,7 @@ def get_config(arg=None):
   config.optim.lr_reference_batch = 256
   config.optim.warmup_epochs = 0.5
   config.optim.weight_decay = 4e-5
+  config.optim.weight_decay_mask = 'tf_slim'  # as measured (docstring)
   config.optim.label_smoothing = 0.1
   config.optim.ema_decay = 0.999
 
