@@ -11,10 +11,12 @@ data stream is the step itself: the train stream is a pure function of the
 seed, and `create_train_dataset(start_step=...)` skips what was consumed.
 """
 
+import json
 import os
 from typing import Any
 
 from absl import logging
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
@@ -170,11 +172,31 @@ def restore_latest(
       state=ocp.args.StandardRestore(abstract),
     ),
   )
-  if restored['config'] != config.to_dict():
+  changed = config_differences(restored['config'], config)
+  if changed:
     logging.warning(
-      'Resuming %s with a config that differs from the saved one.', where
+      'Resuming %s with a config that differs from the saved one: %s.',
+      where,
+      '; '.join(changed),
     )
   return restored['state'], step
+
+
+def config_differences(
+  saved: dict[str, Any], config: ml_collections.ConfigDict
+) -> list[str]:
+  """'config.field: saved -> now' for each field where `config` differs from
+  a config saved as JSON (a tuple equals the list JSON made of it)."""
+  flat_saved = traverse_util.flatten_dict(saved, sep='.')
+  now = json.loads(json.dumps(config.to_dict()))
+  flat_now = traverse_util.flatten_dict(now, sep='.')
+  absent = object()
+  return [
+    f'config.{key}: {flat_saved.get(key, "(absent)")!r} -> '
+    f'{flat_now.get(key, "(absent)")!r}'
+    for key in sorted(set(flat_saved) | set(flat_now))
+    if flat_saved.get(key, absent) != flat_now.get(key, absent)
+  ]
 
 
 def _abstract_from_metadata(metadata: Any) -> Any:

@@ -16,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import quickstart
 from mnv2_flax import checkpointing
 from mnv2_flax import train_lib
 
@@ -176,6 +177,20 @@ def test_mismatched_model_is_refused_naming_entries(trained_on_4):
     r'\(1, 1, 48, 16\)',
   ):
     checkpointing.restore_latest(manager, state, config)
+
+
+def test_config_differences_names_fields_and_ignores_json_lists():
+  config = quickstart.get_config()
+  saved = json.loads(json.dumps(config.to_dict()))  # tuples became lists
+  assert checkpointing.config_differences(saved, config) == []
+  saved['optim']['learning_rate'] = 0.3
+  del saved['model']['shortcut']
+  saved['data']['old_field'] = 1
+  assert checkpointing.config_differences(saved, config) == [
+    "config.data.old_field: 1 -> '(absent)'",
+    "config.model.shortcut: '(absent)' -> 'bottleneck'",
+    f'config.optim.learning_rate: 0.3 -> {config.optim.learning_rate!r}',
+  ]
 
 
 def test_plain_orbax_reads_the_checkpoint(trained_on_4):

@@ -365,8 +365,29 @@ def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path, caplog):
   assert (
     checkpointing.create_manager(str(interrupted), config).latest_step() == 6
   )
+  # Resumed with a child compile into a fresh cache: the restored state
+  # lowers the same train step as the child's fresh one (a weakly typed step
+  # in the fresh state once made every resume compile in-process).
   config.train.stop_after_step = 0
-  train_lib.train_and_evaluate(config, str(interrupted))
+  config.train.compilation_cache_dir = str(tmp_path / 'cache_resume')
+  caplog.clear()
+  try:
+    train_lib.train_and_evaluate(config, str(interrupted))
+  finally:
+    compilation_cache.enable_dir(suite_cache)
+  assert 'Resuming from step 6' in caplog.text
+  assert 'Train step loaded from the persistent compilation cache' in (
+    caplog.text
+  )
+  # The fields this test changed, named (and only them: the config's tuples
+  # equal the lists they were saved as).
+  assert (
+    "differs from the saved one: config.train.compilation_cache_dir: '' -> "
+    in caplog.text
+  )
+  assert "cache_resume'; config.train.stop_after_step: 6 -> 0.\n" in (
+    caplog.text
+  )
   chex.assert_trees_all_close(
     _final_params(interrupted), _final_params(workdir), rtol=1e-6, atol=1e-6
   )
