@@ -24,7 +24,7 @@ Point arguments (comma-separated `key=value`, all optional):
 Sweeps (`get_sweep(arg)`, arg = a sweep name, then optional point arguments
 that every point shares, e.g. `fashion_mnist,epochs=2`):
   fashion_mnist  widths 0.35, 0.5, 0.75 x resolutions 32, 48, 1 epoch each
-                 (the default; about 11 minutes on a 2-core CPU, see README)
+                 (the default; 7.5 minutes on a 2-core CPU, see README)
   imagenet       the paper's grid: widths 0.35, 0.5, 0.75, 1.0 at 96, 128, 160,
                  192, 224, plus 1.4 at 224 (21 points)
   bottleneck     Fig. 6a: linear vs ReLU6 after the projection
