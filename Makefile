@@ -32,8 +32,8 @@ format: setup
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# A C++ compiler for the CPU depthwise kernel (mnv2_flax/csrc, built on first
-# use); without one the slower pure-JAX path runs and its test fails.
+# A C++ compiler for the CPU kernels (mnv2_flax/cpu/csrc, built on first use);
+# without one the slower pure-JAX layers run and the kernel tests skip.
 compiler:
 	@if command -v c++ >/dev/null || command -v g++ >/dev/null; then echo "C++ compiler present"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \

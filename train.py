@@ -50,9 +50,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Before JAX starts its CPU client: step buffers are reused, not re-mapped.
-  from mnv2_flax import host_malloc  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import cpu  # pylint: disable=g-import-not-at-top
 
-  host_malloc.configure()
+  cpu.configure_host()
   # TensorFlow only feeds the input pipeline: keep it off the accelerators.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 

@@ -2,13 +2,12 @@
 
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
-      [--devices=N] [--depthwise_impl=auto|xla|shift|native] [--output_stride=8]
-      [--profile_steps=3]
-      [--json]
+      [--devices=N] [--nocpu_fast_path] [--output_stride=8]
+      [--profile_steps=3] [--json]
 
 Train mode times `train_lib.train_step` under the same `jax.pmap` as the
-training loop (SGD with momentum 0.9 and weight decay, the torchvision recipe
-of configs/torchvision.py, EMA of the parameters included), on a fixed
+training loop (SGD with momentum 0.9 and weight decay, torchvision's
+numerics, EMA of the parameters included), on a fixed
 random batch split over `--devices`. Infer mode times `model.apply(...,
 train=False)` under `jax.jit` on one device.
 
@@ -33,41 +32,82 @@ import sys
 import tempfile
 import time
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from configs import torchvision as torchvision_config
 from mnv2_flax import compilation_cache
-from mnv2_flax import depthwise
-from mnv2_flax import host_malloc
-from mnv2_flax import models
+from mnv2_flax import cpu
+from mnv2_flax import defaults
 from mnv2_flax import stats
 from mnv2_flax import train_lib
 
 MODES = ('train', 'infer')
 DTYPES = ('float32', 'bfloat16')
 
+_WIDTH = flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
+_RESOLUTION = flags.DEFINE_integer('resolution', 224, 'Input height and width.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
+_MODE = flags.DEFINE_enum('mode', 'train', MODES, 'Train step or inference.')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Compute dtype.')
+_DEVICES = flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
+_CPU_FAST_PATH = flags.DEFINE_bool(
+  'cpu_fast_path', True, 'On CPU, the layers of mnv2_flax.cpu.'
+)
+_OUTPUT_STRIDE = flags.DEFINE_integer(
+  'output_stride', None, 'The model output_stride (default: plain, 32).'
+)
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
+_CACHE_DIR = flags.DEFINE_string(
+  'compilation_cache_dir',
+  compilation_cache.DEFAULT_DIR,
+  "Persistent compilation cache; '' disables it.",
+)
+_PROFILE_STEPS = flags.DEFINE_integer(
+  'profile_steps', 0, 'Trace this many more steps; print time per op.'
+)
+_PROFILE_TOP = flags.DEFINE_integer(
+  'profile_top', 15, 'Op kinds and ops to print.'
+)
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
 
 def make_config(
-  width_multiplier,
-  resolution,
-  batch_size,
-  dtype,
-  impl,
-  output_stride=None,
-  norm_impl='auto',
-):
-  config = torchvision_config.get_config()
-  config.model.output_stride = output_stride
-  config.model.width_multiplier = width_multiplier
-  config.model.dropout_rate = 0.2
-  config.model.depthwise_impl = impl
-  config.model.norm_impl = norm_impl
+  width_multiplier: float,
+  resolution: int,
+  batch_size: int,
+  dtype: str,
+  output_stride: int | None = None,
+  cpu_fast_path: bool = True,
+) -> ml_collections.ConfigDict:
+  """A run's config with torchvision's numerics and SGD step."""
+  config = defaults.get_config()
+  config.model.update(
+    padding='torch',
+    bn_epsilon=1e-5,
+    bn_momentum=0.9,
+    init_scheme='torchvision',
+    output_stride=output_stride,
+    width_multiplier=width_multiplier,
+    dropout_rate=0.2,
+  )
+  config.optim.update(
+    optimizer='sgd',
+    learning_rate=0.5,
+    lr_reference_batch=1024,
+    schedule='cosine',
+    weight_decay=4e-5,
+    weight_decay_mask='no_norm',
+  )
   config.data.image_size = resolution
   config.data.batch_size = batch_size
   config.train.dtype = dtype
-  config.optim.warmup_epochs = 0.0
+  config.train.cpu_fast_path = cpu_fast_path
   return config
 
 
@@ -105,27 +145,17 @@ def run(
   dtype: str = 'float32',
   devices: int | None = None,
   num_classes: int = 1000,
-  depthwise_impl: str = 'auto',
   steps: int = 10,
   warmup: int = 2,
   profile_steps: int = 0,
   output_stride: int | None = None,
-  norm_impl: str = 'auto',
+  cpu_fast_path: bool = True,
 ) -> dict:
   """Compiles and times one configuration; returns the measurements."""
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: valid are {", ".join(MODES)}.')
   if dtype not in DTYPES:
     raise ValueError(f'--dtype={dtype!r}: valid are {", ".join(DTYPES)}.')
-  if norm_impl not in models.NORM_IMPLS:
-    raise ValueError(
-      f'--norm_impl={norm_impl!r}: valid are {", ".join(models.NORM_IMPLS)}.'
-    )
-  if depthwise_impl not in depthwise.IMPLS:
-    raise ValueError(
-      f'--depthwise_impl={depthwise_impl!r}: valid are '
-      f'{", ".join(depthwise.IMPLS)}.'
-    )
   available = jax.local_device_count()
   devices = devices or available
   if not 1 <= devices <= available or batch_size % devices:
@@ -138,9 +168,8 @@ def run(
     resolution,
     batch_size,
     dtype,
-    depthwise_impl,
     output_stride,
-    norm_impl,
+    cpu_fast_path,
   )
   train_lib.check_config(config)
   model = train_lib.create_model(config, num_classes)
@@ -184,8 +213,7 @@ def run(
     num_classes=num_classes,
     dtype=dtype,
     devices=devices,
-    depthwise_impl=depthwise.resolve(depthwise_impl),
-    norm_impl=models.resolve_norm_impl(norm_impl),
+    cpu_fast_path=bool(cpu_fast_path and cpu.enabled()),
     backend=jax.default_backend(),
     compile_seconds=compile_seconds,
     median_step_seconds=median,
@@ -261,7 +289,7 @@ def format_result(r: dict) -> str:
   return (
     f'{r["mode"]} w{r["width_multiplier"]} r{r["resolution"]} '
     f'b{r["batch_size"]} {r["dtype"]} {r["devices"]} dev '
-    f'{r["backend"]}/{r["depthwise_impl"]}/{r["norm_impl"]}: compile '
+    f'{r["backend"]}{"/cpu_fast_path" * r["cpu_fast_path"]}: compile '
     f'{r["compile_seconds"]:.1f} s, step {1e3 * r["median_step_seconds"]:.1f}'
     f' ms (median), {r["images_per_second"]:,.1f} img/s, '
     f'{r["gflops_per_second"]:.1f} GFLOP/s, peak RSS '
@@ -271,62 +299,33 @@ def format_result(r: dict) -> str:
 
 def main(argv):
   del argv
-  host_malloc.configure()
-  compilation_cache.enable_dir(FLAGS.compilation_cache_dir)
+  cpu.configure_host()  # before JAX starts its CPU client
+  compilation_cache.enable_dir(_CACHE_DIR.value)
   try:
     result = run(
-      FLAGS.width_multiplier,
-      FLAGS.resolution,
-      FLAGS.batch_size,
-      FLAGS.mode,
-      FLAGS.dtype,
-      FLAGS.devices,
-      FLAGS.num_classes,
-      FLAGS.depthwise_impl,
-      FLAGS.steps,
-      FLAGS.warmup,
-      FLAGS.profile_steps,
-      FLAGS.output_stride,
-      FLAGS.norm_impl,
+      _WIDTH.value,
+      _RESOLUTION.value,
+      _BATCH_SIZE.value,
+      _MODE.value,
+      _DTYPE.value,
+      _DEVICES.value,
+      _NUM_CLASSES.value,
+      _STEPS.value,
+      _WARMUP.value,
+      _PROFILE_STEPS.value,
+      _OUTPUT_STRIDE.value,
+      _CPU_FAST_PATH.value,
     )
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  if FLAGS.json:
+  if _JSON.value:
     print(json.dumps(result))
     return
   print(format_result(result))
   if result['ops']:
-    print(format_ops(result['ops'], FLAGS.profile_top))
+    print(format_ops(result['ops'], _PROFILE_TOP.value))
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_float('width_multiplier', 1.0, 'Width multiplier.')
-  flags.DEFINE_integer('resolution', 224, 'Input height and width.')
-  flags.DEFINE_integer('batch_size', 32, 'Global batch size.')
-  flags.DEFINE_enum('mode', 'train', MODES, 'Train step or inference.')
-  flags.DEFINE_enum('dtype', 'float32', DTYPES, 'Compute dtype.')
-  flags.DEFINE_integer('devices', None, 'Local devices; default: all.')
-  flags.DEFINE_integer('num_classes', 1000, 'Classifier outputs.')
-  flags.DEFINE_string('depthwise_impl', 'auto', 'auto, xla, shift or native.')
-  flags.DEFINE_string('norm_impl', 'auto', 'auto, flax or fused.')
-  flags.DEFINE_integer(
-    'output_stride', None, 'The model output_stride (default: plain, 32).'
-  )
-  flags.DEFINE_integer('steps', 10, 'Timed steps.')
-  flags.DEFINE_integer('warmup', 2, 'Untimed steps first.')
-  flags.DEFINE_string(
-    'compilation_cache_dir',
-    compilation_cache.DEFAULT_DIR,
-    "Persistent compilation cache; '' disables it.",
-  )
-  flags.DEFINE_integer(
-    'profile_steps', 0, 'Trace this many more steps; print time per op.'
-  )
-  flags.DEFINE_integer('profile_top', 15, 'Op kinds and ops to print.')
-  flags.DEFINE_bool('json', False, 'Print one JSON object.')
-  FLAGS = flags.FLAGS
   app.run(main)

@@ -4,7 +4,7 @@
 
 The config saved beside the state says which model and data; fields it lacks
 (a checkpoint written before they existed) take their defaults from
-`configs/default.py`. Single fields can be overridden (for example
+`mnv2_flax.defaults`. Single fields can be overridden (for example
 `--data_dir`).
 """
 
@@ -15,11 +15,15 @@ from absl import app
 from absl import flags
 import ml_collections
 
-from configs import default
 from mnv2_flax import checkpointing
-from mnv2_flax import host_malloc
+from mnv2_flax import cpu
+from mnv2_flax import defaults
 from mnv2_flax import input_pipeline
 from mnv2_flax import train_lib
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir or checkpoints.')
+_STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override tfds data_dir.')
 
 
 def _merge(defaults: dict, saved: dict) -> dict:
@@ -36,7 +40,7 @@ def with_defaults(
 ) -> ml_collections.ConfigDict:
   """`saved` over the default config: fields it lacks get their defaults."""
   return ml_collections.ConfigDict(
-    _merge(default.get_config().to_dict(), saved.to_dict())
+    _merge(defaults.get_config().to_dict(), saved.to_dict())
   )
 
 
@@ -68,7 +72,7 @@ def evaluate_checkpoint(
 
 def main(argv):
   del argv
-  host_malloc.configure()
+  cpu.configure_host()  # before JAX starts its CPU client
   try:
     metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
   except (ValueError, FileNotFoundError) as e:
@@ -78,8 +82,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir or checkpoints.')
-  _STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
-  _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override tfds data_dir.')
   flags.mark_flag_as_required('workdir')
   app.run(main)

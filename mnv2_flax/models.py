@@ -10,6 +10,10 @@ Two numerics conventions are selectable so that published weights load:
 (symmetric padding 1, torchvision/timm checkpoints). They differ only in the
 stride-2 3x3 convolutions applied to an even-sized input.
 
+Layer implementations are module fields with Flax defaults (`conv=nn.Conv`,
+`norm_act=batch_norm_act`), so faster variants for one backend plug in
+without changing the variables.
+
 Usage:
   model = MobileNetV2(num_classes=10, width_multiplier=0.5)
   variables = model.init(jax.random.key(0), images_nhwc, train=False)
@@ -26,9 +30,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from mnv2_flax import batch_norm
-from mnv2_flax import depthwise
 
 ModuleDef = Any
 Dtype = Any
@@ -50,22 +51,6 @@ MIN_RESOLUTION = 32
 PADDINGS = ('tf', 'torch')
 SHORTCUTS = ('bottleneck', 'expansion', 'none')
 BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
-NORM_IMPLS = ('auto', 'flax', 'fused')
-
-
-def resolve_norm_impl(impl: str) -> str:
-  """'auto': the fused BatchNorm + ReLU6 on CPU, `nn.BatchNorm` elsewhere."""
-  if impl == 'auto':
-    return 'fused' if jax.default_backend() == 'cpu' else 'flax'
-  return impl
-
-
-def _norm_relu6(norm, name, x, **kwargs):
-  """ReLU6(BN(x)): one module when `norm` makes the fused BatchNorm."""
-  if getattr(norm, 'func', None) is batch_norm.BatchNorm:
-    return norm(name=name, activation='relu6', **kwargs)(x)
-  return nn.relu6(norm(name=name, **kwargs)(x))
-
 
 INIT_SCHEMES = ('tf_slim', 'torchvision')
 OUTPUT_STRIDES = (None, 1, 2, 4, 8, 16, 32)
@@ -136,6 +121,21 @@ def _check_images(x: jax.Array) -> None:
     )
 
 
+def batch_norm_act(
+  *, activation: Callable[[jax.Array], jax.Array] | None = None, **kwargs: Any
+) -> Callable[[jax.Array], jax.Array]:
+  """`nn.BatchNorm(**kwargs)` followed by `activation`: the default `norm_act`.
+
+  The variance is two-pass (`use_fast_variance=False`), as TF-slim and torch
+  compute it. A replacement (`MobileNetV2(norm_act=...)`) takes the same
+  keyword arguments and creates the same variables under `name`.
+  """
+  norm = nn.BatchNorm(use_fast_variance=False, **kwargs)
+  if activation is None:
+    return norm
+  return lambda x: activation(norm(x))
+
+
 class InvertedResidual(nn.Module):
   """The inverted residual block with a linear bottleneck (paper Fig. 3b).
 
@@ -155,11 +155,9 @@ class InvertedResidual(nn.Module):
       the previous block's expanded activation, passed as `expansion_skip`, to
       its own) or 'none'.
     depthwise_padding: padding of the 3x3 depthwise conv, in `nn.Conv` terms.
-    depthwise_impl: 'xla' (grouped conv), 'shift' (shifted multiply-adds),
-      'native' (a C++ kernel, CPU float32) or 'auto' (the fastest for the
-      backend); same results.
     conv: a `nn.Conv` constructor with dtype and initialiser bound.
-    norm: a `nn.BatchNorm` constructor with momentum, epsilon, axis_name bound.
+    norm_act: a `batch_norm_act` constructor with momentum, epsilon and
+      axis_name bound.
   """
 
   features: int
@@ -169,10 +167,9 @@ class InvertedResidual(nn.Module):
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
   depthwise_padding: Any = 'SAME'
-  depthwise_impl: str = 'auto'
   conv: ModuleDef = functools.partial(nn.Conv, use_bias=False)
-  norm: ModuleDef = functools.partial(
-    nn.BatchNorm, momentum=0.997, epsilon=1e-3
+  norm_act: ModuleDef = functools.partial(
+    batch_norm_act, momentum=0.997, epsilon=1e-3
   )
 
   def has_residual(self, in_channels: int) -> bool:
@@ -206,18 +203,13 @@ class InvertedResidual(nn.Module):
       The output of shape (N, H / strides, W / strides, features), and the
       expanded activation if `return_expanded`.
     """
-    norm = functools.partial(self.norm, use_running_average=not train)
+    norm_act = functools.partial(self.norm_act, use_running_average=not train)
     in_channels = x.shape[-1]
     hidden = int(round(in_channels * self.expand_ratio))
     h = x
     if self.expand_ratio != 1:
-      h = self.conv(
-        hidden,
-        (1, 1),
-        conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
-        name='expand_conv',
-      )(h)
-      h = _norm_relu6(norm, 'expand_bn', h)
+      h = self.conv(hidden, (1, 1), name='expand_conv')(h)
+      h = norm_act(name='expand_bn', activation=nn.relu6)(h)
     if (
       self.shortcut == 'expansion'
       and expansion_skip is not None
@@ -233,17 +225,11 @@ class InvertedResidual(nn.Module):
       padding=self.depthwise_padding,
       kernel_dilation=self.dilation,
       feature_group_count=hidden,
-      conv_general_dilated=depthwise.conv_fn(self.depthwise_impl),
       name='depthwise_conv',
     )(h)
-    h = _norm_relu6(norm, 'depthwise_bn', h)
-    h = self.conv(
-      self.features,
-      (1, 1),
-      conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
-      name='project_conv',
-    )(h)
-    h = norm(name='project_bn')(h)
+    h = norm_act(name='depthwise_bn', activation=nn.relu6)(h)
+    h = self.conv(self.features, (1, 1), name='project_conv')(h)
+    h = norm_act(name='project_bn')(h)
     if self.bottleneck_activation == 'relu6':
       h = nn.relu6(h)
     if self.has_residual(in_channels):
@@ -278,19 +264,18 @@ class MobileNetV2(nn.Module):
       happens exactly after the 10 blocks that carry a bottleneck residual in
       the paper's design (stride 1, equal in/out channels), since the next
       block expands the same channels at the same resolution.
-    depthwise_impl: 'auto' (default: on CPU the C++ kernel of
-      `mnv2_flax/csrc`, or shifted multiply-adds where it cannot be built;
-      XLA's grouped conv elsewhere), 'xla', 'shift' or 'native'; identical
-      parameters and results, different speed.
-    norm_impl: 'auto' (default: `batch_norm.BatchNorm`, BatchNorm + ReLU6
-      with a hand-written backward, on CPU; `nn.BatchNorm` elsewhere),
-      'flax' or 'fused'; identical variables and results, different speed.
     output_stride: None (the classifier's 32) or the largest ratio of input
       to feature-map resolution, as in TF-slim's `mobilenet(output_stride=)`
       and the paper's DeepLabv3 experiments: once the stem and blocks reach
       it, the remaining strides become 1 and multiply the atrous rate of the
       later depthwise convs instead. Same parameters, denser feature maps
       (more compute in the later stages).
+    conv: the convolution constructor (`nn.Conv`'s signature) of every conv
+      layer: stem, 1x1 and 3x3 depthwise (`feature_group_count` = channels).
+    norm_act: the BatchNorm + activation constructor of every BN layer,
+      called with `nn.BatchNorm`'s keyword arguments plus `activation`
+      (`nn.relu6` or None); see `batch_norm_act`. Replacements for speed
+      (`mnv2_flax.cpu.layers()`) keep the variables and the results.
   """
 
   num_classes: int = 1000
@@ -306,9 +291,9 @@ class MobileNetV2(nn.Module):
   expand_ratio: float | None = None
   bottleneck_activation: str = 'linear'
   shortcut: str = 'bottleneck'
-  depthwise_impl: str = 'auto'
-  norm_impl: str = 'auto'
   output_stride: int | None = None
+  conv: ModuleDef = nn.Conv
+  norm_act: ModuleDef = batch_norm_act
 
   def __post_init__(self):
     if not isinstance(self.width_multiplier, (int, float)) or (
@@ -346,8 +331,6 @@ class MobileNetV2(nn.Module):
     _check_choice('padding', self.padding, PADDINGS)
     _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
     _check_choice('shortcut', self.shortcut, SHORTCUTS)
-    _check_choice('depthwise_impl', self.depthwise_impl, depthwise.IMPLS)
-    _check_choice('norm_impl', self.norm_impl, NORM_IMPLS)
     _check_choice('output_stride', self.output_stride, OUTPUT_STRIDES)
     _check_choice(
       'bottleneck_activation',
@@ -411,25 +394,20 @@ class MobileNetV2(nn.Module):
     _check_images(x)
     conv_init, dense_init = _kernel_inits(self.init_scheme)
     conv = functools.partial(
-      nn.Conv,
+      self.conv,
       use_bias=False,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       kernel_init=conv_init,
     )
-    norm_options = dict(
+    norm_act = functools.partial(
+      self.norm_act,
       momentum=self.bn_momentum,
       epsilon=self.bn_epsilon,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       axis_name=self.bn_axis_name,
     )
-    if resolve_norm_impl(self.norm_impl) == 'fused':
-      norm = functools.partial(batch_norm.BatchNorm, **norm_options)
-    else:
-      norm = functools.partial(
-        nn.BatchNorm, use_fast_variance=False, **norm_options
-      )
 
     def pad_3x3(rate):
       return 'SAME' if self.padding == 'tf' else ((rate, rate), (rate, rate))
@@ -444,7 +422,9 @@ class MobileNetV2(nn.Module):
       kernel_dilation=stem_rate,
       name='stem_conv',
     )(x)
-    x = _norm_relu6(norm, 'stem_bn', x, use_running_average=not train)
+    x = norm_act(
+      name='stem_bn', use_running_average=not train, activation=nn.relu6
+    )(x)
 
     skip = None
     blocks = zip(self.block_configs(), block_strides, strict=True)
@@ -457,9 +437,8 @@ class MobileNetV2(nn.Module):
         bottleneck_activation=self.bottleneck_activation,
         shortcut=self.shortcut,
         depthwise_padding=pad_3x3(rate),
-        depthwise_impl=self.depthwise_impl,
         conv=conv,
-        norm=norm,
+        norm_act=norm_act,
         name=f'block_{i + 1:02d}',
       )
       in_channels = x.shape[-1]
@@ -476,13 +455,10 @@ class MobileNetV2(nn.Module):
         else None
       )
 
-    x = conv(
-      self.head_channels,
-      (1, 1),
-      conv_general_dilated=depthwise.pointwise_fn(self.depthwise_impl),
-      name='head_conv',
+    x = conv(self.head_channels, (1, 1), name='head_conv')(x)
+    x = norm_act(
+      name='head_bn', use_running_average=not train, activation=nn.relu6
     )(x)
-    x = _norm_relu6(norm, 'head_bn', x, use_running_average=not train)
     x = jnp.mean(x, axis=(1, 2))
     if features_only or self.num_classes == 0:
       return x.astype(jnp.float32)

@@ -32,7 +32,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnv2_flax import batch_norm
 from mnv2_flax import models
 
 
@@ -102,8 +101,13 @@ def count(
   call_order = []
 
   def is_counted(module: nn.Module, method_name: str) -> bool:
-    counted = method_name == '__call__' and isinstance(
-      module, (nn.Conv, nn.Dense, nn.BatchNorm, batch_norm.BatchNorm)
+    # The layers: modules that hold parameters themselves (any conv or norm
+    # implementation the model was built with), not through submodules.
+    params = module.variables.get('params', {})
+    counted = (
+      method_name == '__call__'
+      and bool(params)
+      and not any(isinstance(v, dict) for v in params.values())
     )
     if counted:
       call_order.append(tuple(module.scope.path))

@@ -30,9 +30,13 @@ import time
 import traceback
 from typing import Any
 
+from absl import app
+from absl import flags
 from absl import logging
 import ml_collections
 
+from mnv2_flax import compilation_cache
+from mnv2_flax import cpu
 from mnv2_flax import train_lib
 
 COLUMNS = (
@@ -427,58 +431,56 @@ def _plot(module, rows: list[dict], root: str) -> None:
 # ------------------------------------------------------------------------ CLI
 
 
+_CONFIG = flags.DEFINE_string('config', None, 'path/to/config.py:sweep_arg')
+_ROOT = flags.DEFINE_string(
+  'root', None, 'Directory of the sweep (one workdir per point).'
+)
+_SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
+_DRY_RUN = flags.DEFINE_bool(
+  'dry_run', False, 'Print one train.py command per point.'
+)
+_SUMMARIZE_ONLY = flags.DEFINE_bool(
+  'summarize_only', False, 'Only write the summaries.'
+)
+_SET = flags.DEFINE_multi_string(
+  'set', [], 'key=value config override for every point.'
+)
+
+
 def main(argv):
   del argv
-  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
-  from mnv2_flax import host_malloc  # pylint: disable=g-import-not-at-top
-
-  host_malloc.configure()
-
+  cpu.configure_host()  # before JAX starts its CPU client
   try:
-    path, _, sweep_arg = FLAGS.config.partition(':')
+    path, _, sweep_arg = _CONFIG.value.partition(':')
     module = load_config_module(path)
     point_args = module.get_sweep(sweep_arg or None)
     overrides = dict(
-      s.split('=', 1) if '=' in s else (s, '') for s in FLAGS.set
+      s.split('=', 1) if '=' in s else (s, '') for s in _SET.value
     )
-    shard = parse_shard(FLAGS.shard)
-    if FLAGS.dry_run:
+    shard = parse_shard(_SHARD.value)
+    if _DRY_RUN.value:
       for command in dry_run_commands(
-        path, point_args, FLAGS.root, overrides, shard
+        path, point_args, _ROOT.value, overrides, shard
       ):
         print(command)
       return
-    if FLAGS.summarize_only:
-      rows = summarize(module, point_args, FLAGS.root)
+    if _SUMMARIZE_ONLY.value:
+      rows = summarize(module, point_args, _ROOT.value)
     else:
       # The cache directory is the points' own, `--set` overrides included.
       compilation_cache.enable(
         apply_overrides(module.get_config(point_args[0]), overrides)
       )
-      rows = run(module, point_args, FLAGS.root, overrides, shard)
+      rows = run(module, point_args, _ROOT.value, overrides, shard)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'{len(rows)} points; table: {os.path.join(FLAGS.root, "results.md")}')
+  print(f'{len(rows)} points; table: {os.path.join(_ROOT.value, "results.md")}')
   print(
     _markdown(rows, [k for k in rows[0] if k not in COLUMNS]) if rows else ''
   )
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-
-  flags.DEFINE_string('config', None, 'path/to/config.py:sweep_arg')
-  flags.DEFINE_string(
-    'root', None, 'Directory of the sweep (one workdir per point).'
-  )
-  flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
-  flags.DEFINE_bool('dry_run', False, 'Print one train.py command per point.')
-  flags.DEFINE_bool('summarize_only', False, 'Only write the summaries.')
-  flags.DEFINE_multi_string(
-    'set', [], 'key=value config override for every point.'
-  )
   flags.mark_flags_as_required(['config', 'root'])
-  FLAGS = flags.FLAGS
   app.run(main)

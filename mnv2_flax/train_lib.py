@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import logging
 from clu import metric_writers
+from clu import periodic_actions
 from flax import traverse_util
 from flax.training import train_state
 import jax
@@ -27,10 +28,11 @@ import optax
 
 from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
+from mnv2_flax import cpu
 from mnv2_flax import input_pipeline
 from mnv2_flax import models
-from mnv2_flax import precompile
 from mnv2_flax import stats
+from mnv2_flax.cpu import precompile
 
 OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
 SCHEDULES = ('exponential', 'cosine', 'constant')
@@ -87,12 +89,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(f'train.{field}', train[field], 'an integer > 0')
   if train.dtype not in ('float32', 'bfloat16'):
     fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
-  if not isinstance(train.get('compile_in_subprocess', False), bool):
-    fail(
-      'train.compile_in_subprocess',
-      train.compile_in_subprocess,
-      'True or False',
-    )
+  if not isinstance(train.cpu_fast_path, bool):
+    fail('train.cpu_fast_path', train.cpu_fast_path, 'True or False')
   input_pipeline.check_data_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     input_pipeline.per_process_batch_size(
@@ -105,13 +103,20 @@ def create_model(
   num_classes: int,
   axis_name: str | None = AXIS,
 ) -> models.MobileNetV2:
-  """The model of `config.model`; BN statistics averaged over `axis_name`."""
+  """The model of `config.model`; BN statistics averaged over `axis_name`.
+
+  The one place where backend-specific layers enter: with
+  `config.train.cpu_fast_path` on the CPU backend, `mnv2_flax.cpu.layers()`
+  (same variables, faster steps); Flax's layers everywhere else.
+  """
   dtype = jnp.bfloat16 if config.train.dtype == 'bfloat16' else jnp.float32
+  layers = cpu.layers() if config.train.cpu_fast_path else {}
   return models.MobileNetV2(
     num_classes=num_classes,
     bn_axis_name=axis_name,
     dtype=dtype,
     **config.model.to_dict(),
+    **layers,
   )
 
 
@@ -207,16 +212,15 @@ def _init_fn(config, model, learning_rate_fn) -> Callable:
       ema_params=variables['params'],
     )
     # A strongly typed step, as a restored one is: with `create`'s weakly
-    # typed 0 a resumed run lowered a different train step than a fresh one
-    # (and than the child compile's, see precompile.py): a cache miss, an
-    # in-process compile and ~25% slower steps after every resume.
+    # typed 0 a resumed run lowers a different train step than a fresh one
+    # (a persistent-cache miss and a second compile after every resume).
     return state.replace(step=jnp.zeros((), jnp.int32))
 
   return init
 
 
-# The initialisers' program runs once but is large (a random draw per
-# parameter): on 2 cores XLA:CPU compiled it in 17 s at its default
+# The initialiser's program runs once but is large (a random draw per
+# parameter): on 2 CPU cores XLA compiled it in 17 s at its default
 # optimisation level, in 3-5 s with LLVM's optimisations off. The values are
 # deterministic either way; they differ from the optimised program's by
 # float32 rounding (up to 3e-8).
@@ -234,8 +238,7 @@ def create_train_state(
 ) -> TrainState:
   """A freshly initialised state (jit-compiled, on the default device)."""
   init = jax.jit(_init_fn(config, model, learning_rate_fn))
-  options = _INIT_COMPILER_OPTIONS if jax.default_backend() == 'cpu' else None
-  return init.lower(rng).compile(compiler_options=options)(rng)
+  return init.lower(rng).compile(compiler_options=_INIT_COMPILER_OPTIONS)(rng)
 
 
 def initial_train_state(
@@ -427,6 +430,42 @@ def lower_steps(
   return lowered
 
 
+def lower_run_programs(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  steps_per_epoch: int,
+  train_batch: dict[str, jax.ShapeDtypeStruct],
+  eval_batch: dict[str, jax.ShapeDtypeStruct] | None,
+) -> dict[str, jax.stages.Lowered]:
+  """A run's steps lowered as `train_and_evaluate` lowers them.
+
+  What `precompile`'s child compiles into the cache (the state initialiser is
+  compiled, and cached, on the way). `train_batch` and `eval_batch` are
+  unplaced shapes (`input_pipeline.batch_spec(ds)`).
+  """
+  model = create_model(config, num_classes)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  state = jax.device_put(
+    initial_train_state(config, model, learning_rate_fn),
+    replicated_sharding(),
+  )
+
+  def placed(batch):
+    return {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding())
+      for k, v in batch.items()
+    }
+
+  return lower_steps(
+    config,
+    make_p_train_step(config, learning_rate_fn),
+    make_p_eval_step(config.data.eval_flip_average),
+    state,
+    placed(train_batch),
+    placed(eval_batch) if eval_batch else None,
+  )
+
+
 def _compile_logged(what: str, lowered: jax.stages.Lowered) -> None:
   """Compiles; logs whether it came from the persistent cache."""
   start = time.perf_counter()
@@ -468,87 +507,64 @@ def evaluate(p_eval_step: Callable, state: TrainState, eval_ds) -> dict:
 # ---------------------------------------------------------------------- loop
 
 
-def _format_eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str
-) -> dict[str, float]:
-  """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
-
-  Args:
-    config: the experiment (see configs/default.py).
-    workdir: checkpoints, TensorBoard events, model statistics and results.
-
-  Returns:
-    The final eval metrics, with train wall time and throughput.
-  """
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  builder = input_pipeline.get_builder(config)
-  meta = input_pipeline.dataset_meta(builder, config)
-  steps_per_epoch = meta.num_train_examples // config.data.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(
-      f'config.data.batch_size={config.data.batch_size} is '
-      f'larger than the {meta.num_train_examples} training '
-      'examples.'
-    )
-  num_steps = int(math.ceil(config.train.num_epochs * steps_per_epoch))
-  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
-  model = create_model(config, meta.num_classes)
-
+def _write_model_stats(
+  config: ml_collections.ConfigDict,
+  model: models.MobileNetV2,
+  num_classes: int,
+  workdir: str,
+) -> dict[str, Any]:
+  """Parameter and MAC counts, logged and written to model_stats.json."""
   counts = stats.count(model.clone(bn_axis_name=None), config.data.image_size)
-  model_stats = dict(
-    counts.as_dict(),
-    num_classes=meta.num_classes,
-    image_size=config.data.image_size,
-    width_multiplier=config.model.width_multiplier,
-  )
   logging.info(
     'Model: %s parameters, %s MACs per image',
     f'{counts.params:,}',
     f'{counts.macs:,}',
   )
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'model_stats.json'), 'w') as f:
-      json.dump(model_stats, f, indent=2)
-
-  manager = checkpointing.create_manager(workdir, config)
-  # restore_latest below restores this step (or fails).
-  start_step = manager.latest_step() or 0
-  results_path = os.path.join(workdir, 'results.json')
-  if start_step >= num_steps and os.path.exists(results_path):
-    logging.info('Already finished: %s', results_path)
-    manager.close()
-    with open(results_path) as f:
-      return json.load(f)
-  if start_step:
-    logging.info('Resuming from step %d of %d.', start_step, num_steps)
-
-  train_ds = input_pipeline.create_train_dataset(
-    builder, config, start_step=start_step
+  model_stats = dict(
+    counts.as_dict(),
+    num_classes=num_classes,
+    image_size=config.data.image_size,
+    width_multiplier=config.model.width_multiplier,
   )
-  eval_ds = input_pipeline.create_eval_dataset(builder, config)
-  # Evaluating before the last step: the eval step is compiled up front too.
-  eval_early = config.train.eval_every_steps < num_steps
+  _write_json(os.path.join(workdir, 'model_stats.json'), model_stats)
+  return model_stats
 
-  # On CPU the programs are compiled by a child process into the persistent
-  # cache (see precompile.py: steps run faster in a process that has not
-  # compiled them) while this one fills the shuffle buffer; then they are
-  # loaded from the cache here.
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(data, f, indent=2)
+
+
+def _prepare_state_and_steps(
+  config,
+  model,
+  learning_rate_fn,
+  steps_per_epoch,
+  manager,
+  start_step,
+  train_ds,
+  eval_ds,
+):
+  """Builds or restores the state and compiles the steps.
+
+  Runs while a thread fills the shuffle buffer (the first batch waits for
+  it). `eval_ds` is None unless the run evaluates before its last step (its
+  step is then compiled up front too). Returns (state, p_train_step,
+  p_eval_step, device iterator of train batches).
+  """
+  # On CPU a child process compiles the programs into the persistent cache
+  # and this one loads them (see cpu/precompile.py); None elsewhere.
   child = precompile.start(
-    config,
-    meta.num_classes,
-    steps_per_epoch,
-    input_pipeline.batch_spec(train_ds),
-    input_pipeline.batch_spec(eval_ds) if eval_early else None,
+    'mnv2_flax.train_lib:lower_run_programs',
+    config.train.compilation_cache_dir if config.train.cpu_fast_path else '',
+    config=config,
+    num_classes=model.num_classes,
+    steps_per_epoch=steps_per_epoch,
+    train_batch=input_pipeline.batch_spec(train_ds),
+    eval_batch=input_pipeline.batch_spec(eval_ds) if eval_ds else None,
   )
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    # The first batch waits for the shuffle buffer (for the quickstart: all
-    # of Fashion-MNIST decoded, ~6 s on 2 cores).
     first = pool.submit(input_pipeline.started, train_ds)
     if child is not None:
       child.wait()
@@ -559,11 +575,9 @@ def train_and_evaluate(
     p_eval_step = make_p_eval_step(config.data.eval_flip_average)
     # With several processes pmap compiles at the first step.
     if jax.process_count() == 1:
-      # Placed as the pmap-ed step returns it (replicated over its mesh);
-      # from init or restore it would differ, and the second step compile
-      # again.
+      # Placed as the pmap-ed step returns it (replicated over its mesh); as
+      # init or restore place it, the second step would compile again.
       state = jax.device_put(state, replicated_sharding())
-      # Ahead of time.
       lowered = lower_steps(
         config,
         p_train_step,
@@ -571,7 +585,7 @@ def train_and_evaluate(
         state,
         input_pipeline.batch_spec(train_ds, batch_sharding()),
         input_pipeline.batch_spec(eval_ds, batch_sharding())
-        if eval_early
+        if eval_ds
         else None,
       )
       for name, program in lowered.items():
@@ -579,121 +593,183 @@ def train_and_evaluate(
     train_iter = input_pipeline.prefetch_to_device(
       first.result(), batch_sharding()
     )
+  return state, p_train_step, p_eval_step, train_iter
+
+
+def _log_train(writer, manager, metrics, step, num_steps, steps_per_epoch):
+  """Writes and logs the means of `metrics` (the steps since the last log).
+
+  Stops the run on a non-finite loss.
+  """
+  summary = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+  if not np.isfinite(summary['loss']):
+    manager.wait_until_finished()
+    raise TrainingDivergedError(
+      f'loss is {summary["loss"]} at step {step}; stopped. The last '
+      f'good checkpoint (step {manager.latest_step()}) is kept in '
+      f'{manager.directory}.'
+    )
+  writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+  logging.info(
+    'step %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g',
+    step,
+    num_steps,
+    step / steps_per_epoch,
+    summary['loss'],
+    summary['accuracy'],
+    summary['learning_rate'],
+  )
+
+
+def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  flip = (
+    f'; flip-averaged top1 {metrics["flip_top1"]:.4f} '
+    f'(EMA {metrics["ema_flip_top1"]:.4f})'
+    if 'flip_top1' in metrics
+    else ''
+  )
+  logging.info(
+    'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
+    step,
+    metrics['top1'],
+    metrics['top5'],
+    metrics['ema_top1'],
+    metrics['num_examples'],
+    flip,
+  )
+
+
+def _steps_per_epoch(config, num_train_examples: int) -> int:
+  steps = num_train_examples // config.data.batch_size
+  if steps == 0:
+    raise ValueError(
+      f'config.data.batch_size={config.data.batch_size} is larger than the '
+      f'{num_train_examples} training examples.'
+    )
+  return steps
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str
+) -> dict[str, float]:
+  """Trains, evaluates and checkpoints; resumes from `workdir` if possible.
+
+  Args:
+    config: the experiment (fields: `mnv2_flax.defaults`).
+    workdir: checkpoints, TensorBoard events, model statistics and results.
+
+  Returns:
+    The final eval metrics, with train wall time and throughput.
+  """
+  # Build.
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  builder = input_pipeline.get_builder(config)
+  meta = input_pipeline.dataset_meta(builder, config)
+  steps_per_epoch = _steps_per_epoch(config, meta.num_train_examples)
+  num_steps = int(math.ceil(config.train.num_epochs * steps_per_epoch))
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
+  model = create_model(config, meta.num_classes)
+  model_stats = _write_model_stats(config, model, meta.num_classes, workdir)
+
+  # Restore.
+  manager = checkpointing.create_manager(workdir, config)
+  start_step = manager.latest_step() or 0  # restore_latest restores it
+  results_path = os.path.join(workdir, 'results.json')
+  if start_step >= num_steps and os.path.exists(results_path):
+    logging.info('Already finished: %s', results_path)
+    manager.close()
+    with open(results_path) as f:
+      return json.load(f)
+  if start_step:
+    logging.info('Resuming from step %d of %d.', start_step, num_steps)
+  train_ds = input_pipeline.create_train_dataset(
+    builder, config, start_step=start_step
+  )
+  eval_ds = input_pipeline.create_eval_dataset(builder, config)
+  evaluates_early = config.train.eval_every_steps < num_steps
+  state, p_train_step, p_eval_step, train_iter = _prepare_state_and_steps(
+    config,
+    model,
+    learning_rate_fn,
+    steps_per_epoch,
+    manager,
+    start_step,
+    train_ds,
+    eval_ds if evaluates_early else None,
+  )
 
   writer = metric_writers.create_default_writer(
     workdir, just_logging=jax.process_index() > 0
   )
   if start_step == 0:
-    writer.write_hparams(
-      {
-        k: v
-        for k, v in _flat_config(config).items()
-        if isinstance(v, (int, float, str, bool))
-      }
-    )
+    writer.write_hparams(_flat_config(config))
+  report_progress = periodic_actions.ReportProgress(
+    num_train_steps=num_steps,
+    writer=writer,
+    every_steps=config.train.log_every_steps,
+  )
   dropout_rng = jax.random.key(config.seed + 1)
 
+  # Loop.
   eval_metrics: dict[str, float] = {}
-  train_time, images = 0.0, 0
-  window_start, window_steps = time.perf_counter(), 0
   train_metrics = []
+  loop_start, eval_seconds, steps_run = time.perf_counter(), 0.0, 0
   for step in range(start_step, num_steps):
     state, metrics = p_train_step(state, next(train_iter), dropout_rng)
     train_metrics.append(metrics)
-    window_steps += 1
-    done = step + 1
+    done, steps_run = step + 1, steps_run + 1
+    report_progress(done)
     if done % config.train.log_every_steps == 0 or done == num_steps:
-      summary = {
-        k: float(np.mean([m[k] for m in train_metrics]))
-        for k in train_metrics[0]
-      }
+      _log_train(
+        writer, manager, train_metrics, done, num_steps, steps_per_epoch
+      )
       train_metrics = []
-      if not np.isfinite(summary['loss']):
-        manager.wait_until_finished()
-        raise TrainingDivergedError(
-          f'loss is {summary["loss"]} at step {done}; stopped. The last '
-          f'good checkpoint (step {manager.latest_step()}) is kept in '
-          f'{manager.directory}.'
-        )
-      elapsed = time.perf_counter() - window_start
-      train_time += elapsed
-      images += window_steps * config.data.batch_size
-      summary['images_per_second'] = (
-        window_steps * config.data.batch_size / elapsed
-      )
-      writer.write_scalars(done, {f'train/{k}': v for k, v in summary.items()})
-      eta = (num_steps - done) * elapsed / window_steps
-      logging.info(
-        'step %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g %.0f img/s ETA %s',
-        done,
-        num_steps,
-        done / steps_per_epoch,
-        summary['loss'],
-        summary['accuracy'],
-        summary['learning_rate'],
-        summary['images_per_second'],
-        _format_eta(eta),
-      )
-      window_start, window_steps = time.perf_counter(), 0
+
+    # Evaluate.
     is_eval_step = (
       done % config.train.eval_every_steps == 0 or done == num_steps
     )
     if is_eval_step:
-      eval_metrics = evaluate(p_eval_step, state, eval_ds)
-      writer.write_scalars(
-        done, {f'eval/{k}': v for k, v in eval_metrics.items()}
-      )
-      flip = (
-        f'; flip-averaged top1 {eval_metrics["flip_top1"]:.4f} '
-        f'(EMA {eval_metrics["ema_flip_top1"]:.4f})'
-        if 'flip_top1' in eval_metrics
-        else ''
-      )
-      logging.info(
-        'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
-        done,
-        eval_metrics['top1'],
-        eval_metrics['top5'],
-        eval_metrics['ema_top1'],
-        eval_metrics['num_examples'],
-        flip,
-      )
-      window_start = time.perf_counter()  # eval time is not train time
-    if (
-      done % config.checkpoint.every_steps == 0
-      or done == num_steps
-      or done == config.train.stop_after_step
-    ):
+      eval_start = time.perf_counter()
+      with report_progress.timed('eval'):
+        eval_metrics = evaluate(p_eval_step, state, eval_ds)
+      eval_seconds += time.perf_counter() - eval_start
+      _log_eval(writer, done, eval_metrics)
+
+    # Save.
+    stop = done == config.train.stop_after_step
+    if done % config.checkpoint.every_steps == 0 or done == num_steps or stop:
       checkpointing.save(
-        manager,
-        done,
-        state,
-        config,
-        eval_metrics if is_eval_step else None,
+        manager, done, state, config, eval_metrics if is_eval_step else None
       )
-    if done == config.train.stop_after_step:
+    if stop:
       logging.info('Stopping after step %d as configured.', done)
       break
+
+  # Finish.
+  train_seconds = time.perf_counter() - loop_start - eval_seconds
   manager.wait_until_finished()
   writer.flush()
   completed = manager.latest_step() or 0
+  images = steps_run * config.data.batch_size
   result = dict(
     eval_metrics,
-    train_seconds=train_time,
-    images_per_second=images / train_time if train_time else 0.0,
+    train_seconds=train_seconds,
+    images_per_second=images / train_seconds if train_seconds else 0.0,
     steps=num_steps,
     completed_steps=completed,
     finished=completed == num_steps,
     **model_stats,
   )
-  if jax.process_index() == 0:
-    with open(results_path, 'w') as f:
-      json.dump(result, f, indent=2)
+  _write_json(results_path, result)
   return result
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config's scalar fields, 'model.width_multiplier': 0.5, ..."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
   return {
-    '.'.join(k): v
-    for k, v in traverse_util.flatten_dict(config.to_dict()).items()
+    k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))
   }

@@ -10,13 +10,13 @@ import sys
 import textwrap
 
 from fake_data import run_on_fake_devices
+from fake_data import tiny_config
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import quickstart
 from mnv2_flax import checkpointing
 from mnv2_flax import train_lib
 
@@ -114,7 +114,6 @@ def test_saved_on_4_devices_restores_on_1(trained_on_4):
 
 
 def test_saved_on_1_device_restores_on_4(data_dirs, tmp_path):
-  from train_lib_test import tiny_config  # pylint: disable=g-import-not-at-top
 
   config = tiny_config(data_dirs[1], num_epochs=0.6)
   train_lib.train_and_evaluate(config, str(tmp_path))
@@ -148,7 +147,6 @@ def test_restore_accepts_workdir_checkpoints_dir_and_step_dir(trained_on_4):
 
 def test_mismatched_model_is_refused_naming_entries(trained_on_4):
   workdir, _ = trained_on_4
-  from train_lib_test import tiny_config  # pylint: disable=g-import-not-at-top
 
   config = tiny_config()
   model = train_lib.create_model(config, num_classes=7, axis_name=None)
@@ -180,7 +178,7 @@ def test_mismatched_model_is_refused_naming_entries(trained_on_4):
 
 
 def test_config_differences_names_fields_and_ignores_json_lists():
-  config = quickstart.get_config()
+  config = tiny_config()
   saved = json.loads(json.dumps(config.to_dict()))  # tuples became lists
   assert checkpointing.config_differences(saved, config) == []
   saved['optim']['learning_rate'] = 0.3
@@ -227,7 +225,6 @@ def test_a_killed_save_is_never_taken_for_a_checkpoint(trained_on_4, tmp_path):
   np.testing.assert_array_equal(
     variables['params']['classifier']['bias'], saved['params/classifier/bias']
   )
-  from train_lib_test import tiny_config  # pylint: disable=g-import-not-at-top
 
   manager = checkpointing.create_manager(str(copy), tiny_config())
   assert manager.latest_step() == 3

@@ -8,13 +8,13 @@ from fake_data import NUM_TEST
 from fake_data import NUM_TRAIN
 from fake_data import make_idx_dir
 from fake_data import run_on_fake_devices
+from fake_data import tiny_config
 import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
-from configs import quickstart
+from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
 from mnv2_flax import input_pipeline as ip
 from mnv2_flax import train_lib
@@ -24,11 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(data_dir, **data):
-  config = quickstart.get_config()
-  config.data.data_dir = data_dir
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 8
-  config.data.shuffle_buffer = 64
+  config = tiny_config(data_dir)
   config.data.update(data)
   return config
 
@@ -156,10 +152,11 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np, tensorflow_datasets as tfds
     sys.path.insert(0, {root!r})
-    from configs import quickstart
+    sys.path.insert(0, {tests!r})
+    from fake_data import tiny_config
     from mnv2_flax import input_pipeline as ip
     import jax
-    config = quickstart.get_config()
+    config = tiny_config()
     config.data.data_dir = {data_dir!r}
     config.data.eval_batch_size = 2 * jax.device_count()
     config.data.batch_size = 2 * jax.device_count()
@@ -194,7 +191,10 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
 def test_eval_counts_every_example_once_fake_devices(data_dirs, devices):
   _, data_dir = data_dirs
   out = run_on_fake_devices(
-    _FAKE_DEVICES_SCRIPT.format(root=ROOT, data_dir=data_dir), devices
+    _FAKE_DEVICES_SCRIPT.format(
+      root=ROOT, tests=os.path.dirname(__file__), data_dir=data_dir
+    ),
+    devices,
   )
   assert out['devices'] == devices
   for processes in ('1', '2'):
@@ -228,7 +228,7 @@ def test_prefetch_to_device(data_dirs):
 
 
 def test_imagenet_under_mock_data():
-  config = default.get_config()
+  config = defaults.get_config()
   config.data.data_dir = os.path.join(TESTDATA, 'tfds')
   config.data.batch_size = config.data.eval_batch_size = 4
   config.data.image_size = 64
@@ -298,7 +298,7 @@ def test_error_bad_idx_file_writes_nothing(tmp_path, damage, words):
 
 
 def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path):
-  config = default.get_config()
+  config = defaults.get_config()
   config.data.data_dir = str(tmp_path)
   with pytest.raises(ip.DataError) as error:
     ip.get_builder(config)
@@ -343,8 +343,8 @@ def test_error_batch_not_positive(data_dirs):
   reason='Debian package dataset-fashion-mnist not installed',
 )
 def test_real_fashion_mnist_from_the_debian_package(tmp_path):
-  config = quickstart.get_config()
-  config.data.data_dir = str(tmp_path)
+  config = tiny_config(str(tmp_path))
+  config.data.eval_batch_size = 500
   builder = ip.get_builder(config)
   assert ip.dataset_meta(builder, config) == ip.DatasetMeta(10, 60_000, 10_000)
   batch = first_batches(ip.create_eval_dataset(builder, config), 1)[0]

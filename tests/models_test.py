@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnv2_flax import batch_norm
 from mnv2_flax import models
 
 # 1-based indices of the blocks with a bottleneck residual in the paper's
@@ -260,16 +259,13 @@ def test_expansion_shortcut_connects_expanded_layers(shortcut, receivers):
       v,
       x,
       mutable=['intermediates'],
-      capture_intermediates=lambda m, n: isinstance(
-        m, (nn.BatchNorm, batch_norm.BatchNorm)
-      ),
+      capture_intermediates=lambda m, n: isinstance(m, nn.BatchNorm),
     )
   )(variables, x)
   inter = state['intermediates']
   connected = []
   for i in range(2, 18):
     block = inter[f'block_{i:02d}']
-    # The fused BatchNorm's output is after its ReLU6 already (idempotent).
     own = nn.relu6(block['expand_bn']['__call__'][0])
     extra = block['expanded'][0] - own
     if np.abs(extra).max() > 0:

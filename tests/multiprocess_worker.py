@@ -23,7 +23,7 @@ def main(data_dir, workdir, process_id, num_processes, port, out=None):
   if num_processes > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes, process_id)
-  from train_lib_test import tiny_config
+  from fake_data import tiny_config
 
   from mnv2_flax import checkpointing
   from mnv2_flax import train_lib

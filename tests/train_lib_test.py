@@ -11,40 +11,18 @@ import textwrap
 
 import chex
 from fake_data import run_on_fake_devices
+from fake_data import tiny_config
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import quickstart
 from mnv2_flax import checkpointing
-from mnv2_flax import compilation_cache
-from mnv2_flax import evaluate
 from mnv2_flax import train_lib
 
 # First-step loss for seed 0 (TF-slim init, width 0.35, res 32, float32, CPU).
 GOLDEN_FIRST_LOSS = 4.347808
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir=None, **train):
-  config = quickstart.get_config()
-  config.data.data_dir = data_dir
-  config.data.batch_size = 8
-  config.data.eval_batch_size = 8
-  config.data.shuffle_buffer = 64
-  config.model.dropout_rate = 0.0
-  # The plain network at width 0.35: the golden loss and the suite's time are
-  # for it.
-  config.model.width_multiplier = 0.35
-  config.model.output_stride = None
-  config.train.log_every_steps = 2
-  config.train.eval_every_steps = 1000
-  config.checkpoint.every_steps = 2
-  config.checkpoint.async_save = False
-  config.train.compilation_cache_dir = ''
-  config.train.update(train)
-  return config
 
 
 def _state_and_step(config, axis_name=None):
@@ -90,7 +68,8 @@ _PMAP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update('jax_disable_most_optimizations', True)
-    from train_lib_test import tiny_config, _fixed_batch
+    from fake_data import tiny_config
+    from train_lib_test import _fixed_batch
     from mnv2_flax import train_lib
     config = tiny_config()
     model = train_lib.create_model(config, 10)
@@ -270,11 +249,7 @@ def test_adamw_decay_is_decoupled_and_masked():
     ('train.num_epochs', 0.0, 'config.train.num_epochs=0.0'),
     ('data.batch_size', 0, 'config.data.batch_size=0'),
     ('data.image_size', 8, 'config.data.image_size=8'),
-    (
-      'train.compile_in_subprocess',
-      None,
-      'config.train.compile_in_subprocess=None',
-    ),
+    ('train.cpu_fast_path', None, 'config.train.cpu_fast_path=None'),
   ],
 )
 def test_config_errors(field, value, words):
@@ -307,100 +282,102 @@ def _count_compiles(run):
   return result, compiled
 
 
-def test_train_and_evaluate_end_to_end_and_resume(data_dirs, tmp_path, caplog):
+@pytest.fixture(scope='module')
+def full_run(data_dirs, tmp_path_factory):
+  """10 steps (40 examples, batch 8, 2 epochs), evaluating at step 5 too.
+
+  Returns (config, result, workdir, names of the programs compiled).
+  """
   _, data_dir = data_dirs
-  # 40 examples, batch 8: 5 steps an epoch, 10 steps in all.
-  config = tiny_config(data_dir, num_epochs=2.0)
+  config = tiny_config(data_dir, num_epochs=2.0, eval_every_steps=5)
   config.checkpoint.every_steps = 5
-  # A child process compiles the init, train-step and (evaluating at step 5)
-  # eval-step programs into a fresh cache; this process loads them.
-  config.train.eval_every_steps = 5
-  config.train.compilation_cache_dir = str(tmp_path / 'cache')
-  assert config.train.compile_in_subprocess
-  suite_cache = jax.config.jax_compilation_cache_dir
-  caplog.set_level(logging.INFO)
-  try:
-    result, compiled = _count_compiles(
-      lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'full'))
-    )
-  finally:
-    compilation_cache.enable_dir(suite_cache)
-  assert 'Programs compiled in a child process' in caplog.text
-  for step in ('Train step', 'Eval step'):
-    assert f'{step} loaded from the persistent compilation cache' in (
-      caplog.text
-    )
-  # The train step once (not again for the state the first step returns),
-  # the eval step once.
-  assert compiled.count('jit(_fun)') == 2, compiled
-  assert result['num_examples'] == 23
-  assert 0.0 <= result['top1'] <= 1.0 and 'ema_top5' in result
-  assert result['steps'] == 10 and result['macs'] > 0
-  workdir = tmp_path / 'full'
+  workdir = tmp_path_factory.mktemp('full')
+  result, compiled = _count_compiles(
+    lambda: train_lib.train_and_evaluate(config, str(workdir))
+  )
+  return config, result, workdir, compiled
+
+
+def test_a_run_writes_results_stats_events_and_checkpoints(full_run):
+  _, result, workdir, _ = full_run
+  assert result['num_examples'] == 23 and result['finished']
+  assert 0.0 <= result['top1'] <= 1.0 and 'ema_flip_top5' in result
+  assert result['steps'] == result['completed_steps'] == 10
+  assert result['macs'] > 0 and result['images_per_second'] > 0
+  assert json.loads((workdir / 'results.json').read_text()) == result
   assert glob.glob(str(workdir / 'events.out.tfevents.*'))
-  assert (
-    json.loads((workdir / 'model_stats.json').read_text())['params']
-    == result['params']
-  )
-  assert (
-    sorted(
-      int(p.name)
-      for p in (workdir / 'checkpoints').iterdir()
-      if p.name.isdigit()
-    )[-1]
-    == 10
-  )
+  stats = json.loads((workdir / 'model_stats.json').read_text())
+  assert stats['params'] == result['params']
+  steps = [p.name for p in (workdir / 'checkpoints').iterdir()]
+  assert sorted(int(s) for s in steps if s.isdigit()) == [5, 10]
 
-  # Interrupted after 6 steps, then the same command again; compiled in this
-  # process (no child): the train step once.
-  interrupted = tmp_path / 'interrupted'
-  config.train.compilation_cache_dir = ''
+
+def test_a_run_compiles_each_step_once(full_run):
+  # The train step once (not again for the state the first step returns),
+  # the eval step once (ahead of time, as the run evaluates at step 5).
+  *_, compiled = full_run
+  assert compiled.count('jit(_fun)') == 2, compiled
+
+
+def test_a_finished_run_is_not_run_again(full_run, caplog):
+  config, result, workdir, _ = full_run
+  caplog.set_level(logging.INFO)
+  again = train_lib.train_and_evaluate(config, str(workdir))
+  assert again == result and 'Already finished' in caplog.text
+
+
+@pytest.fixture(scope='module')
+def resumed_run(data_dirs, full_run, tmp_path_factory):
+  """The full run's config stopped after step 6, then run again.
+
+  Returns (workdir, log of the second run).
+  """
+  config = full_run[0].copy_and_resolve_references()
   config.train.eval_every_steps = 1000
+  workdir = tmp_path_factory.mktemp('interrupted')
   config.train.stop_after_step = 6
-  partial, compiled = _count_compiles(
-    lambda: train_lib.train_and_evaluate(config, str(interrupted))
-  )
-  assert compiled.count('jit(_fun)') == 1, compiled
-  assert partial['steps'] == 10  # planned; stopped early
-  assert (
-    checkpointing.create_manager(str(interrupted), config).latest_step() == 6
-  )
-  # Resumed with a child compile into a fresh cache: the restored state
-  # lowers the same train step as the child's fresh one (a weakly typed step
-  # in the fresh state once made every resume compile in-process).
+  partial = train_lib.train_and_evaluate(config, str(workdir))
+  assert partial['completed_steps'] == 6 and not partial['finished']
   config.train.stop_after_step = 0
-  config.train.compilation_cache_dir = str(tmp_path / 'cache_resume')
-  caplog.clear()
+  logger = logging.getLogger('absl')
+  records = []
+  handler = logging.Handler()
+  handler.emit = lambda record: records.append(record.getMessage())
+  logger.addHandler(handler)
+  level = logger.level
+  logger.setLevel(logging.INFO)
   try:
-    train_lib.train_and_evaluate(config, str(interrupted))
+    train_lib.train_and_evaluate(config, str(workdir))
   finally:
-    compilation_cache.enable_dir(suite_cache)
-  assert 'Resuming from step 6' in caplog.text
-  assert 'Train step loaded from the persistent compilation cache' in (
-    caplog.text
-  )
-  # The fields this test changed, named (and only them: the config's tuples
-  # equal the lists they were saved as).
-  assert (
-    "differs from the saved one: config.train.compilation_cache_dir: '' -> "
-    in caplog.text
-  )
-  assert "cache_resume'; config.train.stop_after_step: 6 -> 0.\n" in (
-    caplog.text
-  )
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+  return workdir, '\n'.join(records)
+
+
+def test_an_interrupted_run_resumes_to_the_same_parameters(
+  full_run, resumed_run
+):
+  workdir, log = resumed_run
+  assert 'Resuming from step 6 of 10' in log
   chex.assert_trees_all_close(
-    _final_params(interrupted), _final_params(workdir), rtol=1e-6, atol=1e-6
+    _final_params(workdir), _final_params(full_run[2]), rtol=1e-6, atol=1e-6
   )
 
-  # `python -m mnv2_flax.evaluate` gives the run's own final metrics, also for
-  # a checkpoint whose saved config predates a field (default filled in).
-  config_file = workdir / 'checkpoints' / '10' / 'config' / 'metadata'
-  saved = json.loads(config_file.read_text())
-  del saved['model']['shortcut']
-  config_file.write_text(json.dumps(saved))
-  metrics = evaluate.evaluate_checkpoint(str(workdir), data_dir=data_dir)
-  assert metrics['top1'] == result['top1']
-  assert metrics['ema_top1'] == result['ema_top1']
+
+def test_a_resumed_run_loads_the_train_step_from_the_cache(resumed_run):
+  # A restored state lowers the same train step as a fresh one: with a weakly
+  # typed step in the fresh state every resume once compiled it again.
+  _, log = resumed_run
+  assert 'Train step loaded from the persistent compilation cache' in log
+
+
+def test_a_resume_names_the_config_fields_that_changed(resumed_run):
+  # Only the field this test changed: the config's tuples equal the lists
+  # they were saved as.
+  _, log = resumed_run
+  assert (
+    'differs from the saved one: config.train.stop_after_step: 6 -> 0.' in (log)
+  )
 
 
 def test_nan_loss_stops_with_a_clear_error(data_dirs, tmp_path):

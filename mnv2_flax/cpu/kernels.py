@@ -3,7 +3,7 @@
 The library is compiled on first use with the system's C++ compiler (`$CXX`,
 else `c++` or `g++`) against the XLA FFI headers that jaxlib ships, for this
 machine's CPU (`-march=native`), and cached under
-`$MNV2_FLAX_NATIVE_DIR` (default `~/.cache/mnv2_flax/native`) in a file named
+`$XDG_CACHE_HOME/mnv2_flax/kernels` (default `~/.cache/...`) in a file named
 by a hash of the sources, the flags, the jaxlib version and the CPU; a second
 process loads it in milliseconds. Without a compiler (or if the build fails)
 `load()` returns None with one warning, and callers fall back to the pure-JAX
@@ -39,9 +39,8 @@ def _sources() -> list[str]:
 
 
 def cache_dir() -> str:
-  return os.path.expanduser(
-    os.environ.get('MNV2_FLAX_NATIVE_DIR', '~/.cache/mnv2_flax/native')
-  )
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  return os.path.join(root, 'mnv2_flax', 'kernels')
 
 
 def _compiler() -> str | None:
@@ -93,18 +92,12 @@ def _build(compiler: str, path: str) -> None:
 
 @functools.cache
 def load() -> ctypes.CDLL | None:
-  """The compiled kernels, registered with XLA's CPU backend; None if none.
-
-  Set `MNV2_FLAX_NATIVE=0` to skip them (the pure-JAX path is used).
-  """
-  if os.environ.get('MNV2_FLAX_NATIVE', '1') == '0':
-    return None
+  """The compiled kernels, registered with XLA's CPU backend; None if none."""
   compiler = _compiler()
   if compiler is None:
     logging.warning(
-      'No C++ compiler (set CXX): the native CPU kernels are off; '
-      "depthwise_impl='auto' uses the slower 'shift' path and BatchNorm "
-      'its jax.numpy statistics.'
+      'No C++ compiler (set CXX): the native CPU kernels are off; the '
+      'CPU layers use their slower pure-JAX paths.'
     )
     return None
   path = library_path(compiler)

@@ -11,22 +11,20 @@ the buffer again on first touch: 5.5 million minor page faults in 12 steps at
 (`M_ARENA_MAX=1`: the worker threads that free and allocate the buffer share
 it), no `mmap` for large blocks (`M_MMAP_MAX=0`) and no trimming of the heap
 top (`M_TRIM_THRESHOLD`), so a freed step buffer is reused by the next step.
-Measured with `python -m mnv2_flax.benchmark` (2 cores, float32 train steps,
-median step): width 0.35 / 32 pixels / batch 128 / output stride 8 81.5 ->
-52.0 ms, width 1.0 / 224 / batch 32 1,000 -> 704 ms, for about 1 GB more
-peak RSS at 224 (freed memory is kept, not returned). The same is possible
-with `GLIBC_TUNABLES` only when set before the process starts.
+Quickstart train step (medians of 3 alternating runs, 2026-11-30): 78.5 ms
+with it, 104.0 ms without; about 1 GB more peak RSS at 224 pixels (freed
+memory is kept). `GLIBC_TUNABLES` does the same only if set before the
+process starts.
 
 It must run before JAX creates its CPU client (threads that already own an
-arena keep it). Entry points (`train.py`, `mnv2_flax.benchmark`,
-`mnv2_flax.evaluate`, `mnv2_flax.sweep`) call it first; a library user
-calls it at the top of their own script. `MNV2_FLAX_MALLOC=0` turns it off.
-Outside Linux with glibc it does nothing.
+arena keep it): applied after, the same step took 106.9 ms. Entry points
+(`train.py`, `mnv2_flax.benchmark`, `mnv2_flax.evaluate`, `mnv2_flax.sweep`)
+call it first through `mnv2_flax.cpu.configure_host()`, which
+`MNV2_FLAX_CPU=0` turns off. Outside Linux with glibc it does nothing.
 """
 
 import ctypes
 import functools
-import os
 import platform
 
 # glibc's <malloc.h>.
@@ -40,8 +38,6 @@ _NEVER_TRIM = 2**31 - 1
 @functools.cache
 def configure() -> bool:
   """Applies the settings once per process; True if they were applied."""
-  if os.environ.get('MNV2_FLAX_MALLOC', '1') == '0':
-    return False
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
   try:

@@ -1,4 +1,4 @@
-"""host_malloc: a freed large block is reused, not mapped and faulted again."""
+"""cpu.configure_host: a freed large block is reused, not faulted again."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 # (ctypes, not numpy: numpy asks for transparent huge pages on its own.)
 _PROBE = """
 import ctypes, json, resource
-from mnv2_flax import host_malloc
-applied = host_malloc.configure()
+from mnv2_flax import cpu
+applied = cpu.configure_host()
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.skipif(
 def _probe(enabled: str):
   result = subprocess.run(
     [sys.executable, '-c', _PROBE],
-    env={**os.environ, 'MNV2_FLAX_MALLOC': enabled},
+    env={**os.environ, 'MNV2_FLAX_CPU': enabled},
     capture_output=True,
     text=True,
     check=True,

@@ -9,9 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnv2_flax import depthwise
+from mnv2_flax import cpu
 from mnv2_flax import models
-from mnv2_flax import native
+from mnv2_flax.cpu import depthwise
+from mnv2_flax.cpu import kernels
+
+needs_kernels = pytest.mark.skipif(
+  not kernels.available(),
+  reason='the C++ kernels did not build here (no C++ compiler on PATH?)',
+)
 
 # Each fast path with lax.conv_general_dilated's signature.
 FAST_CONVS = {
@@ -38,7 +44,9 @@ def _grouped(x, k, strides, padding, dilation=(1, 1)):
   )
 
 
-@pytest.mark.parametrize('impl', sorted(FAST_CONVS))
+@pytest.mark.parametrize(
+  'impl', ['shift', pytest.param('native', marks=needs_kernels)]
+)
 @pytest.mark.parametrize(
   'size, strides, padding, kernel, dilation',
   [
@@ -114,10 +122,8 @@ def _depthwise_fn(impl, strides=(1, 1), dilation=(1, 1)):
   )
 
 
-def test_native_kernel_is_built_and_runs_forward_and_backward():
-  assert native.available(), (
-    'the C++ kernel did not build: is a C++ compiler (g++) installed?'
-  )
+@needs_kernels
+def test_native_kernel_runs_forward_and_backward():
   conv = _depthwise_fn('native')
   x, k = jnp.ones((1, 5, 5, 24)), jnp.ones((3, 3, 1, 24))
   assert _custom_calls(conv, x, k) == {'mnv2_depthwise_forward'}
@@ -128,6 +134,7 @@ def test_native_kernel_is_built_and_runs_forward_and_backward():
   }
 
 
+@needs_kernels
 @pytest.mark.parametrize('strides, dilation', [(1, 1), (2, 1), (1, 2)])
 def test_native_kernel_on_maps_split_across_threads(strides, dilation):
   """Rows come in several chunks, the kernel gradient in 16 partial sums."""
@@ -151,6 +158,7 @@ def test_native_kernel_on_maps_split_across_threads(strides, dilation):
     np.testing.assert_array_equal(g, again)
 
 
+@needs_kernels
 def test_native_is_float32_only_and_vmaps():
   conv = _depthwise_fn('native')
   x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 24))
@@ -195,22 +203,49 @@ def test_non_depthwise_falls_back_to_lax():
   )
 
 
-def test_resolve_auto_per_backend():
-  cpu = 'native' if native.available() else 'shift'
-  assert depthwise.resolve('auto') == (
-    cpu if jax.default_backend() == 'cpu' else 'xla'
-  )
-  assert depthwise.resolve('xla') == 'xla'
+def test_conv_general_dilated_routes_each_conv_of_the_model():
+  """Depthwise to the C++ kernel (or shift), 1x1 to a matmul, rest to lax."""
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  x = jnp.ones((1, 6, 6, 4))
+
+  def primitives(k, groups, strides=(1, 1)):
+    jaxpr = jax.make_jaxpr(
+      lambda x, k: depthwise.conv_general_dilated(
+        x, k, strides, 'SAME', dimension_numbers=dn, feature_group_count=groups
+      )
+    )(x, k)
+    return {e.primitive.name for e in jaxpr.eqns}
+
+  depthwise_call = primitives(jnp.ones((3, 3, 1, 4)), 4)
+  assert 'custom_vjp_call' in depthwise_call, depthwise_call
+  assert 'conv_general_dilated' not in depthwise_call
+  assert 'custom_vjp_call' in primitives(jnp.ones((1, 1, 4, 8)), 1)
+  # The stem's dense 3x3 conv and a strided 1x1 conv.
+  for k in (jnp.ones((3, 3, 4, 8)), jnp.ones((1, 1, 4, 8))):
+    assert primitives(k, 1, (2, 2)) == {'conv_general_dilated'}
 
 
+def test_layers_only_on_the_cpu_backend_and_switched_off_by_env(monkeypatch):
+  layers = cpu.layers()
+  assert set(layers) == {'conv', 'norm_act'}
+  # The same objects every call: two models built alike compare equal.
+  assert cpu.layers() == layers
+  monkeypatch.setenv(cpu.ENV_VAR, '0')
+  assert cpu.layers() == {}
+  monkeypatch.delenv(cpu.ENV_VAR)
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert cpu.layers() == {}
+
+
+@pytest.mark.parametrize('kernels_built', [True, False])
 @pytest.mark.parametrize('padding', ['tf', 'torch'])
-def test_models_agree_across_impls(padding):
+def test_models_agree_with_flax_layers(padding, kernels_built, monkeypatch):
+  if kernels_built and not kernels.available():
+    pytest.skip('the C++ kernels did not build here')
+  if not kernels_built:
+    monkeypatch.setattr(kernels, 'available', lambda: False)
   model = models.MobileNetV2(
-    num_classes=10,
-    width_multiplier=0.35,
-    padding=padding,
-    depthwise_impl='xla',
-    dropout_rate=0.0,
+    num_classes=10, width_multiplier=0.35, padding=padding, dropout_rate=0.0
   )
   x = jax.random.uniform(jax.random.key(0), (2, 35, 40, 3), minval=-1)
   variables = jax.jit(model.init)(jax.random.key(1), x)
@@ -219,7 +254,7 @@ def test_models_agree_across_impls(padding):
 
   def loss(model, params):
     # Eval-mode BN keeps the function well conditioned for comparing grads;
-    # the op-level test above covers the gradient of the conv itself.
+    # the op-level tests cover the gradients of the layers themselves.
     logits = model.apply({**variables, 'params': params}, x, train=False)
     return jnp.sum(logits * cotangent), logits
 
@@ -230,22 +265,23 @@ def test_models_agree_across_impls(padding):
   # analytically zero (a BN bias followed, through a conv, by another BN)
   # and only rounding noise remains in them.
   scale = max(float(np.abs(r).max()) for r in jax.tree.leaves(ref_grads))
-  for impl in FAST_CONVS:
-    fast = model.clone(depthwise_impl=impl)
-    (_, out), grads = jax.jit(
-      jax.value_and_grad(functools.partial(loss, fast), has_aux=True)
-    )(variables['params'])
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
-    for g, r in zip(
-      jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
-    ):
-      np.testing.assert_allclose(
-        g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()) + 1e-5 * scale
-      )
-    # Same parameter tree whichever implementation runs.
-    assert jax.tree.structure(
-      jax.eval_shape(fast.init, jax.random.key(1), x)
-    ) == jax.tree.structure(variables)
+  fast = model.clone(**cpu.layers())
+  (_, out), grads = jax.jit(
+    jax.value_and_grad(functools.partial(loss, fast), has_aux=True)
+  )(variables['params'])
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+  for g, r in zip(
+    jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
+  ):
+    np.testing.assert_allclose(
+      g, r, rtol=1e-3, atol=1e-4 * float(np.abs(r).max()) + 1e-5 * scale
+    )
+  # The same variables (names, shapes) whichever layers run.
+  assert jax.tree.structure(
+    jax.eval_shape(fast.init, jax.random.key(1), x)
+  ) == jax.tree.structure(variables)
+  calls = _custom_calls(lambda p: loss(fast, p)[1], variables['params'])
+  assert bool(calls) == kernels_built, calls
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((0, 0), (0, 0))])

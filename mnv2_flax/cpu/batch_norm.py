@@ -13,15 +13,16 @@ value and the ReLU6 mask, and is two reductions and one elementwise pass:
   g = dy * [0 < z < 6]
   dx = scale / sigma * (g - mean(g) - x_hat * mean(g * x_hat))
 
-with the means over the whole (cross-device) batch. On CPU (where
-`mnv2_flax.native` built csrc/batch_norm_cpu.cc) the batch statistics and the
-backward's two sums are C++ custom calls that only read their inputs: with
-them a 224-pixel train step took 1,022 instead of 1,327 ms on 2 cores (XLA
-wrote x - mean and the masked gradient as full-size temporaries). Equal to
-`nn.BatchNorm` in outputs, updated statistics and gradients up to float
-rounding (tests/batch_norm_test.py).
+with the means over the whole (cross-device) batch. Where `kernels` built
+csrc/batch_norm_cpu.cc, the batch statistics and the backward's two sums are
+C++ custom calls that only read their inputs (XLA wrote x - mean and the
+masked gradient as full-size temporaries). Quickstart train step (medians of
+3 alternating runs, 2026-11-30): 78.5 ms with it, 96.0 ms with `nn.BatchNorm`
++ `nn.relu6`. Equal to `nn.BatchNorm` in outputs, updated statistics and
+gradients up to float rounding (tests/cpu/batch_norm_test.py).
 """
 
+from collections.abc import Callable
 import functools
 from typing import Any
 
@@ -31,9 +32,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_flax import native
+from mnv2_flax.cpu import kernels
 
-ACTIVATIONS = (None, 'relu6')
 _AXES = (0, 1, 2)
 
 
@@ -64,10 +64,10 @@ def _mean(x, axis_name):
 
 
 def _use_native():
-  """The C++ batch sums (csrc/batch_norm_cpu.cc): on CPU, if built. They
-  read the float32 copy of x that both passes work on, so bfloat16 inputs
-  take them too."""
-  return jax.default_backend() == 'cpu' and native.available()
+  """The C++ batch sums (csrc/batch_norm_cpu.cc), where they were built.
+  They read the float32 copy of x that both passes work on, so bfloat16
+  inputs take them too."""
+  return kernels.available()
 
 
 def _channel_shapes(x, count):
@@ -162,7 +162,7 @@ class BatchNorm(nn.Module):
   """`nn.BatchNorm` over NHWC's channels with ReLU6 optionally fused.
 
   Attributes follow `nn.BatchNorm` (`use_fast_variance=False`); `activation`
-  is None or 'relu6'.
+  is None or `jax.nn.relu6` (`nn.relu6`), as `models.batch_norm_act` takes.
   """
 
   use_running_average: bool | None = None
@@ -171,15 +171,17 @@ class BatchNorm(nn.Module):
   dtype: Any = None
   param_dtype: Any = jnp.float32
   axis_name: str | None = None
-  activation: str | None = None
+  activation: Callable[[jax.Array], jax.Array] | None = None
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
-    if self.activation not in ACTIVATIONS:
+    if self.activation not in (None, jax.nn.relu6):
       raise ValueError(
-        f'activation={self.activation!r} is not valid; expected one of '
-        f'{ACTIVATIONS}.'
+        f'activation={self.activation!r} is not valid; expected None or '
+        'nn.relu6.'
       )
+    activation = None if self.activation is None else 'relu6'
+
     use_running_average = nn.merge_param(
       'use_running_average', self.use_running_average, use_running_average
     )
@@ -200,12 +202,19 @@ class BatchNorm(nn.Module):
     if use_running_average:
       mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
       z = (x.astype(jnp.float32) - ra_mean.value) * mul + bias
-      return _apply_act(z, self.activation).astype(dtype)
+      return _apply_act(z, activation).astype(dtype)
     y, mean, var = batch_norm_train(
-      x, scale, bias, self.epsilon, self.axis_name, self.activation, dtype
+      x, scale, bias, self.epsilon, self.axis_name, activation, dtype
     )
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * mean
       ra_var.value = m * ra_var.value + (1 - m) * var
     return y
+
+
+def batch_norm_act(
+  *, activation: Callable[[jax.Array], jax.Array] | None = None, **kwargs: Any
+) -> BatchNorm:
+  """`models.batch_norm_act`'s contract with ReLU6 fused into the BatchNorm."""
+  return BatchNorm(activation=activation, **kwargs)

@@ -1,0 +1,62 @@
+"""Fast paths for XLA's CPU backend, plugged into the model in one place.
+
+Nothing here changes what the network computes, only how fast XLA's CPU
+backend runs it; the model (`models.py`) and the loop (`train_lib.py`) do not
+know it. The layers enter through `layers()`, called by
+`train_lib.create_model` when `config.train.cpu_fast_path` is on (the
+default), and only on the CPU backend. The allocator settings must precede
+JAX's CPU client, so the command-line entry points call `configure_host()`
+before anything else. `MNV2_FLAX_CPU=0` in the environment turns both off.
+
+  cpu.configure_host()  # first thing in a script, before JAX runs anything
+  model = models.MobileNetV2(num_classes=10, **cpu.layers())
+
+Where the C++ kernels cannot be built (no compiler), one warning is logged
+and the pure-JAX versions of the same layers run. What each piece buys:
+docs/performance_cpu.md.
+"""
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from mnv2_flax.cpu import batch_norm
+from mnv2_flax.cpu import depthwise
+from mnv2_flax.cpu import host_malloc
+
+ENV_VAR = 'MNV2_FLAX_CPU'
+
+# One object each, so that models built twice compare (and hash) equal.
+_CONV = functools.partial(
+  nn.Conv, conv_general_dilated=depthwise.conv_general_dilated
+)
+
+
+def configure_host() -> bool:
+  """glibc malloc settings that let XLA:CPU reuse its step buffers.
+
+  No-op with `MNV2_FLAX_CPU=0`, outside Linux/glibc, or once JAX has
+  started (it must run first); True if applied. See `host_malloc`.
+  """
+  if os.environ.get(ENV_VAR, '1') == '0':
+    return False
+  return host_malloc.configure()
+
+
+def enabled() -> bool:
+  """On the CPU backend, unless `MNV2_FLAX_CPU=0`."""
+  return os.environ.get(ENV_VAR, '1') != '0' and jax.default_backend() == 'cpu'
+
+
+def layers() -> dict[str, Any]:
+  """`MobileNetV2` fields for the CPU: `conv` and `norm_act`.
+
+  Returns {} (Flax's layers) where `enabled()` is False. Variables, their
+  names and the results are those of Flax's layers, up to float rounding.
+  """
+  if not enabled():
+    return {}
+  return dict(conv=_CONV, norm_act=batch_norm.batch_norm_act)

@@ -1,0 +1,77 @@
+"""`mnv2_flax.evaluate`: a checkpoint's own metrics, defaults, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+from fake_data import tiny_config
+import pytest
+from train_lib_test import ROOT
+
+from mnv2_flax import evaluate
+from mnv2_flax import train_lib
+
+
+@pytest.fixture(scope='module')
+def trained(data_dirs, tmp_path_factory):
+  """5 steps (one epoch), checkpoints at 4 and 5; (workdir, result)."""
+  _, data_dir = data_dirs
+  config = tiny_config(data_dir, num_epochs=1.0)
+  config.checkpoint.every_steps = 4
+  workdir = tmp_path_factory.mktemp('trained')
+  return workdir, train_lib.train_and_evaluate(config, str(workdir))
+
+
+def test_evaluates_a_workdir_to_its_final_metrics(trained, data_dirs):
+  workdir, result = trained
+  metrics = evaluate.evaluate_checkpoint(str(workdir), data_dir=data_dirs[1])
+  for key in ('top1', 'ema_top1', 'flip_top1', 'loss', 'num_examples'):
+    assert metrics[key] == result[key], key
+
+
+def test_a_step_and_a_step_directory_select_that_checkpoint(trained):
+  workdir, _ = trained
+  by_step = evaluate.evaluate_checkpoint(str(workdir), step=4)
+  by_dir = evaluate.evaluate_checkpoint(str(workdir / 'checkpoints' / '4'))
+  assert by_step == by_dir
+  final = evaluate.evaluate_checkpoint(str(workdir))
+  assert by_step['loss'] != final['loss']
+
+
+def test_fields_an_older_config_lacks_take_their_defaults(trained):
+  workdir, result = trained
+  config_file = workdir / 'checkpoints' / '5' / 'config' / 'metadata'
+  original = config_file.read_text()
+  saved = json.loads(original)
+  del saved['model']['shortcut']
+  del saved['data']['eval_flip_average']
+  config_file.write_text(json.dumps(saved))
+  try:
+    metrics = evaluate.evaluate_checkpoint(str(workdir))
+  finally:
+    config_file.write_text(original)
+  # Defaults: the paper's shortcut; no flip-averaged metrics.
+  assert metrics['top1'] == result['top1']
+  assert 'flip_top1' not in metrics
+
+
+def test_cli_prints_metrics_or_one_error_line(trained, tmp_path):
+  workdir, result = trained
+
+  def cli(path):
+    return subprocess.run(
+      [sys.executable, '-m', 'mnv2_flax.evaluate', f'--workdir={path}'],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+      cwd=ROOT,
+    )
+
+  ok = cli(workdir)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert json.loads(ok.stdout)['top1'] == result['top1']
+  missing = cli(tmp_path / 'nowhere')
+  assert missing.returncode == 1
+  assert 'error: No checkpoint directory at' in missing.stderr
+  assert 'Traceback' not in missing.stderr
