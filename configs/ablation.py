@@ -1,49 +1,31 @@
 """The paper's ablations: width x resolution (Fig. 5) and the Fig. 6 variants.
 
-One point, for train.py or a scheduler:
-
-  python train.py --config=configs/ablation.py:width=0.5,res=48 --workdir=...
-
-A whole sweep (see mnv2_flax/sweep.py):
-
   python -m mnv2_flax.sweep --config=configs/ablation.py:fashion_mnist \
       --root=sweeps/fashion_mnist
+  python train.py --config=configs/ablation.py:width=0.5,res=48 --workdir=...
 
-Point arguments (comma-separated `key=value`, all optional):
-  data        'fashion_mnist' (default: the quickstart's optimiser, output
-              stride 32, batch 256) or 'imagenet'
-              (the TF-slim recipe of configs/default.py)
-  width       config.model.width_multiplier
-  res         config.data.image_size
-  bottleneck  'linear' (the design) or 'relu6' (Fig. 6a)
-  shortcut    'bottleneck' (the design), 'expansion' or 'none' (Fig. 6b)
-  expand      the expansion ratio t (6 in the paper)
-  epochs      config.train.num_epochs
-  seed        config.seed
-
-Sweeps (`get_sweep(arg)`, arg = a sweep name, then optional point arguments
-that every point shares, e.g. `fashion_mnist,epochs=2`):
-  fashion_mnist  widths 0.35, 0.5, 0.75 x resolutions 32, 48, 1 epoch each
-                 (the default; 7.5 minutes on a 2-core CPU, see README)
-  imagenet       the paper's grid: widths 0.35, 0.5, 0.75, 1.0 at 96, 128, 160,
-                 192, 224, plus 1.4 at 224 (21 points)
-  bottleneck     Fig. 6a: linear vs ReLU6 after the projection
-  shortcut       Fig. 6b: shortcut between bottlenecks, expansions, or none
-The Fig. 6 sweeps run on Fashion-MNIST unless `data=imagenet` is given.
+A point is comma-separated `key=value` (KEYS below); a sweep is a name from
+SWEEPS, then point arguments every point shares (`fashion_mnist,epochs=2`).
+Hardware and time: `fashion_mnist` (widths 0.35 / 0.5 / 0.75 x 32 / 48 px,
+1 epoch each) takes 7.5 minutes on a 2-core CPU; its table and figure are in
+docs/sweep_fashion_mnist.md. `imagenet` is the paper's 21-point grid (not run
+here); `bottleneck` and `shortcut` are Fig. 6a and 6b, on Fashion-MNIST
+unless `data=imagenet`.
 """
 
 from configs import default
 from configs import quickstart
 
 KEYS = (
-  'data',
-  'width',
-  'res',
-  'bottleneck',
-  'shortcut',
-  'expand',
-  'epochs',
-  'seed',
+  'data',  # 'fashion_mnist' (quickstart optimiser, output stride 32, batch
+  # 256) or 'imagenet' (the TF-slim recipe of configs/default.py)
+  'width',  # config.model.width_multiplier
+  'res',  # config.data.image_size
+  'bottleneck',  # 'linear' (the design) or 'relu6' (Fig. 6a)
+  'shortcut',  # 'bottleneck' (the design), 'expansion' or 'none' (Fig. 6b)
+  'expand',  # the expansion ratio t (6 in the paper)
+  'epochs',  # config.train.num_epochs
+  'seed',  # config.seed
 )
 DATASETS = ('fashion_mnist', 'imagenet')
 FASHION_MNIST_GRID = dict(widths=(0.35, 0.5, 0.75), resolutions=(32, 48))

@@ -15,6 +15,7 @@ from mnv2_flax.cpu import kernels
 _PROBE = """
 import json, os, re
 import jax, jax.numpy as jnp
+jax.config.update('jax_disable_most_optimizations', True)
 from mnv2_flax import cpu, models
 from mnv2_flax.cpu import kernels
 model = models.MobileNetV2(num_classes=4, width_multiplier=0.35,
