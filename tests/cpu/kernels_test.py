@@ -21,7 +21,7 @@ from mnv2_flax.cpu import kernels
 model = models.MobileNetV2(num_classes=4, width_multiplier=0.35,
                            **cpu.layers())
 x = jnp.ones((2, 32, 32, 3))
-variables = model.init(jax.random.key(0), x)
+variables = jax.jit(model.init)(jax.random.key(0), x)
 def loss(params):
   logits, _ = model.apply({**variables, 'params': params}, x, train=True,
                           mutable=['batch_stats'],
