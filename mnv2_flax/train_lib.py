@@ -219,17 +219,6 @@ def _init_fn(config, model, learning_rate_fn) -> Callable:
   return init
 
 
-# The initialiser's program runs once but is large (a random draw per
-# parameter): on 2 CPU cores XLA compiled it in 17 s at its default
-# optimisation level, in 3-5 s with LLVM's optimisations off. The values are
-# deterministic either way; they differ from the optimised program's by
-# float32 rounding (up to 3e-8).
-_INIT_COMPILER_OPTIONS = {
-  'xla_backend_optimization_level': 0,
-  'xla_llvm_disable_expensive_passes': True,
-}
-
-
 def create_train_state(
   config: ml_collections.ConfigDict,
   model: models.MobileNetV2,
@@ -238,7 +227,8 @@ def create_train_state(
 ) -> TrainState:
   """A freshly initialised state (jit-compiled, on the default device)."""
   init = jax.jit(_init_fn(config, model, learning_rate_fn))
-  return init.lower(rng).compile(compiler_options=_INIT_COMPILER_OPTIONS)(rng)
+  options = cpu.init_compiler_options()
+  return init.lower(rng).compile(compiler_options=options)(rng)
 
 
 def initial_train_state(
