@@ -544,16 +544,18 @@ def _prepare_state_and_steps(
   p_eval_step, device iterator of train batches).
   """
   # On CPU a child process compiles the programs into the persistent cache
-  # and this one loads them (see cpu/precompile.py); None elsewhere.
-  child = precompile.start(
-    'mnv2_flax.train_lib:lower_run_programs',
-    config.train.compilation_cache_dir if config.train.cpu_fast_path else '',
-    config=config,
-    num_classes=model.num_classes,
-    steps_per_epoch=steps_per_epoch,
-    train_batch=input_pipeline.batch_spec(train_ds),
-    eval_batch=input_pipeline.batch_spec(eval_ds) if eval_ds else None,
-  )
+  # and this one loads them (see cpu/precompile.py; None where it cannot help).
+  child = None
+  if config.train.cpu_fast_path:
+    child = precompile.start(
+      'mnv2_flax.train_lib:lower_run_programs',
+      config.train.compilation_cache_dir,
+      config=config,
+      num_classes=model.num_classes,
+      steps_per_epoch=steps_per_epoch,
+      train_batch=input_pipeline.batch_spec(train_ds),
+      eval_batch=input_pipeline.batch_spec(eval_ds) if eval_ds else None,
+    )
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     first = pool.submit(input_pipeline.started, train_ds)
     if child is not None:
@@ -705,11 +707,11 @@ def train_and_evaluate(
   # Loop.
   eval_metrics: dict[str, float] = {}
   train_metrics = []
-  loop_start, eval_seconds, steps_run = time.perf_counter(), 0.0, 0
+  loop_start, eval_seconds, done = time.perf_counter(), 0.0, start_step
   for step in range(start_step, num_steps):
     state, metrics = p_train_step(state, next(train_iter), dropout_rng)
     train_metrics.append(metrics)
-    done, steps_run = step + 1, steps_run + 1
+    done = step + 1
     report_progress(done)
     if done % config.train.log_every_steps == 0 or done == num_steps:
       _log_train(
@@ -743,7 +745,7 @@ def train_and_evaluate(
   manager.wait_until_finished()
   writer.flush()
   completed = manager.latest_step() or 0
-  images = steps_run * config.data.batch_size
+  images = (done - start_step) * config.data.batch_size
   result = dict(
     eval_metrics,
     train_seconds=train_seconds,

@@ -37,13 +37,17 @@ _CONV = functools.partial(
 )
 
 
+def _switched_off() -> bool:
+  return os.environ.get(ENV_VAR, '1') == '0'
+
+
 def configure_host() -> bool:
   """glibc malloc settings that let XLA:CPU reuse its step buffers.
 
   No-op with `MNV2_FLAX_CPU=0`, outside Linux/glibc, or once JAX has
   started (it must run first); True if applied. See `host_malloc`.
   """
-  if os.environ.get(ENV_VAR, '1') == '0':
+  if _switched_off():
     return False
   return host_malloc.configure()
 
@@ -66,7 +70,7 @@ def init_compiler_options() -> dict[str, Any] | None:
 
 def enabled() -> bool:
   """On the CPU backend, unless `MNV2_FLAX_CPU=0`."""
-  return os.environ.get(ENV_VAR, '1') != '0' and jax.default_backend() == 'cpu'
+  return not _switched_off() and jax.default_backend() == 'cpu'
 
 
 def layers() -> dict[str, Any]:

@@ -63,13 +63,6 @@ def _mean(x, axis_name):
   return mean if axis_name is None else _device_mean(mean, axis_name)
 
 
-def _use_native():
-  """The C++ batch sums (csrc/batch_norm_cpu.cc), where they were built.
-  They read the float32 copy of x that both passes work on, so bfloat16
-  inputs take them too."""
-  return kernels.available()
-
-
 def _channel_shapes(x, count):
   return tuple(
     jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32) for _ in range(count)
@@ -84,7 +77,9 @@ def _stats(x, axis_name):
   no temporary), combined across devices exactly for equal per-device counts:
   var = mean_d(var_d + (mean_d - mean)^2).
   """
-  if not _use_native():
+  # The C++ sums (csrc/batch_norm_cpu.cc) where they were built. They read
+  # the float32 copy of x, so bfloat16 inputs take them too.
+  if not kernels.available():
     mean = _mean(x, axis_name)
     return mean, _mean(jnp.square(x - mean), axis_name)
   call = jax.ffi.ffi_call(
@@ -128,7 +123,7 @@ def _backward(epsilon, axis_name, activation, dtype, residuals, cotangents):
     z = centred * mul + bias32
     # jax.nn.relu6's derivative: 1 strictly inside (0, 6), 0 elsewhere.
     g = jnp.where((z > 0) & (z < 6), dy, 0.0)
-  if _use_native():
+  if kernels.available():
     call = jax.ffi.ffi_call(
       'mnv2_batch_norm_grad_sums',
       _channel_shapes(x, 2),

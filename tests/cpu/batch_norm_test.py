@@ -48,7 +48,7 @@ def test_equals_flax_batch_norm(activation, dtype, sums, monkeypatch):
   if sums == 'native' and not kernels.available():
     pytest.skip('the C++ kernels did not build here (no C++ compiler?)')
   if sums == 'jax.numpy':
-    monkeypatch.setattr(batch_norm, '_use_native', lambda: False)
+    monkeypatch.setattr(kernels, 'available', lambda: False)
   x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7)) + 1.0
   x = x.astype(dtype)
   fused = batch_norm.BatchNorm(activation=activation, dtype=dtype, **OPTIONS)
