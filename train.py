@@ -9,12 +9,12 @@ JAX_COORDINATOR_ADDRESS / SLURM set), see README.
 """
 
 import os
-import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from mnv2_flax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'ml_collections config file.', lock_config=True
@@ -48,7 +48,9 @@ def _is_multiprocess() -> bool:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(
+      f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
+    )
   # Before JAX starts its CPU client: step buffers are reused, not re-mapped.
   from mnv2_flax import cpu  # pylint: disable=g-import-not-at-top
 
@@ -63,9 +65,7 @@ def main(argv):
     jax.distributed.initialize(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
-  from mnv2_flax import checkpointing  # pylint: disable=g-import-not-at-top
   from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
-  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
 
   compilation_cache.enable(_CONFIG.value)
@@ -75,20 +75,8 @@ def main(argv):
     jax.process_count(),
     jax.local_devices(),
   )
-  expected = (
-    ValueError,
-    input_pipeline.DataError,
-    checkpointing.CheckpointMismatchError,
-    train_lib.TrainingDivergedError,
-    FileNotFoundError,
-  )
-  try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except expected as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

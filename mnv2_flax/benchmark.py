@@ -28,17 +28,16 @@ import json
 import re
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mnv2_flax import cli
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
 from mnv2_flax import defaults
@@ -301,24 +300,20 @@ def main(argv):
   del argv
   cpu.configure_host()  # before JAX starts its CPU client
   compilation_cache.enable_dir(_CACHE_DIR.value)
-  try:
-    result = run(
-      _WIDTH.value,
-      _RESOLUTION.value,
-      _BATCH_SIZE.value,
-      _MODE.value,
-      _DTYPE.value,
-      _DEVICES.value,
-      _NUM_CLASSES.value,
-      _STEPS.value,
-      _WARMUP.value,
-      _PROFILE_STEPS.value,
-      _OUTPUT_STRIDE.value,
-      _CPU_FAST_PATH.value,
-    )
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  result = run(
+    _WIDTH.value,
+    _RESOLUTION.value,
+    _BATCH_SIZE.value,
+    _MODE.value,
+    _DTYPE.value,
+    _DEVICES.value,
+    _NUM_CLASSES.value,
+    _STEPS.value,
+    _WARMUP.value,
+    _PROFILE_STEPS.value,
+    _OUTPUT_STRIDE.value,
+    _CPU_FAST_PATH.value,
+  )
   if _JSON.value:
     print(json.dumps(result))
     return
@@ -328,4 +323,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

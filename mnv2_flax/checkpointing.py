@@ -11,8 +11,10 @@ data stream is the step itself: the train stream is a pure function of the
 seed, and `create_train_dataset(start_step=...)` skips what was consumed.
 """
 
+import glob
 import json
 import os
+import shutil
 from typing import Any
 
 from absl import logging
@@ -26,8 +28,27 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 ITEMS = ('state', 'config')
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """A checkpoint cannot be used or written; the message says what to do."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint does not fit the model it is restored into."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step directory is incomplete or its arrays cannot be read."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A save failed (disk full, permissions); the partial step is removed."""
+
+
+# What a complete step holds (orbax writes the first last, on commit).
+_COMPLETE_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'config/metadata')
+# Where `skip_corrupt` moves unreadable steps: beside `checkpoints/`, out of
+# orbax's sight, nothing deleted.
+CORRUPT_DIR = 'corrupt_checkpoints'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -55,6 +76,9 @@ def create_manager(
     cleanup_tmp_directories=not read_only,
     enable_async_checkpointing=config.checkpoint.async_save,
   )
+  if not read_only:  # what a killed or failed save left behind
+    for path in remove_partial_saves(checkpoint_dir(workdir)):
+      logging.warning('Removed %s, a save that did not finish.', path)
   return ocp.CheckpointManager(
     checkpoint_dir(workdir), options=options, item_names=ITEMS
   )
@@ -67,21 +91,91 @@ def save(
   config: ml_collections.ConfigDict,
   metrics: dict[str, float] | None = None,
 ) -> None:
-  """Saves the state and the config at `step` (asynchronously if enabled)."""
+  """Saves the state and the config at `step` (asynchronously if enabled).
+
+  Raises:
+    CheckpointSaveError: not enough disk space for the state (checked before
+      anything is written), or the write failed; the last complete step is
+      kept and the partial one removed.
+  """
+  directory = str(manager.directory)
+  needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) + 2**20
+  free = shutil.disk_usage(directory).free
+  if free < needed:
+    raise CheckpointSaveError(
+      f'not enough disk space to save step {step} in {directory}: '
+      f'{free / 2**20:.1f} MiB free, the checkpoint needs '
+      f'{needed / 2**20:.1f} MiB. {_kept(manager)} Free some space and run '
+      'the same command again to resume.'
+    )
   if jax.process_count() > 1:
     # pmap's outputs are host-local arrays, replicated on this process's
     # devices; orbax needs global arrays to write them once for all hosts.
     state = jax.tree.map(
       ocp.utils.fully_replicated_host_local_array_to_global_array, state
     )
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config.to_dict()),
-    ),
-    metrics=dict(metrics) if metrics else None,
-    force=True,
+  try:
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config.to_dict()),
+      ),
+      metrics=dict(metrics) if metrics else None,
+      force=True,
+    )
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, e) from None
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for an asynchronous save; its failure as `CheckpointSaveError`."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_failed(manager, e) from None
+
+
+def _kept(manager: ocp.CheckpointManager) -> str:
+  steps = [s for s in manager.all_steps() if not step_problem(manager, s)]
+  if not steps:
+    return 'No checkpoint was completed before.'
+  return f'The last complete checkpoint, step {max(steps)}, is kept.'
+
+
+def first_line(error: BaseException) -> str:
+  """The gist of a (possibly multi-line, TensorStore) error message."""
+  text = str(error).strip().splitlines()
+  return text[0] if text else type(error).__name__
+
+
+def remove_partial_saves(directory: str) -> list[str]:
+  """Removes orbax's temporary directories of saves that did not finish."""
+  partial = glob.glob(os.path.join(directory, '*.orbax-checkpoint-tmp*'))
+  if jax.process_index() == 0:
+    for path in partial:
+      shutil.rmtree(path, ignore_errors=True)
+  return partial
+
+
+def _save_failed(manager, error: Exception) -> CheckpointSaveError:
+  """Cleans up after a failed save; the error that says what happened."""
+  directory = str(manager.directory)
+  try:  # other writes of the same save end (and fail) first
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  remove_partial_saves(directory)
+  text = str(error)
+  cause = (
+    'the disk is full'
+    if 'No space left on device' in text or "os_error_code='28'" in text
+    else first_line(error)
+  )
+  return CheckpointSaveError(
+    f'saving a checkpoint in {directory} failed: {cause}. The partial save '
+    f'was removed. {_kept(manager)} Fix the cause and run the same command '
+    'again to resume.'
   )
 
 
@@ -151,35 +245,120 @@ def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
   return ocp.StandardCheckpointer().metadata(path).item_metadata
 
 
+def step_problem(manager: ocp.CheckpointManager, step: int) -> str | None:
+  """Why step `step` cannot be a checkpoint, from its files; None if none."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  missing = [
+    f for f in _COMPLETE_FILES if not os.path.isfile(os.path.join(step_dir, f))
+  ]
+  if missing:
+    return f'incomplete (no {", ".join(missing)})'
+  try:
+    _state_metadata(manager, step)
+  except Exception as e:  # pylint: disable=broad-except
+    return f'unreadable ({first_line(e)})'
+  return None
+
+
+def _previous_complete(manager: ocp.CheckpointManager, step: int) -> str:
+  earlier = [
+    s for s in manager.all_steps() if s < step and not step_problem(manager, s)
+  ]
+  if not earlier:
+    return 'There is no earlier complete checkpoint.'
+  return f'Step {max(earlier)} is the previous complete one.'
+
+
+def _corrupt(manager, step: int, problem: str, fix: str):
+  return CorruptCheckpointError(
+    f'checkpoint {manager.directory}/{step} is {problem}. '
+    f'{_previous_complete(manager, step)} {fix}'
+  )
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a step out of the checkpoint directory; returns where to."""
+  directory = str(manager.directory)
+  aside = os.path.join(os.path.dirname(directory), CORRUPT_DIR, str(step))
+  while os.path.exists(aside):
+    aside += '_'
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    os.replace(os.path.join(directory, str(step)), aside)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices(f'mnv2_flax: moved step {step}')
+  manager.reload()
+  return aside
+
+
 def restore_latest(
-  manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict
+  manager: ocp.CheckpointManager,
+  target: Any,
+  config: ml_collections.ConfigDict,
+  skip_corrupt: bool = False,
 ) -> tuple[Any, int]:
-  """Restores the latest complete checkpoint into `state`'s structure.
+  """Restores the latest complete checkpoint into `target`'s structure.
+
+  Args:
+    manager: the run's checkpoint manager.
+    target: the TrainState to restore into: arrays or shapes (nothing is
+      compiled); what differs raises `CheckpointMismatchError` before any
+      array is read.
+    config: the run's config; fields that differ from the saved one are
+      logged.
+    skip_corrupt: move incomplete or unreadable steps to `CORRUPT_DIR` and
+      resume from the newest readable one; otherwise such a step raises
+      `CorruptCheckpointError` naming the previous complete one.
 
   Returns:
-    (state, step); (the given state, 0) when there is no checkpoint.
+    (state on the first local device, step); (None, 0) without checkpoints.
   """
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
-  where = f'checkpoint {manager.directory}/{step}'
-  check_compatible(_state_metadata(manager, step), state, where)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      config=ocp.args.JsonRestore(),
-      state=ocp.args.StandardRestore(abstract),
-    ),
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target
   )
-  changed = config_differences(restored['config'], config)
-  if changed:
+  for step in sorted(manager.all_steps(), reverse=True):
+    where = f'checkpoint {manager.directory}/{step}'
+    problem = step_problem(manager, step)
+    if problem is None:
+      check_compatible(_state_metadata(manager, step), target, where)
+      try:
+        restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+            config=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(abstract),
+          ),
+        )
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'unreadable ({first_line(e)})'
+    if problem is None:
+      changed = config_differences(restored['config'], config)
+      if changed:
+        logging.warning(
+          'Resuming %s with a config that differs from the saved one: %s.',
+          where,
+          '; '.join(changed),
+        )
+      return restored['state'], step
+    if not skip_corrupt:
+      raise _corrupt(
+        manager,
+        step,
+        problem,
+        'To resume from it, run again with '
+        '--config.checkpoint.skip_corrupt=True (which moves this step to '
+        f'{CORRUPT_DIR}/), or move {step}/ away yourself.',
+      )
     logging.warning(
-      'Resuming %s with a config that differs from the saved one: %s.',
+      '%s is %s; moved to %s, trying the previous step.',
       where,
-      '; '.join(changed),
+      problem,
+      _move_aside(manager, step),
     )
-  return restored['state'], step
+  return None, 0
 
 
 def config_differences(
@@ -243,6 +422,10 @@ def restore(
       raise ValueError(
         f'step={step} is not in {path}; available: {sorted(steps)}.'
       )
+    fix = 'Restore another step (mnv2_flax.evaluate: --step=N).'
+    problem = step_problem(manager, step)
+    if problem:
+      raise _corrupt(manager, step, problem, fix)
     metadata = _state_metadata(manager, step)
     keep = ('params', 'batch_stats', 'ema_params')
     metadata = {k: metadata[k] for k in keep}
@@ -253,18 +436,23 @@ def restore(
         f'checkpoint {path}/{step}',
       )
     abstract = _abstract_from_metadata(metadata)
-    saved = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(),
-        state=ocp.args.PyTreeRestore(
-          item=abstract,
-          restore_args=jax.tree.map(
-            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract
+    try:
+      saved = manager.restore(
+        step,
+        args=ocp.args.Composite(
+          config=ocp.args.JsonRestore(),
+          state=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=jax.tree.map(
+              lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract
+            ),
+            partial_restore=True,
           ),
-          partial_restore=True,
         ),
-      ),
-    )
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      raise _corrupt(
+        manager, step, f'unreadable ({first_line(e)})', fix
+      ) from None
   config = ml_collections.ConfigDict(saved['config'])
   return config, dict(saved['state'])

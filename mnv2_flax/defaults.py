@@ -30,8 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'imagenet2012'  # any tfds image-classification dataset
-  config.data.data_dir = None  # tfds data_dir; None: ~/tensorflow_datasets
-  config.data.manual_dir = None  # None: <data_dir>/downloads/manual
+  # tfds data_dir; None: ~/tensorflow_datasets. Placeholders (None with a
+  # type) can be set on the command line: --config.data.data_dir=/data.
+  config.data.data_dir = config_dict.placeholder(str)
+  # None: <data_dir>/downloads/manual
+  config.data.manual_dir = config_dict.placeholder(str)
   config.data.download = False  # allow tfds to download (needs internet)
   config.data.image_size = 224  # the single source of resolution
   config.data.batch_size = 1024  # global, over all processes and devices
@@ -95,4 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint.every_steps = 5000
   config.checkpoint.keep = 3  # latest K, plus the best by eval top-1
   config.checkpoint.async_save = True
+  # Resuming over an incomplete or unreadable step: False stops and names the
+  # previous complete step; True moves the bad step to
+  # <workdir>/corrupt_checkpoints/ and resumes from the newest readable one.
+  config.checkpoint.skip_corrupt = False
   return config

@@ -4,18 +4,18 @@
 
 The config saved beside the state says which model and data; fields it lacks
 (a checkpoint written before they existed) take their defaults from
-`mnv2_flax.defaults`. Single fields can be overridden (for example
-`--data_dir`).
+`mnv2_flax.defaults`; fields this version no longer has are ignored. Single
+fields can be overridden (for example `--data_dir`).
 """
 
 import json
-import sys
 
-from absl import app
 from absl import flags
+from absl import logging
 import ml_collections
 
 from mnv2_flax import checkpointing
+from mnv2_flax import cli
 from mnv2_flax import cpu
 from mnv2_flax import defaults
 from mnv2_flax import input_pipeline
@@ -26,11 +26,14 @@ _STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override tfds data_dir.')
 
 
-def _merge(defaults: dict, saved: dict) -> dict:
+def _merge(defaults: dict, saved: dict, prefix: str = 'config') -> dict:
   merged = dict(defaults)
   for key, value in saved.items():
-    if isinstance(value, dict) and isinstance(defaults.get(key), dict):
-      value = _merge(defaults[key], value)
+    if key not in defaults:  # a field this version no longer has
+      logging.info('Ignoring %s.%s=%r of the saved config.', prefix, key, value)
+      continue
+    if isinstance(value, dict) and isinstance(defaults[key], dict):
+      value = _merge(defaults[key], value, f'{prefix}.{key}')
     merged[key] = value
   return merged
 
@@ -73,14 +76,10 @@ def evaluate_checkpoint(
 def main(argv):
   del argv
   cpu.configure_host()  # before JAX starts its CPU client
-  try:
-    metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
   print(json.dumps(metrics, indent=2))
 
 
 if __name__ == '__main__':
   flags.mark_flag_as_required('workdir')
-  app.run(main)
+  cli.run(main)

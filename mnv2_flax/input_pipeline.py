@@ -70,8 +70,8 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
       f'config.data.{field}={data[field]!r} is not valid; expected {valid}.'
     )
 
-  if not isinstance(data.image_size, int) or data.image_size < 32:
-    fail('image_size', 'an integer >= 32 (the model needs >= 32 pixels)')
+  if not isinstance(data.image_size, int) or not 32 <= data.image_size <= 4096:
+    fail('image_size', 'an integer in [32, 4096] (the model needs >= 32)')
   if data.normalization not in NORMALIZATIONS:
     fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
   lo, hi = data.crop_area_range

@@ -25,13 +25,12 @@ import json
 import math
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
+from mnv2_flax import cli
 from mnv2_flax import models
 
 
@@ -91,9 +90,10 @@ def count(
   height, width = (
     (resolution, resolution) if isinstance(resolution, int) else resolution
   )
-  images = jnp.zeros((1, height, width, 3), model.dtype)
+  # A shape, not an array: any resolution is counted without memory.
+  images = jax.ShapeDtypeStruct((1, height, width, 3), model.dtype)
   variables = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), images, train=False)
+    lambda x: model.init(jax.random.key(0), x, train=False), images
   )
 
   # The filter runs while tracing, in call order; it records that order,
@@ -114,14 +114,15 @@ def count(
     return counted
 
   _, state = jax.eval_shape(
-    lambda v: model.apply(
+    lambda v, x: model.apply(
       v,
-      images,
+      x,
       train=False,
       capture_intermediates=is_counted,
       mutable=['intermediates'],
     ),
     variables,
+    images,
   )
 
   layers = []
@@ -180,14 +181,13 @@ def format_table(stats: ModelStats) -> str:
 def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  try:
-    model = models.MobileNetV2(
-      num_classes=_NUM_CLASSES.value, width_multiplier=_WIDTH.value
+    cli.fail(
+      f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
     )
-    stats = count(model, _RESOLUTION.value)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
+  model = models.MobileNetV2(
+    num_classes=_NUM_CLASSES.value, width_multiplier=_WIDTH.value
+  )
+  stats = count(model, _RESOLUTION.value)
   if _JSON.value:
     print(
       json.dumps(
@@ -215,4 +215,4 @@ if __name__ == '__main__':
   _JSON = flags.DEFINE_bool(
     'json', False, 'Print one JSON object instead of the table.'
   )
-  app.run(main)
+  cli.run(main)

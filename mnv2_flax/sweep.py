@@ -25,16 +25,17 @@ import importlib.util
 import io
 import json
 import os
+import shlex
 import sys
 import time
 import traceback
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
 
+from mnv2_flax import cli
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
 from mnv2_flax import train_lib
@@ -122,23 +123,25 @@ def apply_overrides(
       )
     if not isinstance(node, ml_collections.ConfigDict) or field not in node:
       raise ValueError(f'--set {key}={text}: the config has no field {key}.')
-    current = node[field]
-    if current is None or isinstance(current, str):
-      value = None if text == 'None' else text
-    elif isinstance(current, bool):
+    kind = node.get_ref(field).get_type()  # a placeholder's type too
+    if text == 'None' and node[field] is None:
+      value = None
+    elif kind is str:
+      value = text
+    elif kind is bool:
       if text not in ('True', 'False', 'true', 'false'):
         raise ValueError(f'--set {key}={text}: expected True or False.')
       value = text in ('True', 'true')
-    elif isinstance(current, (int, float)):
+    elif kind in (int, float):
       try:
-        value = type(current)(text)
+        value = kind(text)
       except ValueError:
         raise ValueError(
-          f'--set {key}={text}: expected a {type(current).__name__}.'
+          f'--set {key}={text}: expected a {kind.__name__}.'
         ) from None
     else:
       raise ValueError(
-        f'--set {key}: a {type(current).__name__} field cannot be set here.'
+        f'--set {key}: a {kind.__name__} field cannot be set here.'
       )
     node[field] = value
   return config
@@ -270,7 +273,9 @@ def dry_run_commands(
   shard: tuple[int, int] = (0, 1),
 ) -> list[str]:
   """One `train.py` command per point of the shard (for a scheduler)."""
-  extra = ''.join(f' --config.{k}={v}' for k, v in (overrides or {}).items())
+  extra = ''.join(
+    f' --config.{k}={shlex.quote(v)}' for k, v in (overrides or {}).items()
+  )
   return [
     f'python train.py --config={config_path}:{p.arg} --workdir={p.workdir}'
     + extra
@@ -450,31 +455,27 @@ _SET = flags.DEFINE_multi_string(
 def main(argv):
   del argv
   cpu.configure_host()  # before JAX starts its CPU client
-  try:
-    path, _, sweep_arg = _CONFIG.value.partition(':')
-    module = load_config_module(path)
-    point_args = module.get_sweep(sweep_arg or None)
-    overrides = dict(
-      s.split('=', 1) if '=' in s else (s, '') for s in _SET.value
+  path, _, sweep_arg = _CONFIG.value.partition(':')
+  module = load_config_module(path)
+  point_args = module.get_sweep(sweep_arg or None)
+  overrides = dict(s.split('=', 1) if '=' in s else (s, '') for s in _SET.value)
+  shard = parse_shard(_SHARD.value)
+  for arg in point_args:  # every override checked before anything runs
+    apply_overrides(module.get_config(arg), overrides)
+  if _DRY_RUN.value:
+    for command in dry_run_commands(
+      path, point_args, _ROOT.value, overrides, shard
+    ):
+      print(command)
+    return
+  if _SUMMARIZE_ONLY.value:
+    rows = summarize(module, point_args, _ROOT.value)
+  else:
+    # The cache directory is the points' own, `--set` overrides included.
+    compilation_cache.enable(
+      apply_overrides(module.get_config(point_args[0]), overrides)
     )
-    shard = parse_shard(_SHARD.value)
-    if _DRY_RUN.value:
-      for command in dry_run_commands(
-        path, point_args, _ROOT.value, overrides, shard
-      ):
-        print(command)
-      return
-    if _SUMMARIZE_ONLY.value:
-      rows = summarize(module, point_args, _ROOT.value)
-    else:
-      # The cache directory is the points' own, `--set` overrides included.
-      compilation_cache.enable(
-        apply_overrides(module.get_config(point_args[0]), overrides)
-      )
-      rows = run(module, point_args, _ROOT.value, overrides, shard)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    rows = run(module, point_args, _ROOT.value, overrides, shard)
   print(f'{len(rows)} points; table: {os.path.join(_ROOT.value, "results.md")}')
   print(
     _markdown(rows, [k for k in rows[0] if k not in COLUMNS]) if rows else ''
@@ -483,4 +484,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'root'])
-  app.run(main)
+  cli.run(main)

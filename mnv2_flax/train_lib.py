@@ -8,10 +8,13 @@ state unreplicated: `in_axes=(None, 0, None)`, `out_axes=None`) or, with
 
 from collections.abc import Callable
 import concurrent.futures
+import contextlib
+import difflib
 import functools
 import json
 import math
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -29,6 +32,7 @@ import optax
 from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
+from mnv2_flax import defaults
 from mnv2_flax import input_pipeline
 from mnv2_flax import models
 from mnv2_flax import stats
@@ -47,7 +51,7 @@ class TrainState(train_state.TrainState):
   ema_params: Any
 
 
-class TrainingDivergedError(RuntimeError):
+class TrainingDivergedError(FloatingPointError):
   """The loss became NaN or Inf."""
 
 
@@ -62,6 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f'config.{field}={value!r} is not valid; expected {valid}.'
     )
 
+  check_schema(config, defaults.get_config())
   optim, train = config.optim, config.train
   if optim.optimizer not in OPTIMIZERS:
     fail('optim.optimizer', optim.optimizer, ' or '.join(OPTIMIZERS))
@@ -89,13 +94,69 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       fail(f'train.{field}', train[field], 'an integer > 0')
   if train.dtype not in ('float32', 'bfloat16'):
     fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
-  if not isinstance(train.cpu_fast_path, bool):
-    fail('train.cpu_fast_path', train.cpu_fast_path, 'True or False')
+  ckpt = config.checkpoint
+  if not (isinstance(ckpt.every_steps, int) and ckpt.every_steps > 0):
+    fail('checkpoint.every_steps', ckpt.every_steps, 'an integer > 0')
+  if not (isinstance(ckpt.keep, int) and ckpt.keep > 0):
+    fail('checkpoint.keep', ckpt.keep, 'an integer > 0')
   input_pipeline.check_data_config(config)
   for field in ('batch_size', 'eval_batch_size'):
     input_pipeline.per_process_batch_size(
       config.data[field], f'config.data.{field}', jax.process_count()
     )
+
+
+def check_schema(
+  config: ml_collections.ConfigDict,
+  schema: ml_collections.ConfigDict,
+  prefix: str = 'config',
+) -> None:
+  """Every field of `config` is one of `schema`'s, of the same kind.
+
+  A misspelt field in a config file would otherwise be ignored silently.
+  """
+  for key, value in config.items():
+    where = f'{prefix}.{key}'
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      raise ValueError(
+        f'{where} is not a config field'
+        + (f'; did you mean {prefix}.{close[0]}?' if close else '')
+        + f' (the fields of {prefix}: {", ".join(sorted(schema.keys()))}).'
+      )
+    default = schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f'{where}={value!r} is not valid; expected a section.')
+      check_schema(value, default, where)
+      continue
+    if default is None or value is None and _is_placeholder(schema, key):
+      continue
+    kinds = {
+      bool: (bool,),
+      int: (int,),
+      float: (int, float),
+      str: (str,),
+      tuple: (tuple, list),
+    }[type(default)]
+    wrong = not isinstance(value, kinds) or (
+      isinstance(value, bool) and not isinstance(default, bool)
+    )
+    if isinstance(default, tuple) and not wrong:
+      wrong = len(value) != len(default) or not all(
+        isinstance(v, (int, float)) for v in value
+      )
+    if wrong:
+      expected = (
+        f'{len(default)} numbers, e.g. {default}'
+        if isinstance(default, tuple)
+        else f'a {type(default).__name__}'
+      )
+      raise ValueError(f'{where}={value!r} is not valid; expected {expected}.')
+
+
+def _is_placeholder(schema: ml_collections.ConfigDict, key: str) -> bool:
+  return schema.get_ref(key).get_type() is not None
 
 
 def create_model(
@@ -278,7 +339,8 @@ def train_step(
 
   Gradients, metrics and BatchNorm statistics are averaged over `axis_name`
   (the model's BN also normalises with statistics across it). The dropout rng
-  is distinct per device and per step.
+  is distinct per device and per step. `metrics['finite']` is 0.0 once the
+  loss or the new state holds a NaN or Inf.
   """
   if axis_name:
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -315,8 +377,19 @@ def train_step(
     'loss': loss,
     'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
     'learning_rate': learning_rate_fn(state.step),
+    # 1.0 while the loss and the new state are finite: checked before every
+    # save, so a diverged state is never written over a good one.
+    'finite': _all_finite(loss, new_state).astype(jnp.float32),
   }
   return new_state, _mean(metrics, axis_name)
+
+
+def _all_finite(loss, state: TrainState) -> jax.Array:
+  """True if the loss and every parameter and statistic are finite (one
+  fused reduction per leaf; no norm that large finite values overflow)."""
+  trees = (state.params, state.ema_params, state.batch_stats)
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(trees)]
+  return jnp.isfinite(loss) & jnp.stack(leaves).all()
 
 
 def eval_step(
@@ -531,12 +604,11 @@ def _prepare_state_and_steps(
   model,
   learning_rate_fn,
   steps_per_epoch,
-  manager,
-  start_step,
+  state,
   train_ds,
   eval_ds,
 ):
-  """Builds or restores the state and compiles the steps.
+  """Initialises the state (unless `state` was restored); compiles the steps.
 
   Runs while a thread fills the shuffle buffer (the first batch waits for
   it). `eval_ds` is None unless the run evaluates before its last step (its
@@ -560,9 +632,8 @@ def _prepare_state_and_steps(
     first = pool.submit(input_pipeline.started, train_ds)
     if child is not None:
       child.wait()
-    state = initial_train_state(config, model, learning_rate_fn)
-    state, restored_step = checkpointing.restore_latest(manager, state, config)
-    assert restored_step == start_step, (restored_step, start_step)
+    if state is None:
+      state = initial_train_state(config, model, learning_rate_fn)
     p_train_step = make_p_train_step(config, learning_rate_fn)
     p_eval_step = make_p_eval_step(config.data.eval_flip_average)
     # With several processes pmap compiles at the first step.
@@ -588,19 +659,13 @@ def _prepare_state_and_steps(
   return state, p_train_step, p_eval_step, train_iter
 
 
-def _log_train(writer, manager, metrics, step, num_steps, steps_per_epoch):
-  """Writes and logs the means of `metrics` (the steps since the last log).
-
-  Stops the run on a non-finite loss.
-  """
-  summary = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
-  if not np.isfinite(summary['loss']):
-    manager.wait_until_finished()
-    raise TrainingDivergedError(
-      f'loss is {summary["loss"]} at step {step}; stopped. The last '
-      f'good checkpoint (step {manager.latest_step()}) is kept in '
-      f'{manager.directory}.'
-    )
+def _log_train(writer, metrics, step, num_steps, steps_per_epoch):
+  """Writes and logs the means of `metrics` (the steps since the last log)."""
+  summary = {
+    k: float(np.mean([m[k] for m in metrics]))
+    for k in metrics[0]
+    if k != 'finite'
+  }
   writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   logging.info(
     'step %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g',
@@ -611,6 +676,65 @@ def _log_train(writer, manager, metrics, step, num_steps, steps_per_epoch):
     summary['accuracy'],
     summary['learning_rate'],
   )
+
+
+DIVERGED_FILE = 'diverged.json'
+
+
+def _first_non_finite(metrics: list[dict], first_step: int) -> tuple | None:
+  """(step, loss) of the first step whose loss or new state is not finite."""
+  for i, m in enumerate(metrics):
+    if not float(m['finite']):
+      return first_step + i, float(m['loss'])
+  return None
+
+
+def _stop_diverged(manager, config, workdir, step, loss) -> None:
+  """Records the divergence in the workdir and raises; nothing is saved."""
+  checkpointing.wait_until_finished(manager)
+  last = manager.latest_step()
+  kept = (
+    f'the last checkpoint, step {last} (finite: only finite states are '
+    f'saved), is kept in {manager.directory}'
+    if last is not None
+    else 'no checkpoint was saved before it'
+  )
+  _write_json(
+    os.path.join(workdir, DIVERGED_FILE),
+    dict(step=step, loss=loss, last_checkpoint=last, config=config.to_dict()),
+  )
+  what = (
+    f'the parameters are no longer finite (loss {loss:.4g})'
+    if np.isfinite(loss)
+    else f'the loss is {loss}'
+  )
+  raise TrainingDivergedError(
+    f'training diverged at step {step}: {what}. Step {step} was not saved; '
+    f'{kept}. Resuming needs a changed config, e.g. a lower '
+    '--config.optim.learning_rate.'
+  )
+
+
+def _check_not_diverged(workdir: str, config) -> None:
+  """Refuses to resume a run that diverged unless the config changed."""
+  path = os.path.join(workdir, DIVERGED_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    record = json.load(f)
+  changed = checkpointing.config_differences(record['config'], config)
+  where = (
+    f'this run stopped at step {record["step"]} on a non-finite loss '
+    f'({record["loss"]}); its last checkpoint is step '
+    f'{record["last_checkpoint"]}'
+  )
+  if not changed:
+    raise TrainingDivergedError(
+      f'{where}. With the same config it would diverge again: change the '
+      f'config (e.g. --config.optim.learning_rate), or delete {path} to '
+      'retry it unchanged.'
+    )
+  logging.warning('Resuming although %s; config changes: %s', where, changed)
 
 
 def _log_eval(writer, step: int, metrics: dict[str, float]) -> None:
@@ -654,28 +778,34 @@ def train_and_evaluate(
   Returns:
     The final eval metrics, with train wall time and throughput.
   """
-  # Build.
+  # Build: checks first, nothing written until the resume is known to work.
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(workdir)
   builder = input_pipeline.get_builder(config)
   meta = input_pipeline.dataset_meta(builder, config)
   steps_per_epoch = _steps_per_epoch(config, meta.num_train_examples)
   num_steps = int(math.ceil(config.train.num_epochs * steps_per_epoch))
   learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch)
   model = create_model(config, meta.num_classes)
-  model_stats = _write_model_stats(config, model, meta.num_classes, workdir)
 
-  # Restore.
+  # Restore (before compiling: a checkpoint that does not fit stops here).
   manager = checkpointing.create_manager(workdir, config)
-  start_step = manager.latest_step() or 0  # restore_latest restores it
   results_path = os.path.join(workdir, 'results.json')
-  if start_step >= num_steps and os.path.exists(results_path):
+  if (manager.latest_step() or 0) >= num_steps and os.path.exists(results_path):
     logging.info('Already finished: %s', results_path)
     manager.close()
     with open(results_path) as f:
       return json.load(f)
+  _check_not_diverged(workdir, config)
+  state, start_step = checkpointing.restore_latest(
+    manager,
+    abstract_train_state(config, model, learning_rate_fn),
+    config,
+    skip_corrupt=config.checkpoint.skip_corrupt,
+  )
   if start_step:
     logging.info('Resuming from step %d of %d.', start_step, num_steps)
+  model_stats = _write_model_stats(config, model, meta.num_classes, workdir)
   train_ds = input_pipeline.create_train_dataset(
     builder, config, start_step=start_step
   )
@@ -686,8 +816,7 @@ def train_and_evaluate(
     model,
     learning_rate_fn,
     steps_per_epoch,
-    manager,
-    start_step,
+    state,
     train_ds,
     eval_ds if evaluates_early else None,
   )
@@ -713,16 +842,25 @@ def train_and_evaluate(
     train_metrics.append(metrics)
     done = step + 1
     report_progress(done)
-    if done % config.train.log_every_steps == 0 or done == num_steps:
-      _log_train(
-        writer, manager, train_metrics, done, num_steps, steps_per_epoch
-      )
-      train_metrics = []
-
-    # Evaluate.
+    is_log_step = done % config.train.log_every_steps == 0 or done == num_steps
     is_eval_step = (
       done % config.train.eval_every_steps == 0 or done == num_steps
     )
+    stop = done == config.train.stop_after_step
+    is_save_step = (
+      done % config.checkpoint.every_steps == 0 or done == num_steps or stop
+    )
+    if is_log_step or is_eval_step or is_save_step:
+      # The flags of the steps since the last check (they are computed in
+      # the step: reading them waits for it, as a save or a log does).
+      diverged = _first_non_finite(train_metrics, done - len(train_metrics) + 1)
+      if diverged:
+        _stop_diverged(manager, config, workdir, *diverged)
+    if is_log_step:
+      _log_train(writer, train_metrics, done, num_steps, steps_per_epoch)
+      train_metrics = []
+
+    # Evaluate.
     if is_eval_step:
       eval_start = time.perf_counter()
       with report_progress.timed('eval'):
@@ -731,8 +869,7 @@ def train_and_evaluate(
       _log_eval(writer, done, eval_metrics)
 
     # Save.
-    stop = done == config.train.stop_after_step
-    if done % config.checkpoint.every_steps == 0 or done == num_steps or stop:
+    if is_save_step:
       checkpointing.save(
         manager, done, state, config, eval_metrics if is_eval_step else None
       )
@@ -742,7 +879,7 @@ def train_and_evaluate(
 
   # Finish.
   train_seconds = time.perf_counter() - loop_start - eval_seconds
-  manager.wait_until_finished()
+  checkpointing.wait_until_finished(manager)
   writer.flush()
   completed = manager.latest_step() or 0
   images = (done - start_step) * config.data.batch_size
@@ -756,7 +893,25 @@ def train_and_evaluate(
     **model_stats,
   )
   _write_json(results_path, result)
+  if result['finished'] and jax.process_index() == 0:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, DIVERGED_FILE))
   return result
+
+
+def _check_workdir(workdir: str) -> None:
+  """Creates `workdir`; a clear error if it cannot be written."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f'workdir {workdir!r} is a file; expected a directory.')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(
+      f'workdir {workdir!r} is not writable ({e.strerror}); choose a '
+      'directory this process can write.'
+    ) from None
 
 
 def _flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 tests' run config."""
 
 import gzip
+import hashlib
 import json
 import os
 import subprocess
@@ -117,3 +118,19 @@ def tiny_config(data_dir=None, **train):
   config.checkpoint.update(every_steps=2, keep=2, async_save=False)
   config.train.update(train)
   return config
+
+
+def snapshot(directory) -> dict[str, str]:
+  """{relative path: sha1 of the content} of every file under `directory`
+  (directories as 'dir'): what "nothing changed" compares."""
+  out = {}
+  for root, dirs, files in os.walk(directory):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(root, name), directory)] = 'dir'
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = hashlib.sha1(
+          f.read()
+        ).hexdigest()
+  return out

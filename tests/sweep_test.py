@@ -98,9 +98,11 @@ def test_overrides_are_typed_and_checked():
       'data.data_dir': '/d',
       'checkpoint.async_save': 'False',
       'data.batch_size': '16',
+      'model.output_stride': '8',  # a placeholder(int)
     },
   )
   assert config.train.num_epochs == 2.0 and config.data.data_dir == '/d'
+  assert config.model.output_stride == 8
   assert config.checkpoint.async_save is False
   assert config.data.batch_size == 16
   with pytest.raises(ValueError, match='no field train.epochs'):

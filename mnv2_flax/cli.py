@@ -1,0 +1,110 @@
+"""What the command-line programs share: user mistakes end in one line.
+
+`run(main)` is `absl.app.run(main)` where a bad flag or config file, a value
+the library rejects, a file that is not there, a full disk or a diverged run
+ends as `error: <what, the value, what is valid>` on stderr with exit status
+1 and no traceback. Bugs keep their traceback.
+"""
+
+from collections.abc import Callable
+import difflib
+import logging
+import sys
+import threading
+
+from absl import app
+from absl import flags
+
+# The library's own errors subclass these: ValueError (config, data,
+# checkpoints), OSError (files, disks) and FloatingPointError (divergence).
+EXPECTED = (ValueError, OSError, FloatingPointError)
+
+
+def fail(message: str) -> None:
+  """Prints `error: message` and exits with status 1."""
+  # Writes still in flight in background threads (a failed checkpoint
+  # save) may report after this; they are not the user's concern.
+  sys.unraisablehook = lambda unraisable: None
+  threading.excepthook = lambda args: None
+  message = ' '.join(str(message).split())  # one line, whatever it was
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(1)
+
+
+def _config_error(argv: list[str], error: Exception) -> str:
+  """One line for a config file that cannot be loaded or overridden."""
+  if isinstance(error, SyntaxError):
+    return (
+      f'--config: {error.filename} line {error.lineno}: {error.msg} (the '
+      'file must be valid Python defining get_config()).'
+    )
+  if isinstance(error, OSError) and 'Failed loading config file' in str(error):
+    given = [a.split('=', 1)[1] for a in argv if a.startswith('--config=')]
+    path = given[-1] if given else '?'  # absl keeps the last
+    return f'--config={path}: no such config file.'
+  if isinstance(error, AttributeError) and 'get_config' in str(error):
+    return '--config: the file defines no get_config().'
+  if isinstance(error, (AttributeError, KeyError)):
+    for arg in argv:
+      key = arg.split('=', 1)[0].lstrip('-')
+      if key.startswith('config.') and (problem := _no_field(key)):
+        return f'--{key}: {problem}'
+  return f'{type(error).__name__}: {error}'
+
+
+def _no_field(key: str) -> str | None:
+  """'the config has no field train.x; ...' if `key` is not in the schema."""
+  from mnv2_flax import defaults  # pylint: disable=g-import-not-at-top
+
+  node, path = defaults.get_config(), key.split('.')[1:]
+  for i, part in enumerate(path):
+    if not hasattr(node, 'keys'):
+      return None  # a field's own attribute: not ours to judge
+    if part not in node:
+      known = sorted(node.keys())
+      close = difflib.get_close_matches(part, known, n=1)
+      hint = f'; did you mean {close[0]}?' if close else ''
+      where = '.'.join(['config', *path[:i]])
+      return (
+        f'the config has no field {".".join(path[: i + 1])}{hint} (fields '
+        f'of {where}: {", ".join(known)}).'
+      )
+    node = node[part]
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    args = flags.FLAGS(argv)
+    for name in flags.FLAGS:
+      if 'Config' in type(flags.FLAGS[name]).__name__:
+        # A config that failed to load raises on first use: raise it now.
+        getattr(flags.FLAGS[name].value, 'items', None)
+    return args
+  except flags.Error as e:
+    fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    fail(_config_error(argv, e))
+
+
+class _NoTracebacks(logging.Filter):
+  """Background save threads log a failure with its traceback, many times;
+  the message is enough (the main thread reports it once)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and '/orbax/' in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)`, with `EXPECTED` errors as one line."""
+
+  def guarded(argv):
+    logging.getLogger('absl').addFilter(_NoTracebacks())
+    try:
+      main(argv)
+    except EXPECTED as e:
+      fail(str(e))
+
+  app.run(guarded, flags_parser=_parse_flags)

@@ -1,0 +1,306 @@
+"""Bad input and faults in the library: one clear error, nothing written.
+
+Each case runs `train_lib.train_and_evaluate` (or `checkpointing.restore`)
+against a copy of a trained workdir and checks the message and that no file
+in the workdir changed. The command-line side (exit status, no traceback) is
+in cli_test.py.
+"""
+
+import os
+import shutil
+import subprocess
+
+from fake_data import snapshot
+from fake_data import tiny_config
+import jax
+import numpy as np
+import pytest
+
+from mnv2_flax import checkpointing
+from mnv2_flax import evaluate
+from mnv2_flax import input_pipeline
+from mnv2_flax import train_lib
+
+
+@pytest.fixture(scope='module')
+def trained(data_dirs, tmp_path_factory):
+  """5 steps (one epoch), saves at 2, 4, 5; steps 4 and 5 kept."""
+  config = tiny_config(data_dirs[1], num_epochs=1.0)
+  workdir = tmp_path_factory.mktemp('trained')
+  train_lib.train_and_evaluate(config, str(workdir))
+  return config, workdir
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+  """(config, a fresh copy of the trained workdir, its snapshot)."""
+  config, workdir = trained
+  target = tmp_path / 'copy'
+  shutil.copytree(workdir, target)
+  os.remove(target / 'results.json')  # as if interrupted: it would resume
+  return config.copy_and_resolve_references(), target, snapshot(target)
+
+
+def _compiles(run):
+  """Runs `run()` (it must raise); returns how many programs it compiled."""
+  compiled = []
+
+  def listen(event, seconds, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  return len(compiled)
+
+
+def _refused(config, workdir, error, words):
+  with pytest.raises(error) as info:
+    train_lib.train_and_evaluate(config, str(workdir))
+  for word in words:
+    assert word in str(info.value), str(info.value)
+  return str(info.value)
+
+
+# ------------------------------------------------------------ config values
+
+
+@pytest.mark.parametrize(
+  'field, value, words',
+  [
+    ('optim.learning_rte', 0.1, 'did you mean config.optim.learning_rate?'),
+    ('data.crop_area_range', (0.1,), 'expected 2 numbers'),
+    ('data.image_size', 100_000, 'config.data.image_size=100000'),
+    ('data.image_size', 31, 'an integer in [32, 4096]'),
+    ('checkpoint.keep', 0, 'config.checkpoint.keep=0'),
+    ('checkpoint.every_steps', -1, 'config.checkpoint.every_steps=-1'),
+    ('train.num_epochs', 0.0, 'config.train.num_epochs=0.0'),
+    ('optim.schedule', 'linear', "config.optim.schedule='linear'"),
+    ('data.process_sharding', 'rows', "'files' or 'batch'"),
+    ('data.name', 'no_such_dataset', 'is not a tfds dataset'),
+  ],
+)
+def test_bad_config_values_change_nothing(copy, field, value, words):
+  config, workdir, before = copy
+  section, name = field.split('.')
+  with config.unlocked():
+    if name in config[section]:
+      del config[section][name]  # a new type, as a config file would give
+    config[section][name] = value
+  error = _refused(config, workdir, ValueError, [words])
+  assert '\n' not in error
+  assert snapshot(workdir) == before
+
+
+def test_a_dataset_that_is_not_there_changes_nothing(copy, tmp_path):
+  config, workdir, before = copy
+  config.data.name = 'cifar10'
+  config.data.data_dir = str(tmp_path / 'empty')
+  _refused(
+    config, workdir, input_pipeline.DataError, ['cifar10 is not prepared']
+  )
+  assert snapshot(workdir) == before
+
+
+# ----------------------------------------------------------------- workdirs
+
+
+def test_a_workdir_that_is_a_file(trained, tmp_path):
+  config, _ = trained
+  path = tmp_path / 'file'
+  path.write_text('mine')
+  _refused(config, path, ValueError, ['is a file; expected a directory'])
+  assert path.read_text() == 'mine'
+
+
+def test_a_read_only_workdir_is_refused_before_the_data(trained, tmp_path):
+  config, _ = trained
+  workdir = tmp_path / 'ro'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  before = snapshot(workdir)
+  # Root ignores permission bits: a read-only bind mount is read-only.
+  if subprocess.run(
+    ['mount', '--bind', '-o', 'ro', str(workdir), str(workdir)],
+    capture_output=True,
+    check=False,
+  ).returncode:
+    pytest.skip('cannot mount here (needs root)')
+  try:
+    subprocess.run(['mount', '-o', 'remount,ro,bind', str(workdir)], check=True)
+    config = config.copy_and_resolve_references()
+    config.data.name = 'not_read_before_the_workdir_check'
+    _refused(config, workdir, ValueError, ['is not writable'])
+  finally:
+    subprocess.run(['umount', str(workdir)], check=False)
+  assert snapshot(workdir) == before
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def test_another_model_is_refused_before_writing_or_compiling(copy):
+  config, workdir, before = copy
+  config.model.width_multiplier = 0.5
+  n = _compiles(
+    lambda: _refused(
+      config,
+      workdir,
+      checkpointing.CheckpointMismatchError,
+      ['does not match the model', 'params/'],
+    )
+  )
+  assert n == 0
+  assert snapshot(workdir) == before  # model_stats.json included
+
+
+def _truncate_largest_array(step_dir):
+  files = [
+    os.path.join(root, f)
+    for root, _, names in os.walk(step_dir / 'state')
+    for f in names
+  ]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 3)
+
+
+def test_an_empty_step_directory_is_named_not_a_mismatch(copy):
+  config, workdir, _ = copy
+  (workdir / 'checkpoints' / '7').mkdir()
+  before = snapshot(workdir)
+  _refused(
+    config,
+    workdir,
+    checkpointing.CorruptCheckpointError,
+    [
+      'checkpoints/7 is incomplete',
+      'Step 5 is the previous complete one',
+      '--config.checkpoint.skip_corrupt=True',
+    ],
+  )
+  assert snapshot(workdir) == before
+  with pytest.raises(checkpointing.CorruptCheckpointError, match='7 is inc'):
+    evaluate.evaluate_checkpoint(str(workdir))
+
+
+def test_a_truncated_array_file_is_named_with_the_previous_step(copy):
+  config, workdir, _ = copy
+  _truncate_largest_array(workdir / 'checkpoints' / '5')
+  before = snapshot(workdir)
+  error = _refused(
+    config,
+    workdir,
+    checkpointing.CorruptCheckpointError,
+    ['checkpoints/5 is unreadable', 'Step 4 is the previous complete one'],
+  )
+  assert '\n' not in error
+  assert snapshot(workdir) == before
+  with pytest.raises(checkpointing.CorruptCheckpointError, match='5 is unre'):
+    checkpointing.restore(str(workdir))
+  _, variables = checkpointing.restore(str(workdir), step=4)  # still fine
+  assert variables['params']['classifier']['bias'].shape == (10,)
+
+
+def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
+  config, workdir, _ = copy
+  _truncate_largest_array(workdir / 'checkpoints' / '5')
+  manager = checkpointing.create_manager(str(workdir), config)
+  model = train_lib.create_model(config, 10)
+  lr = train_lib.create_learning_rate_fn(config, 5)
+  abstract = train_lib.abstract_train_state(config, model, lr)
+  state, step = checkpointing.restore_latest(
+    manager, abstract, config, skip_corrupt=True
+  )
+  assert step == 4 and int(state.step) == 4
+  assert manager.all_steps() == [4]
+  assert os.listdir(workdir / 'corrupt_checkpoints') == ['5']  # kept
+
+
+def test_a_killed_save_leaves_nothing_behind_at_the_next_start(copy):
+  config, workdir, _ = copy
+  partial = workdir / 'checkpoints' / '6.orbax-checkpoint-tmp-1234'
+  shutil.copytree(workdir / 'checkpoints' / '5', partial)
+  manager = checkpointing.create_manager(str(workdir), config)
+  assert manager.latest_step() == 5
+  assert not partial.exists()
+
+
+# -------------------------------------------------------------- divergence
+
+
+@pytest.fixture(scope='module')
+def diverged(data_dirs, tmp_path_factory):
+  """Learning rate 1e6, a save every step, a log every 5: (config, workdir,
+  the error)."""
+  config = tiny_config(data_dirs[1], num_epochs=2.0, log_every_steps=5)
+  config.optim.learning_rate = 1e6
+  config.checkpoint.update(every_steps=1, keep=2)
+  workdir = tmp_path_factory.mktemp('diverged')
+  with pytest.raises(train_lib.TrainingDivergedError) as info:
+    train_lib.train_and_evaluate(config, str(workdir))
+  return config, workdir, str(info.value)
+
+
+def test_divergence_never_saves_a_non_finite_state(diverged):
+  _, workdir, error = diverged
+  steps = sorted(
+    int(p) for p in os.listdir(workdir / 'checkpoints') if p.isdigit()
+  )
+  # The message names the step it stopped at and the kept one before it.
+  stopped = int(error.split('diverged at step ')[1].split(':')[0])
+  assert steps[-1] == stopped - 1, (steps, error)
+  assert f'the last checkpoint, step {stopped - 1} (finite' in error
+  for step in steps:
+    _, variables = checkpointing.restore(str(workdir), step=step)
+    for leaf in jax.tree.leaves(variables):
+      assert np.isfinite(np.asarray(leaf)).all(), step
+
+
+def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
+  config, workdir, _ = diverged
+  before = snapshot(workdir)
+  _refused(
+    config,
+    workdir,
+    train_lib.TrainingDivergedError,
+    ['stopped at step', 'it would diverge again', 'diverged.json'],
+  )
+  assert snapshot(workdir) == before
+
+
+def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
+  config, workdir, _ = diverged
+  config = config.copy_and_resolve_references()
+  config.optim.learning_rate = 0.01
+  train_lib._check_not_diverged(str(workdir), config)  # no error
+  assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in caplog.text
+
+
+def test_the_step_flags_a_non_finite_state():
+  config = tiny_config()
+  model = train_lib.create_model(config, 10, axis_name=None)
+  lr = train_lib.create_learning_rate_fn(config, 10)
+  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+  batch = {
+    'image': np.zeros((2, 32, 32, 3), np.float32),
+    'label': np.zeros(2, np.int32),
+  }
+  step = jax.jit(
+    lambda s: train_lib.train_step(
+      s,
+      batch,
+      jax.random.key(1),
+      config=config,
+      learning_rate_fn=lr,
+      axis_name=None,
+    )[1]['finite']
+  )
+  assert float(step(state)) == 1.0
+  stats = state.batch_stats
+  bad = jax.tree.map(lambda x: x, stats)
+  bad['stem_bn']['mean'] = stats['stem_bn']['mean'].at[0].set(np.inf)
+  assert float(step(state.replace(batch_stats=bad))) == 0.0
