@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from mnv2_flax import cli
+from mnv2_flax import defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'ml_collections config file.', lock_config=True
@@ -51,6 +52,8 @@ def main(argv):
     cli.fail(
       f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
     )
+  # A config mistake ends here, before the seconds TensorFlow and JAX take.
+  defaults.check(_CONFIG.value)
   # Before JAX starts its CPU client: step buffers are reused, not re-mapped.
   from mnv2_flax import cpu  # pylint: disable=g-import-not-at-top
 

@@ -1,12 +1,21 @@
-"""The schema of a run's config: every field, its default and its meaning.
+"""The schema of a run's config: every field, its default and its meaning,
+and `check(config)`, which validates a config against it.
 
 The defaults are TF-slim's ImageNet recipe (`configs/default.py`); recipes in
 `configs/` override what differs. `mnv2_flax.evaluate` fills fields that an
-older checkpoint's saved config lacks from here.
+older checkpoint's saved config lacks from here. Imports no JAX or
+TensorFlow, so `train.py` checks a config before loading them.
 """
+
+import difflib
 
 import ml_collections
 from ml_collections import config_dict
+
+OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
+SCHEDULES = ('exponential', 'cosine', 'constant')
+WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
+NORMALIZATIONS = ('inception', 'imagenet')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -103,3 +112,130 @@ def get_config() -> ml_collections.ConfigDict:
   # <workdir>/corrupt_checkpoints/ and resumes from the newest readable one.
   config.checkpoint.skip_corrupt = False
   return config
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Validates a run's config before anything is built; one clear error.
+
+  Needs no JAX or TensorFlow: the programs call it before importing them.
+  """
+
+  def fail(field, value, valid):
+    raise ValueError(
+      f'config.{field}={value!r} is not valid; expected {valid}.'
+    )
+
+  check_schema(config, get_config())
+  optim, train = config.optim, config.train
+  if optim.optimizer not in OPTIMIZERS:
+    fail('optim.optimizer', optim.optimizer, ' or '.join(OPTIMIZERS))
+  if optim.schedule not in SCHEDULES:
+    fail('optim.schedule', optim.schedule, ', '.join(SCHEDULES))
+  if optim.weight_decay_mask not in WEIGHT_DECAY_MASKS:
+    fail(
+      'optim.weight_decay_mask',
+      optim.weight_decay_mask,
+      ' or '.join(WEIGHT_DECAY_MASKS),
+    )
+  for field in ('learning_rate', 'lr_reference_batch'):
+    if not optim[field] > 0:
+      fail(f'optim.{field}', optim[field], 'a number > 0')
+  if not 0 <= optim.weight_decay < 1:
+    fail('optim.weight_decay', optim.weight_decay, 'a value in [0, 1)')
+  if not 0 <= optim.label_smoothing < 1:
+    fail('optim.label_smoothing', optim.label_smoothing, 'a value in [0, 1)')
+  if not 0 <= optim.ema_decay < 1:
+    fail('optim.ema_decay', optim.ema_decay, 'a value in [0, 1)')
+  if not train.num_epochs > 0:
+    fail('train.num_epochs', train.num_epochs, 'a number > 0')
+  for field in ('log_every_steps', 'eval_every_steps'):
+    if not train[field] > 0:
+      fail(f'train.{field}', train[field], 'an integer > 0')
+  if train.dtype not in ('float32', 'bfloat16'):
+    fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
+  ckpt = config.checkpoint
+  if not (isinstance(ckpt.every_steps, int) and ckpt.every_steps > 0):
+    fail('checkpoint.every_steps', ckpt.every_steps, 'an integer > 0')
+  if not (isinstance(ckpt.keep, int) and ckpt.keep > 0):
+    fail('checkpoint.keep', ckpt.keep, 'an integer > 0')
+  check_data(config)
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """Validates `config.data` before anything is read; one clear error."""
+  data = config.data
+
+  def fail(field, valid):
+    raise ValueError(
+      f'config.data.{field}={data[field]!r} is not valid; expected {valid}.'
+    )
+
+  if not isinstance(data.image_size, int) or not 32 <= data.image_size <= 4096:
+    fail('image_size', 'an integer in [32, 4096] (the model needs >= 32)')
+  if data.normalization not in NORMALIZATIONS:
+    fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
+  lo, hi = data.crop_area_range
+  if not 0 < lo <= hi <= 1:
+    fail('crop_area_range', '(min, max) with 0 < min <= max <= 1')
+  lo, hi = data.crop_aspect_range
+  if not 0 < lo <= hi:
+    fail('crop_aspect_range', '(min, max) with 0 < min <= max')
+  if not 0 < data.eval_crop_fraction <= 1:
+    fail('eval_crop_fraction', 'a fraction in (0, 1]')
+  if not isinstance(data.eval_flip_average, bool):
+    fail('eval_flip_average', 'True or False')
+  if not data.shuffle_buffer > 0:
+    fail('shuffle_buffer', 'a positive integer')
+  if data.process_sharding not in ('files', 'batch'):
+    fail('process_sharding', "'files' or 'batch'")
+  if not isinstance(data.threadpool_size, int) or data.threadpool_size < 0:
+    fail('threadpool_size', "an integer >= 0 (0: TensorFlow's shared pool)")
+
+
+def check_schema(
+  config: ml_collections.ConfigDict,
+  schema: ml_collections.ConfigDict,
+  prefix: str = 'config',
+) -> None:
+  """Every field of `config` is one of `schema`'s, of the same kind.
+
+  A misspelt field in a config file would otherwise be ignored silently.
+  """
+  for key, value in config.items():
+    where = f'{prefix}.{key}'
+    if key not in schema:
+      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
+      raise ValueError(
+        f'{where} is not a config field'
+        + (f'; did you mean {prefix}.{close[0]}?' if close else '')
+        + f' (the fields of {prefix}: {", ".join(sorted(schema.keys()))}).'
+      )
+    default = schema[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f'{where}={value!r} is not valid; expected a section.')
+      check_schema(value, default, where)
+      continue
+    if default is None:  # a placeholder: ConfigDict keeps its type
+      continue
+    kinds = {
+      bool: (bool,),
+      int: (int,),
+      float: (int, float),
+      str: (str,),
+      tuple: (tuple, list),
+    }[type(default)]
+    wrong = not isinstance(value, kinds) or (
+      isinstance(value, bool) and not isinstance(default, bool)
+    )
+    if isinstance(default, tuple) and not wrong:
+      wrong = len(value) != len(default) or not all(
+        isinstance(v, (int, float)) for v in value
+      )
+    if wrong:
+      expected = (
+        f'{len(default)} numbers, e.g. {default}'
+        if isinstance(default, tuple)
+        else f'a {type(default).__name__}'
+      )
+      raise ValueError(f'{where}={value!r} is not valid; expected {expected}.')

@@ -33,12 +33,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
 
 # torchvision/timm normalisation; 'inception' maps [0, 255] to [-1, 1].
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-NORMALIZATIONS = ('inception', 'imagenet')
 
 IMAGENET_HOW_TO = (
   'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar '
@@ -61,37 +61,6 @@ class DatasetMeta:
   num_eval_examples: int
 
 
-def check_data_config(config: ml_collections.ConfigDict) -> None:
-  """Validates `config.data` before anything is read; one clear error."""
-  data = config.data
-
-  def fail(field, valid):
-    raise ValueError(
-      f'config.data.{field}={data[field]!r} is not valid; expected {valid}.'
-    )
-
-  if not isinstance(data.image_size, int) or not 32 <= data.image_size <= 4096:
-    fail('image_size', 'an integer in [32, 4096] (the model needs >= 32)')
-  if data.normalization not in NORMALIZATIONS:
-    fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
-  lo, hi = data.crop_area_range
-  if not 0 < lo <= hi <= 1:
-    fail('crop_area_range', '(min, max) with 0 < min <= max <= 1')
-  lo, hi = data.crop_aspect_range
-  if not 0 < lo <= hi:
-    fail('crop_aspect_range', '(min, max) with 0 < min <= max')
-  if not 0 < data.eval_crop_fraction <= 1:
-    fail('eval_crop_fraction', 'a fraction in (0, 1]')
-  if not isinstance(data.eval_flip_average, bool):
-    fail('eval_flip_average', 'True or False')
-  if not data.shuffle_buffer > 0:
-    fail('shuffle_buffer', 'a positive integer')
-  if data.process_sharding not in ('files', 'batch'):
-    fail('process_sharding', "'files' or 'batch'")
-  if not isinstance(data.threadpool_size, int) or data.threadpool_size < 0:
-    fail('threadpool_size', "an integer >= 0 (0: TensorFlow's shared pool)")
-
-
 def _data_dir(config: ml_collections.ConfigDict) -> str:
   return os.path.expanduser(config.data.data_dir or '~/tensorflow_datasets')
 
@@ -105,7 +74,7 @@ def get_builder(config: ml_collections.ConfigDict):
   Raises:
     DataError: unknown dataset, or data that is not there (with what to do).
   """
-  check_data_config(config)
+  defaults.check_data(config)
   name, data_dir = config.data.name, _data_dir(config)
   try:
     builder = tfds.builder(name, data_dir=data_dir)

@@ -9,7 +9,6 @@ state unreplicated: `in_axes=(None, 0, None)`, `out_axes=None`) or, with
 from collections.abc import Callable
 import concurrent.futures
 import contextlib
-import difflib
 import functools
 import json
 import math
@@ -38,9 +37,6 @@ from mnv2_flax import models
 from mnv2_flax import stats
 from mnv2_flax.cpu import precompile
 
-OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
-SCHEDULES = ('exponential', 'cosine', 'constant')
-WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
 AXIS = 'batch'
 
 
@@ -59,104 +55,12 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """Validates the config before anything is built; one clear error."""
-
-  def fail(field, value, valid):
-    raise ValueError(
-      f'config.{field}={value!r} is not valid; expected {valid}.'
-    )
-
-  check_schema(config, defaults.get_config())
-  optim, train = config.optim, config.train
-  if optim.optimizer not in OPTIMIZERS:
-    fail('optim.optimizer', optim.optimizer, ' or '.join(OPTIMIZERS))
-  if optim.schedule not in SCHEDULES:
-    fail('optim.schedule', optim.schedule, ', '.join(SCHEDULES))
-  if optim.weight_decay_mask not in WEIGHT_DECAY_MASKS:
-    fail(
-      'optim.weight_decay_mask',
-      optim.weight_decay_mask,
-      ' or '.join(WEIGHT_DECAY_MASKS),
-    )
-  for field in ('learning_rate', 'lr_reference_batch'):
-    if not optim[field] > 0:
-      fail(f'optim.{field}', optim[field], 'a number > 0')
-  if not 0 <= optim.weight_decay < 1:
-    fail('optim.weight_decay', optim.weight_decay, 'a value in [0, 1)')
-  if not 0 <= optim.label_smoothing < 1:
-    fail('optim.label_smoothing', optim.label_smoothing, 'a value in [0, 1)')
-  if not 0 <= optim.ema_decay < 1:
-    fail('optim.ema_decay', optim.ema_decay, 'a value in [0, 1)')
-  if not train.num_epochs > 0:
-    fail('train.num_epochs', train.num_epochs, 'a number > 0')
-  for field in ('log_every_steps', 'eval_every_steps'):
-    if not train[field] > 0:
-      fail(f'train.{field}', train[field], 'an integer > 0')
-  if train.dtype not in ('float32', 'bfloat16'):
-    fail('train.dtype', train.dtype, "'float32' or 'bfloat16'")
-  ckpt = config.checkpoint
-  if not (isinstance(ckpt.every_steps, int) and ckpt.every_steps > 0):
-    fail('checkpoint.every_steps', ckpt.every_steps, 'an integer > 0')
-  if not (isinstance(ckpt.keep, int) and ckpt.keep > 0):
-    fail('checkpoint.keep', ckpt.keep, 'an integer > 0')
-  input_pipeline.check_data_config(config)
+  """`defaults.check`, and batch sizes that split over the processes."""
+  defaults.check(config)
   for field in ('batch_size', 'eval_batch_size'):
     input_pipeline.per_process_batch_size(
       config.data[field], f'config.data.{field}', jax.process_count()
     )
-
-
-def check_schema(
-  config: ml_collections.ConfigDict,
-  schema: ml_collections.ConfigDict,
-  prefix: str = 'config',
-) -> None:
-  """Every field of `config` is one of `schema`'s, of the same kind.
-
-  A misspelt field in a config file would otherwise be ignored silently.
-  """
-  for key, value in config.items():
-    where = f'{prefix}.{key}'
-    if key not in schema:
-      close = difflib.get_close_matches(key, list(schema.keys()), n=1)
-      raise ValueError(
-        f'{where} is not a config field'
-        + (f'; did you mean {prefix}.{close[0]}?' if close else '')
-        + f' (the fields of {prefix}: {", ".join(sorted(schema.keys()))}).'
-      )
-    default = schema[key]
-    if isinstance(default, ml_collections.ConfigDict):
-      if not isinstance(value, ml_collections.ConfigDict):
-        raise ValueError(f'{where}={value!r} is not valid; expected a section.')
-      check_schema(value, default, where)
-      continue
-    if default is None or value is None and _is_placeholder(schema, key):
-      continue
-    kinds = {
-      bool: (bool,),
-      int: (int,),
-      float: (int, float),
-      str: (str,),
-      tuple: (tuple, list),
-    }[type(default)]
-    wrong = not isinstance(value, kinds) or (
-      isinstance(value, bool) and not isinstance(default, bool)
-    )
-    if isinstance(default, tuple) and not wrong:
-      wrong = len(value) != len(default) or not all(
-        isinstance(v, (int, float)) for v in value
-      )
-    if wrong:
-      expected = (
-        f'{len(default)} numbers, e.g. {default}'
-        if isinstance(default, tuple)
-        else f'a {type(default).__name__}'
-      )
-      raise ValueError(f'{where}={value!r} is not valid; expected {expected}.')
-
-
-def _is_placeholder(schema: ml_collections.ConfigDict, key: str) -> bool:
-  return schema.get_ref(key).get_type() is not None
 
 
 def create_model(

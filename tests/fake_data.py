@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from mnv2_flax import defaults
@@ -134,3 +135,33 @@ def snapshot(directory) -> dict[str, str]:
           f.read()
         ).hexdigest()
   return out
+
+
+def truncate_largest_array(step_dir) -> None:
+  """Cuts the largest array file of a checkpoint step to a third: what a
+  disk error or a careless copy leaves."""
+  files = [
+    os.path.join(root, f)
+    for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+    for f in names
+  ]
+  largest = max(files, key=os.path.getsize)
+  with open(largest, 'r+b') as f:
+    f.truncate(os.path.getsize(largest) // 3)
+
+
+def count_compiles(run):
+  """Runs `run()`; returns its result and the programs it asked to compile
+  (pmap's are named after its inner function, jit(_fun))."""
+  compiled = []
+
+  def on_compile(event, seconds, fun_name=None, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    result = run()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+  return result, compiled

@@ -10,8 +10,10 @@ import os
 import shutil
 import subprocess
 
+from fake_data import count_compiles
 from fake_data import snapshot
 from fake_data import tiny_config
+from fake_data import truncate_largest_array
 import jax
 import numpy as np
 import pytest
@@ -39,22 +41,6 @@ def copy(trained, tmp_path):
   shutil.copytree(workdir, target)
   os.remove(target / 'results.json')  # as if interrupted: it would resume
   return config.copy_and_resolve_references(), target, snapshot(target)
-
-
-def _compiles(run):
-  """Runs `run()` (it must raise); returns how many programs it compiled."""
-  compiled = []
-
-  def listen(event, seconds, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    run()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-  return len(compiled)
 
 
 def _refused(config, workdir, error, words):
@@ -145,7 +131,7 @@ def test_a_read_only_workdir_is_refused_before_the_data(trained, tmp_path):
 def test_another_model_is_refused_before_writing_or_compiling(copy):
   config, workdir, before = copy
   config.model.width_multiplier = 0.5
-  n = _compiles(
+  _, compiled = count_compiles(
     lambda: _refused(
       config,
       workdir,
@@ -153,19 +139,8 @@ def test_another_model_is_refused_before_writing_or_compiling(copy):
       ['does not match the model', 'params/'],
     )
   )
-  assert n == 0
+  assert compiled == []
   assert snapshot(workdir) == before  # model_stats.json included
-
-
-def _truncate_largest_array(step_dir):
-  files = [
-    os.path.join(root, f)
-    for root, _, names in os.walk(step_dir / 'state')
-    for f in names
-  ]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, 'r+b') as f:
-    f.truncate(os.path.getsize(largest) // 3)
 
 
 def test_an_empty_step_directory_is_named_not_a_mismatch(copy):
@@ -189,7 +164,7 @@ def test_an_empty_step_directory_is_named_not_a_mismatch(copy):
 
 def test_a_truncated_array_file_is_named_with_the_previous_step(copy):
   config, workdir, _ = copy
-  _truncate_largest_array(workdir / 'checkpoints' / '5')
+  truncate_largest_array(workdir / 'checkpoints' / '5')
   before = snapshot(workdir)
   error = _refused(
     config,
@@ -207,7 +182,7 @@ def test_a_truncated_array_file_is_named_with_the_previous_step(copy):
 
 def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
   config, workdir, _ = copy
-  _truncate_largest_array(workdir / 'checkpoints' / '5')
+  truncate_largest_array(workdir / 'checkpoints' / '5')
   manager = checkpointing.create_manager(str(workdir), config)
   model = train_lib.create_model(config, 10)
   lr = train_lib.create_learning_rate_fn(config, 5)

@@ -7,12 +7,13 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 
 import chex
+from fake_data import count_compiles
 from fake_data import run_on_fake_devices
 from fake_data import tiny_config
+from fake_data import truncate_largest_array
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,6 +71,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update('jax_disable_most_optimizations', True)
     from fake_data import tiny_config
+from fake_data import truncate_largest_array
     from train_lib_test import _fixed_batch
     from mnv2_flax import train_lib
     config = tiny_config()
@@ -266,23 +268,6 @@ def _final_params(workdir):
   return variables
 
 
-def _count_compiles(run):
-  """Runs `run()`; returns its result and the programs it asked to compile
-  (pmap's are named after its inner function, jit(_fun))."""
-  compiled = []
-
-  def on_compile(event, seconds, fun_name=None, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(fun_name)
-
-  jax.monitoring.register_event_duration_secs_listener(on_compile)
-  try:
-    result = run()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_compile)
-  return result, compiled
-
-
 @pytest.fixture(scope='module')
 def full_run(data_dirs, tmp_path_factory):
   """10 steps (40 examples, batch 8, 2 epochs), evaluating at step 5 too.
@@ -293,7 +278,7 @@ def full_run(data_dirs, tmp_path_factory):
   config = tiny_config(data_dir, num_epochs=2.0, eval_every_steps=5)
   config.checkpoint.every_steps = 5
   workdir = tmp_path_factory.mktemp('full')
-  result, compiled = _count_compiles(
+  result, compiled = count_compiles(
     lambda: train_lib.train_and_evaluate(config, str(workdir))
   )
   return config, result, workdir, compiled
@@ -381,53 +366,6 @@ def test_a_resume_names_the_config_fields_that_changed(resumed_run):
   )
 
 
-def test_nan_loss_stops_with_a_clear_error(data_dirs, tmp_path):
-  _, data_dir = data_dirs
-  config = tiny_config(data_dir, num_epochs=2.0)
-  config.optim.learning_rate = 1e12  # diverges at once
-  with pytest.raises(train_lib.TrainingDivergedError, match='diverged at'):
-    train_lib.train_and_evaluate(config, str(tmp_path))
-
-
-@pytest.mark.parametrize(
-  'override, words',
-  [
-    ('--config.optim.optimizer=adam', "config.optim.optimizer='adam'"),
-    ('--config.data.batch_size=0', 'config.data.batch_size=0'),
-  ],
-)
-def test_train_py_turns_user_mistakes_into_one_line(tmp_path, override, words):
-  result = subprocess.run(
-    [
-      sys.executable,
-      os.path.join(ROOT, 'train.py'),
-      '--config=' + os.path.join(ROOT, 'configs', 'quickstart.py'),
-      f'--workdir={tmp_path}',
-      override,
-    ],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    cwd=ROOT,
-  )
-  assert result.returncode == 1
-  assert f'error: {words}' in result.stderr
-  assert 'Traceback' not in result.stderr
-  assert not os.listdir(tmp_path)  # nothing written
-
-
-def _truncate_largest_array(step_dir):
-  files = [
-    os.path.join(root, f)
-    for root, _, names in os.walk(step_dir / 'state')
-    for f in names
-  ]
-  largest = max(files, key=os.path.getsize)
-  with open(largest, 'r+b') as f:
-    f.truncate(os.path.getsize(largest) // 3)
-
-
 def test_a_corrupt_last_step_resumes_from_the_previous_to_the_same_end(
   full_run, tmp_path
 ):
@@ -435,7 +373,7 @@ def test_a_corrupt_last_step_resumes_from_the_previous_to_the_same_end(
   copy = tmp_path / 'copy'
   shutil.copytree(workdir, copy)
   os.remove(copy / 'results.json')  # interrupted after its last save
-  _truncate_largest_array(copy / 'checkpoints' / '10')
+  truncate_largest_array(copy / 'checkpoints' / '10')
   with pytest.raises(checkpointing.CorruptCheckpointError, match='Step 5 is'):
     train_lib.train_and_evaluate(config, str(copy))
   config = config.copy_and_resolve_references()
