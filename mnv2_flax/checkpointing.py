@@ -147,9 +147,13 @@ def _kept(manager: ocp.CheckpointManager) -> str:
 
 
 def first_line(error: BaseException) -> str:
-  """The gist of a (possibly multi-line, TensorStore) error message."""
-  text = str(error).strip().splitlines()
-  return text[0] if text else type(error).__name__
+  """The gist of a (possibly chained, multi-line TensorStore) error: the
+  first line of its innermost cause, at most 300 characters."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else type(error).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
 
 
 def remove_partial_saves(directory: str) -> list[str]:
@@ -169,7 +173,10 @@ def _save_failed(manager, error: Exception) -> CheckpointSaveError:
   except Exception:  # pylint: disable=broad-except
     pass
   remove_partial_saves(directory)
-  text = str(error)
+  text, inner = str(error), error
+  while inner.__cause__ or inner.__context__:
+    inner = inner.__cause__ or inner.__context__
+    text += str(inner)
   cause = (
     'the disk is full'
     if 'No space left on device' in text or "os_error_code='28'" in text
@@ -245,7 +252,10 @@ def check_compatible(saved: Any, target: Any, where: str) -> None:
 def _state_metadata(manager: ocp.CheckpointManager, step: int) -> Any:
   """The saved state's tree of array metadata (shapes, dtypes)."""
   path = os.path.join(str(manager.directory), str(step), 'state')
-  return ocp.StandardCheckpointer().metadata(path).item_metadata
+  metadata = ocp.StandardCheckpointer().metadata(path).item_metadata
+  if not metadata:  # orbax only warns about an unreadable _METADATA
+    raise ValueError(f'no array metadata in {path}')
+  return metadata
 
 
 def step_problem(manager: ocp.CheckpointManager, step: int) -> str | None:

@@ -22,10 +22,6 @@ EXPECTED = (ValueError, OSError, FloatingPointError)
 
 def fail(message: str) -> None:
   """Prints `error: message` and exits with status 1."""
-  # Writes still in flight in background threads (a failed checkpoint
-  # save) may report after this; they are not the user's concern.
-  sys.unraisablehook = lambda unraisable: None
-  threading.excepthook = lambda args: None
   message = ' '.join(str(message).split())  # one line, whatever it was
   print(f'error: {message}', file=sys.stderr, flush=True)
   sys.exit(1)
@@ -97,11 +93,33 @@ class _NoTracebacks(logging.Filter):
     return True
 
 
+def _quiet_background_failures() -> None:
+  """One debug line, not a traceback, for what background threads report.
+
+  A failed checkpoint write (a full disk) fails in each of orbax's and
+  TensorStore's writer threads and coroutines: ~140 tracebacks for one
+  fault, which the main thread then reports once, as one line.
+  """
+  absl_logger = logging.getLogger('absl')
+  absl_logger.addFilter(_NoTracebacks())
+
+  def unraisable(args):
+    absl_logger.debug('Ignored in a background task: %r', args.exc_value)
+
+  def thread_failed(args):
+    absl_logger.debug('Thread %s failed: %r', args.thread, args.exc_value)
+
+  sys.unraisablehook = unraisable
+  threading.excepthook = thread_failed
+  # asyncio reports each failed write task ("exception was never retrieved").
+  logging.getLogger('asyncio').setLevel(logging.CRITICAL)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, with `EXPECTED` errors as one line."""
 
   def guarded(argv):
-    logging.getLogger('absl').addFilter(_NoTracebacks())
+    _quiet_background_failures()
     try:
       main(argv)
     except EXPECTED as e:

@@ -26,10 +26,27 @@ from mnv2_flax import train_lib
 
 @pytest.fixture(scope='module')
 def trained(data_dirs, tmp_path_factory):
-  """5 steps (one epoch), saves at 2, 4, 5; steps 4 and 5 kept."""
+  """A workdir of the tiny config as an interrupted run leaves it: real
+  checkpoints at steps 4 and 5 (of a random state: nothing here trains)
+  and the run's model_stats.json."""
   config = tiny_config(data_dirs[1], num_epochs=1.0)
   workdir = tmp_path_factory.mktemp('trained')
-  train_lib.train_and_evaluate(config, str(workdir))
+  model = train_lib.create_model(config, 10)
+  abstract = train_lib.abstract_train_state(
+    config, model, train_lib.create_learning_rate_fn(config, 5)
+  )
+  manager = checkpointing.create_manager(str(workdir), config)
+  rng = np.random.default_rng(0)
+  for step in (4, 5):  # random: array files are not compressed to nothing
+    state = jax.tree.map(
+      lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract
+    )
+    checkpointing.save(
+      manager, step, state.replace(step=np.int32(step)), config
+    )
+  checkpointing.wait_until_finished(manager)
+  manager.close()
+  (workdir / 'model_stats.json').write_text('{"params": 408938}')
   return config, workdir
 
 
@@ -39,7 +56,6 @@ def copy(trained, tmp_path):
   config, workdir = trained
   target = tmp_path / 'copy'
   shutil.copytree(workdir, target)
-  os.remove(target / 'results.json')  # as if interrupted: it would resume
   return config.copy_and_resolve_references(), target, snapshot(target)
 
 
@@ -180,6 +196,20 @@ def test_a_truncated_array_file_is_named_with_the_previous_step(copy):
   assert variables['params']['classifier']['bias'].shape == (10,)
 
 
+def test_unreadable_metadata_is_named_not_a_mismatch(copy):
+  config, workdir, _ = copy
+  metadata = workdir / 'checkpoints' / '5' / 'state' / '_METADATA'
+  metadata.write_bytes(metadata.read_bytes()[:100])
+  before = snapshot(workdir)
+  _refused(
+    config,
+    workdir,
+    checkpointing.CorruptCheckpointError,
+    ['checkpoints/5 is unreadable', 'Step 4 is the previous complete one'],
+  )
+  assert snapshot(workdir) == before
+
+
 def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
   config, workdir, _ = copy
   truncate_largest_array(workdir / 'checkpoints' / '5')
@@ -255,27 +285,20 @@ def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
   assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in caplog.text
 
 
-def test_the_step_flags_a_non_finite_state():
+def test_the_finite_flag_sees_a_single_inf_anywhere():
   config = tiny_config()
   model = train_lib.create_model(config, 10, axis_name=None)
-  lr = train_lib.create_learning_rate_fn(config, 10)
-  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
-  batch = {
-    'image': np.zeros((2, 32, 32, 3), np.float32),
-    'label': np.zeros(2, np.int32),
-  }
-  step = jax.jit(
-    lambda s: train_lib.train_step(
-      s,
-      batch,
-      jax.random.key(1),
-      config=config,
-      learning_rate_fn=lr,
-      axis_name=None,
-    )[1]['finite']
+  abstract = train_lib.abstract_train_state(
+    config, model, train_lib.create_learning_rate_fn(config, 10)
   )
-  assert float(step(state)) == 1.0
-  stats = state.batch_stats
-  bad = jax.tree.map(lambda x: x, stats)
-  bad['stem_bn']['mean'] = stats['stem_bn']['mean'].at[0].set(np.inf)
-  assert float(step(state.replace(batch_stats=bad))) == 0.0
+  state = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract)
+  flag = jax.jit(train_lib._all_finite)  # what train_step returns as 'finite'
+  assert bool(flag(np.float32(2.3), state))
+  assert not bool(flag(np.float32(np.nan), state))
+  assert bool(flag(np.float32(3e38), state))  # large is still finite
+  for tree in ('params', 'ema_params', 'batch_stats'):
+    leaves, treedef = jax.tree.flatten(getattr(state, tree))
+    leaves[-1] = leaves[-1].copy()
+    leaves[-1].flat[0] = np.inf
+    bad = state.replace(**{tree: jax.tree.unflatten(treedef, leaves)})
+    assert not bool(flag(np.float32(1.0), bad)), tree

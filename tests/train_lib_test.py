@@ -71,7 +71,6 @@ _PMAP_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update('jax_disable_most_optimizations', True)
     from fake_data import tiny_config
-from fake_data import truncate_largest_array
     from train_lib_test import _fixed_batch
     from mnv2_flax import train_lib
     config = tiny_config()
