@@ -27,7 +27,7 @@ def fail(message: str) -> None:
   sys.exit(1)
 
 
-def _config_error(argv: list[str], error: Exception) -> str:
+def _config_error(argv: list[str], error: Exception) -> str | None:
   """One line for a config file that cannot be loaded or overridden."""
   if isinstance(error, SyntaxError):
     return (
@@ -45,7 +45,9 @@ def _config_error(argv: list[str], error: Exception) -> str:
       key = arg.split('=', 1)[0].lstrip('-')
       if key.startswith('config.') and (problem := _no_field(key)):
         return f'--{key}: {problem}'
-  return f'{type(error).__name__}: {error}'
+  if isinstance(error, EXPECTED):  # e.g. get_config(arg) rejecting its arg
+    return f'--config: {error}'
+  return None  # a bug in the config file: its traceback helps
 
 
 def _no_field(key: str) -> str | None:
@@ -78,9 +80,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
         getattr(flags.FLAGS[name].value, 'items', None)
     return args
   except flags.Error as e:
-    fail(str(e))
+    text = str(e)
+    if 'Traceback (most recent call last)' in text:  # get_config raised
+      flag = text.split(': Error whilst parsing config file')[0]
+      text = f'{flag}: {text.strip().splitlines()[-1]}'
+    fail(text)
   except Exception as e:  # pylint: disable=broad-except
-    fail(_config_error(argv, e))
+    message = _config_error(argv, e)
+    if message is None:
+      raise
+    fail(message)
 
 
 class _NoTracebacks(logging.Filter):

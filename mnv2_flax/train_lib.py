@@ -628,8 +628,8 @@ def _check_not_diverged(workdir: str, config) -> None:
     record = json.load(f)
   changed = checkpointing.config_differences(record['config'], config)
   where = (
-    f'this run stopped at step {record["step"]} on a non-finite loss '
-    f'({record["loss"]}); its last checkpoint is step '
+    f'this run diverged at step {record["step"]} (loss '
+    f'{record["loss"]:.4g}, a non-finite state); its last checkpoint is step '
     f'{record["last_checkpoint"]}'
   )
   if not changed:

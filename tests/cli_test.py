@@ -86,6 +86,10 @@ CASES = [
     _train('--config.data.image_size=abc'),
     '--config.data.image_size=abc: invalid literal for int() with base 10',
   ),
+  (
+    ['train.py', f'--config={ABLATION}:width=0.5,colour=red', '--workdir=w'],
+    "ValueError: ablation argument 'colour=red': expected key=value",
+  ),
   (_train('--no_such_flag'), "Unknown command line flag 'no_such_flag'"),
   (['train.py', f'--config={QUICKSTART}'], 'Flag --workdir must have a value'),
   (_train('extra'), "unexpected arguments ['extra']"),

@@ -272,7 +272,7 @@ def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
     config,
     workdir,
     train_lib.TrainingDivergedError,
-    ['stopped at step', 'it would diverge again', 'diverged.json'],
+    ['this run diverged at step', 'it would diverge again', 'diverged.json'],
   )
   assert snapshot(workdir) == before
 
