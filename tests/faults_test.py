@@ -225,6 +225,30 @@ def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
   assert os.listdir(workdir / 'corrupt_checkpoints') == ['5']  # kept
 
 
+def test_a_save_without_the_space_for_it_writes_nothing(trained, tmp_path):
+  config, workdir = trained
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  if subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)],
+    capture_output=True,
+    check=False,
+  ).returncode:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  try:
+    manager = checkpointing.create_manager(str(disk / 'run'), config)
+    _, state = checkpointing.restore(str(workdir))
+    with pytest.raises(
+      checkpointing.CheckpointSaveError,
+      match=r'not enough disk space to save step 6 in .*: [0-9.]+ MiB free',
+    ) as info:
+      checkpointing.save(manager, 6, state, config)
+    assert 'No checkpoint was completed before.' in str(info.value)
+    assert os.listdir(disk / 'run' / 'checkpoints') == []
+  finally:
+    subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
 def test_a_killed_save_leaves_nothing_behind_at_the_next_start(copy):
   config, workdir, _ = copy
   partial = workdir / 'checkpoints' / '6.orbax-checkpoint-tmp-1234'
