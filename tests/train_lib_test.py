@@ -85,7 +85,11 @@ _PMAP_SCRIPT = textwrap.dedent("""
       p_step = jax.pmap(step, axis_name='batch', in_axes=(None, 0, None),
                         out_axes=(None, None), devices=jax.devices()[:n])
       sharded = jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
-      new, metrics = p_step(state, sharded, jax.random.key(1))
+      # Placed as the step returns it: one compile per n, not two.
+      mesh = jax.sharding.Mesh(np.array(jax.devices()[:n]), ('batch',))
+      placed = jax.device_put(state, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec()))
+      new, metrics = p_step(placed, sharded, jax.random.key(1))
       new, metrics = p_step(new, sharded, jax.random.key(1))
       out[n] = dict(loss=float(metrics['loss']),
                     params=[np.asarray(x).tolist() for x in
