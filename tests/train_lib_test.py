@@ -98,6 +98,13 @@ _PMAP_SCRIPT = textwrap.dedent("""
                            jax.tree.leaves(new.batch_stats)[:6]],
                     max_param_diff=0.0)
       out.setdefault('leaves', []).append(new)
+    # Per device: the BN running statistics the step returns agree to the
+    # bit on every device without an average of their own.
+    p_each = jax.pmap(step, axis_name='batch', in_axes=(None, 0, None),
+                      out_axes=(0, None), devices=jax.devices()[:{devices}])
+    each, _ = p_each(placed, sharded, jax.random.key(1))
+    stats_agree = all(bool((x == x[0]).all())
+                      for x in jax.tree.leaves(each.batch_stats))
     a, b = out.pop('leaves')
     flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
     rows = [(float(np.abs(np.asarray(x) - np.asarray(y)).max()),
@@ -105,6 +112,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
             for (path, x), y in zip(flat_a, jax.tree.leaves(b))]
     print('RESULT' + json.dumps(dict(loss1=out[1]['loss'],
                                      lossn=out[{devices}]['loss'],
+                                     stats_agree=stats_agree,
                                      rows=rows)))
 """)
 
@@ -115,6 +123,7 @@ def test_pmap_step_on_4_devices_equals_1_device_whole_batch():
   )
   out = run_on_fake_devices(script, 4)
   np.testing.assert_allclose(out['lossn'], out['loss1'], rtol=1e-5)
+  assert out['stats_agree']
   # Params, batch_stats, opt state and EMA after two steps, leaf by leaf:
   # relative to each leaf's scale (float32 sums over the batch in another
   # order), except leaves that are ~0 (BN biases
