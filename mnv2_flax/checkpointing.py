@@ -139,8 +139,12 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
     raise _save_failed(manager, e) from None
 
 
+def _complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+  return [s for s in manager.all_steps() if not step_problem(manager, s)]
+
+
 def _kept(manager: ocp.CheckpointManager) -> str:
-  steps = [s for s in manager.all_steps() if not step_problem(manager, s)]
+  steps = _complete_steps(manager)
   if not steps:
     return 'No checkpoint was completed before.'
   return f'The last complete checkpoint, step {max(steps)}, is kept.'
@@ -149,11 +153,18 @@ def _kept(manager: ocp.CheckpointManager) -> str:
 def first_line(error: BaseException) -> str:
   """The gist of a (possibly chained, multi-line TensorStore) error: the
   first line of its innermost cause, at most 300 characters."""
-  while error.__cause__ or error.__context__:
-    error = error.__cause__ or error.__context__
+  error = _causes(error)[-1]
   lines = str(error).strip().splitlines()
   text = lines[0] if lines else type(error).__name__
   return text if len(text) <= 300 else text[:297] + '...'
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from, outermost first."""
+  chain = [error]
+  while chain[-1].__cause__ or chain[-1].__context__:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  return chain
 
 
 def remove_partial_saves(directory: str) -> list[str]:
@@ -173,10 +184,7 @@ def _save_failed(manager, error: Exception) -> CheckpointSaveError:
   except Exception:  # pylint: disable=broad-except
     pass
   remove_partial_saves(directory)
-  text, inner = str(error), error
-  while inner.__cause__ or inner.__context__:
-    inner = inner.__cause__ or inner.__context__
-    text += str(inner)
+  text = ' '.join(str(e) for e in _causes(error))
   cause = (
     'the disk is full'
     if 'No space left on device' in text or "os_error_code='28'" in text
@@ -274,9 +282,7 @@ def step_problem(manager: ocp.CheckpointManager, step: int) -> str | None:
 
 
 def _previous_complete(manager: ocp.CheckpointManager, step: int) -> str:
-  earlier = [
-    s for s in manager.all_steps() if s < step and not step_problem(manager, s)
-  ]
+  earlier = [s for s in _complete_steps(manager) if s < step]
   if not earlier:
     return 'There is no earlier complete checkpoint.'
   return f'Step {max(earlier)} is the previous complete one.'

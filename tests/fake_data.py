@@ -165,3 +165,13 @@ def count_compiles(run):
   finally:
     jax.monitoring.unregister_event_duration_listener(on_compile)
   return result, compiled
+
+
+def mount_tmpfs(path, size: str) -> bool:
+  """Mounts a tmpfs of `size` (e.g. '10m') at `path`; False where this
+  process may not mount (not root)."""
+  return not subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
+    capture_output=True,
+    check=False,
+  ).returncode

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 from fake_data import count_compiles
+from fake_data import mount_tmpfs
 from fake_data import snapshot
 from fake_data import tiny_config
 from fake_data import truncate_largest_array
@@ -229,11 +230,7 @@ def test_a_save_without_the_space_for_it_writes_nothing(trained, tmp_path):
   config, workdir = trained
   disk = tmp_path / 'disk'
   disk.mkdir()
-  if subprocess.run(
-    ['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)],
-    capture_output=True,
-    check=False,
-  ).returncode:
+  if not mount_tmpfs(disk, '1m'):
     pytest.skip('cannot mount a tmpfs here (needs root)')
   try:
     manager = checkpointing.create_manager(str(disk / 'run'), config)

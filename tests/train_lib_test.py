@@ -11,6 +11,7 @@ import textwrap
 
 import chex
 from fake_data import count_compiles
+from fake_data import mount_tmpfs
 from fake_data import run_on_fake_devices
 from fake_data import tiny_config
 from fake_data import truncate_largest_array
@@ -398,14 +399,6 @@ def test_a_corrupt_last_step_resumes_from_the_previous_to_the_same_end(
   )
 
 
-def _mount_tmpfs(path, size):
-  return not subprocess.run(
-    ['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(path)],
-    capture_output=True,
-    check=False,
-  ).returncode
-
-
 # TensorStore's writes that fail after the save gave up report to nobody.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_disk_full_mid_save_then_the_same_command_finishes_as_before(
@@ -418,7 +411,7 @@ def test_a_disk_full_mid_save_then_the_same_command_finishes_as_before(
   config, _, workdir, _ = full_run
   disk = tmp_path / 'disk'
   disk.mkdir()
-  if not _mount_tmpfs(disk, '10m'):
+  if not mount_tmpfs(disk, '10m'):
     pytest.skip('cannot mount a tmpfs here (needs root)')
   run = disk / 'run'
   try:
