@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup clean data sweep compiler
+.PHONY: test lint format setup setup-gpu setup-tpu aot clean data sweep compiler
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
+# The same venv with JAX's CUDA 12 plugin or libtpu added (same versions).
+setup-gpu: $(VENV)/.installed-gpu
+setup-tpu: $(VENV)/.installed-tpu
+
+$(VENV)/.installed-gpu $(VENV)/.installed-tpu: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
+	$(PY) -m pip install --quiet -r requirements-$*.txt
+	@touch $@
+
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
@@ -28,6 +36,13 @@ lint: setup
 
 format: setup
 	$(PY) -m ruff format mnv2_flax tests tools configs benchmarks
+
+# Deviceless TPU compile of a config's train step (libtpu, no TPU needed):
+# FLOPs, bytes accessed per image, temporaries. AOT_CONFIG/AOT_TOPOLOGY.
+AOT_CONFIG ?= configs/default.py
+AOT_TOPOLOGY ?= v5e:1x1
+aot: setup-tpu
+	$(PY) -m mnv2_flax.benchmark --config=$(AOT_CONFIG) --aot_topology=$(AOT_TOPOLOGY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,11 +4,11 @@
   python train.py --config=configs/default.py --workdir=... \
       --config.optim.learning_rate=0.09
 
-Multi-host: run one copy per process with --multiprocess (or with
-JAX_COORDINATOR_ADDRESS / SLURM set), see README.
+Multi-host: run one copy per process. jax.distributed is initialised on a
+Cloud TPU VM, in a Slurm job of several tasks, with JAX_COORDINATOR_ADDRESS
+set, or with --multiprocess / --coordinator_address (README, "GPU, TPU and
+multi-host").
 """
-
-import os
 
 from absl import flags
 from absl import logging
@@ -26,8 +26,9 @@ _WORKDIR = flags.DEFINE_string(
 _MULTIPROCESS = flags.DEFINE_bool(
   'multiprocess',
   None,
-  'Call jax.distributed.initialize(); default: when JAX_COORDINATOR_ADDRESS '
-  'or a multi-task SLURM job is in the environment.',
+  'Call jax.distributed.initialize() (True) or not (False); default: on a '
+  'Cloud TPU VM, in a Slurm job of several tasks, or with '
+  'JAX_COORDINATOR_ADDRESS or --coordinator_address set.',
 )
 _COORDINATOR = flags.DEFINE_string(
   'coordinator_address', None, 'host:port of process 0.'
@@ -35,16 +36,6 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Total processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _is_multiprocess() -> bool:
-  if _MULTIPROCESS.value is not None:
-    return _MULTIPROCESS.value
-  return bool(
-    _COORDINATOR.value
-    or os.environ.get('JAX_COORDINATOR_ADDRESS')
-    or int(os.environ.get('SLURM_NTASKS', '1')) > 1
-  )
 
 
 def main(argv):
@@ -62,22 +53,20 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   tf.config.set_visible_devices([], 'GPU')
-  import jax  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import hardware  # pylint: disable=g-import-not-at-top
 
-  if _is_multiprocess():
-    jax.distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-    )
+  hardware.initialize_distributed(
+    _MULTIPROCESS.value,
+    _COORDINATOR.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+  )
+  logging.info('%s', hardware.describe())
+  hardware.check_accelerator(_CONFIG.value.train.require_accelerator)
   from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
 
   compilation_cache.enable(_CONFIG.value)
-  logging.info(
-    'JAX process %d of %d, local devices: %s',
-    jax.process_index(),
-    jax.process_count(),
-    jax.local_devices(),
-  )
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

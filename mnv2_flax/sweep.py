@@ -38,6 +38,7 @@ import ml_collections
 from mnv2_flax import cli
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
+from mnv2_flax import hardware
 from mnv2_flax import train_lib
 
 COLUMNS = (
@@ -460,8 +461,10 @@ def main(argv):
   point_args = module.get_sweep(sweep_arg or None)
   overrides = dict(s.split('=', 1) if '=' in s else (s, '') for s in _SET.value)
   shard = parse_shard(_SHARD.value)
-  for arg in point_args:  # every override checked before anything runs
-    apply_overrides(module.get_config(arg), overrides)
+  # Every override checked before anything runs.
+  configs = [
+    apply_overrides(module.get_config(a), overrides) for a in point_args
+  ]
   if _DRY_RUN.value:
     for command in dry_run_commands(
       path, point_args, _ROOT.value, overrides, shard
@@ -471,10 +474,12 @@ def main(argv):
   if _SUMMARIZE_ONLY.value:
     rows = summarize(module, point_args, _ROOT.value)
   else:
-    # The cache directory is the points' own, `--set` overrides included.
-    compilation_cache.enable(
-      apply_overrides(module.get_config(point_args[0]), overrides)
+    logging.info('%s', hardware.describe())
+    hardware.check_accelerator(
+      any(c.train.require_accelerator for c in configs)
     )
+    # The cache directory is the points' own, `--set` overrides included.
+    compilation_cache.enable(configs[0])
     rows = run(module, point_args, _ROOT.value, overrides, shard)
   print(f'{len(rows)} points; table: {os.path.join(_ROOT.value, "results.md")}')
   print(

@@ -122,6 +122,16 @@ CASES = [
     ),
     'train-images-idx3-ubyte.gz is not a complete gzip file',
   ),
+  # An accelerator required, JAX on the CPU: stop before anything runs.
+  (
+    _train('--config.train.require_accelerator=True'),
+    'config.train.require_accelerator=True, but JAX found only CPU devices',
+  ),
+  (
+    ['-m', 'mnv2_flax.sweep', f'--config={ABLATION}', '--root={tmp}/s']
+    + ['--set=train.require_accelerator=True'],
+    'make setup-gpu',
+  ),
   # evaluate.
   (
     ['-m', 'mnv2_flax.evaluate', '--workdir={tmp}/incomplete'],

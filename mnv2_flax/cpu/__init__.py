@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from mnv2_flax import hardware
 from mnv2_flax.cpu import batch_norm
 from mnv2_flax.cpu import depthwise
 from mnv2_flax.cpu import host_malloc
@@ -44,10 +45,12 @@ def _switched_off() -> bool:
 def configure_host() -> bool:
   """glibc malloc settings that let XLA:CPU reuse its step buffers.
 
-  No-op with `MNV2_FLAX_CPU=0`, outside Linux/glibc, or once JAX has
+  For the CPU backend only: a no-op where
+  `hardware.accelerator_expected()` (the host then only feeds the input
+  pipeline), with `MNV2_FLAX_CPU=0`, outside Linux/glibc, or once JAX has
   started (it must run first); True if applied. See `host_malloc`.
   """
-  if _switched_off():
+  if _switched_off() or hardware.accelerator_expected():
     return False
   return host_malloc.configure()
 

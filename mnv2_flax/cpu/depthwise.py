@@ -46,6 +46,7 @@ def conv_general_dilated(
   Plain NHWC depthwise convs run `native_depthwise_conv`, 1x1 stride-1 convs
   `pointwise_conv`, anything else `lax.conv_general_dilated`.
   """
+  kernels.require_cpu('mnv2_flax.cpu.depthwise.conv_general_dilated')
   if kwargs.get('feature_group_count', 1) > 1:
     return native_depthwise_conv(lhs, rhs, window_strides, padding, **kwargs)
   return pointwise_conv(lhs, rhs, window_strides, padding, **kwargs)

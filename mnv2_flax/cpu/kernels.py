@@ -121,5 +121,24 @@ def load() -> ctypes.CDLL | None:
   return library
 
 
+class NotOnCpuError(ValueError):
+  """A CPU-only layer was traced for a program on another backend."""
+
+
+def require_cpu(what: str) -> None:
+  """Refuses `what` (a CPU layer) unless JAX's default backend is the CPU.
+
+  Its kernels are XLA:CPU custom calls and its pure-JAX fallbacks are shaped
+  for XLA:CPU; `mnv2_flax.cpu.layers()` returns {} elsewhere.
+  """
+  backend = jax.default_backend()
+  if backend != 'cpu':
+    raise NotOnCpuError(
+      f'{what} is a layer for the CPU backend, and this program runs on '
+      f'{backend}: build the model without mnv2_flax.cpu.layers() '
+      '(train_lib.create_model leaves them out off CPU).'
+    )
+
+
 def available() -> bool:
   return load() is not None

@@ -1,0 +1,97 @@
+"""Where a run executes: the accelerator check, multi-host detection, and
+the CPU-only settings and layers kept off other backends."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mnv2_flax import cpu
+from mnv2_flax import hardware
+from mnv2_flax import models
+from mnv2_flax.cpu import kernels
+
+
+def test_describe_names_platform_and_devices():
+  line = hardware.describe()
+  assert f'on {jax.default_backend()}' in line
+  assert f'{jax.device_count()} device(s) in all' in line
+
+
+def test_an_accelerator_required_on_cpu_is_one_clear_error():
+  hardware.check_accelerator(False)
+  with pytest.raises(hardware.AcceleratorMissingError) as e:
+    hardware.check_accelerator(True)
+  message = str(e.value)
+  assert 'only CPU devices' in message
+  assert 'requirements-gpu.txt' in message and 'make setup-tpu' in message
+
+
+@pytest.mark.parametrize(
+  'env, expected',
+  [
+    ({}, ''),
+    ({'SLURM_NTASKS': '1'}, ''),
+    ({'SLURM_NTASKS': '4'}, 'a Slurm job of 4 tasks'),
+    ({'JAX_COORDINATOR_ADDRESS': 'h:1234'}, 'JAX_COORDINATOR_ADDRESS is set'),
+  ],
+)
+def test_multiprocess_detection(monkeypatch, env, expected):
+  for name in ('SLURM_NTASKS', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  monkeypatch.setattr(hardware, 'tpu_host', lambda: False)
+  assert hardware.multiprocess_reason(None, None) == expected
+  # Flags win over the environment.
+  assert hardware.multiprocess_reason(False, 'h:1') == ''
+  assert (
+    hardware.multiprocess_reason(None, 'h:1') == '--coordinator_address=h:1'
+  )
+  assert (
+    hardware.multiprocess_reason(True, None) == 'requested by --multiprocess'
+  )
+
+
+def test_a_cloud_tpu_vm_initialises_jax_distributed(monkeypatch):
+  for name in ('SLURM_NTASKS', 'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(hardware, 'tpu_host', lambda: True)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  monkeypatch.setattr(
+    jax.distributed, 'initialize', lambda *args: calls.append(args)
+  )
+  assert hardware.initialize_distributed()
+  # No arguments: JAX reads the slice's workers from the TPU metadata.
+  assert calls == [(None, None, None)]
+  monkeypatch.setattr(hardware, 'tpu_host', lambda: False)
+  assert not hardware.initialize_distributed()
+  assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+  'platforms, expected',
+  [('cpu', False), ('cuda', True), ('tpu,cpu', True), ('cpu,cuda', False)],
+)
+def test_cpu_host_settings_only_for_the_cpu_backend(
+  monkeypatch, platforms, expected
+):
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert hardware.accelerator_expected() == expected
+  if expected:  # the allocator is left alone on a GPU or TPU host
+    monkeypatch.setattr(
+      cpu.host_malloc, 'configure', lambda: pytest.fail('configured')
+    )
+    assert cpu.configure_host() is False
+
+
+def test_cpu_layers_refuse_another_backend(monkeypatch):
+  layers = cpu.layers()
+  if not layers:
+    pytest.skip('the CPU layers are switched off (MNV2_FLAX_CPU=0)')
+  model = models.MobileNetV2(num_classes=10, width_multiplier=0.35, **layers)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(kernels.NotOnCpuError, match='runs on gpu'):
+    jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
