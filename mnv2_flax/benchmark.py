@@ -19,10 +19,14 @@ forward plus a backward of twice its cost), and the process's peak resident
 memory. `--profile_steps=N` traces N more steps with `jax.profiler` and prints
 the time per XLA op kind and the largest single ops with the model operation
 each came from.
+
+Without the hardware: `--aot_topology=v5e:2x2 [--config=configs/default.py]`
+compiles the train step for that TPU topology (libtpu, `make setup-tpu`)
+and prints XLA's FLOPs, bytes accessed and temporary memory per chip.
 """
 
 import collections
-import functools
+import dataclasses
 import glob
 import json
 import re
@@ -33,14 +37,16 @@ import time
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 
+from mnv2_flax import aot
 from mnv2_flax import cli
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
 from mnv2_flax import defaults
+from mnv2_flax import preprocessing
 from mnv2_flax import stats
 from mnv2_flax import train_lib
 
@@ -74,6 +80,17 @@ _PROFILE_TOP = flags.DEFINE_integer(
   'profile_top', 15, 'Op kinds and ops to print.'
 )
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+_STEPS_PER_CALL = flags.DEFINE_integer(
+  'steps_per_call', 1, 'Train steps per call (lax.scan); times are per step.'
+)
+_AOT_TOPOLOGY = flags.DEFINE_string(
+  'aot_topology',
+  None,
+  "Compile the train step for this TPU topology (e.g. 'v5e:2x2'; libtpu, no "
+  'TPU needed) and print its FLOPs, bytes accessed and temporaries instead '
+  'of timing anything.',
+)
+_CONFIG = None  # --config, defined when run as a program (sweep has one)
 
 
 def make_config(
@@ -111,11 +128,12 @@ def make_config(
 
 
 def _batch(batch_size, resolution, num_classes, shape_prefix):
+  """Random uint8 pixels and labels, as the input pipeline makes them."""
   rng = np.random.default_rng(0)
-  image = rng.uniform(-1, 1, (batch_size, resolution, resolution, 3))
+  image = rng.integers(0, 256, (batch_size, resolution, resolution, 3))
   label = rng.integers(0, num_classes, batch_size)
   return {
-    'image': image.astype(np.float32).reshape(
+    'image': image.astype(np.uint8).reshape(
       shape_prefix + (resolution, resolution, 3)
     ),
     'label': label.astype(np.int32).reshape(shape_prefix),
@@ -123,7 +141,8 @@ def _batch(batch_size, resolution, num_classes, shape_prefix):
 
 
 def _time(fn, args, steps, warmup):
-  """Median seconds of fn(*args) (its output fed back as args[0])."""
+  """Median seconds of fn(*args) (its output fed back as args[0]: the
+  train step donates its state); returns (median, times, last args)."""
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
@@ -133,7 +152,7 @@ def _time(fn, args, steps, warmup):
       times.append(time.perf_counter() - start)
     if isinstance(out, tuple):  # train: the new state goes back in
       args = (out[0],) + args[1:]
-  return statistics.median(times), times
+  return statistics.median(times), times, args
 
 
 def run(
@@ -149,8 +168,13 @@ def run(
   profile_steps: int = 0,
   output_stride: int | None = None,
   cpu_fast_path: bool = True,
+  steps_per_call: int = 1,
 ) -> dict:
-  """Compiles and times one configuration; returns the measurements."""
+  """Compiles and times one configuration; returns the measurements.
+
+  Train mode with `steps_per_call` > 1 times calls of that many steps
+  (`config.train.steps_per_call`); step times are per step.
+  """
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: valid are {", ".join(MODES)}.')
   if dtype not in DTYPES:
@@ -176,33 +200,53 @@ def run(
   lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
   state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
 
+  # Every argument is placed on the devices once, as the training loop's
+  # prefetch does: the timed calls copy nothing from the host.
+  mesh = jax.sharding.Mesh(
+    np.array(jax.local_devices()[:devices]), (train_lib.AXIS,)
+  )
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  if not (steps_per_call >= 1 and (mode == 'train' or steps_per_call == 1)):
+    raise ValueError(
+      f'--steps_per_call={steps_per_call}: expected >= 1 (and 1 with '
+      '--mode=infer).'
+    )
   if mode == 'train':
-    step = jax.pmap(
-      functools.partial(
-        train_lib.train_step, config=config, learning_rate_fn=lr
-      ),
-      axis_name=train_lib.AXIS,
-      in_axes=(None, 0, None),
-      out_axes=(None, None),
-      devices=jax.local_devices()[:devices],
+    step = train_lib.make_p_train_step(
+      config, lr, jax.local_devices()[:devices], steps=steps_per_call
     )
     batch = _batch(
       batch_size, resolution, num_classes, (devices, batch_size // devices)
     )
-    args = (state, batch, jax.random.key(1))
+    split = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(train_lib.AXIS)
+    )
+    batch = jax.device_put(batch, split)
+    args = (
+      jax.device_put(state, replicated),
+      batch if steps_per_call == 1 else (batch,) * steps_per_call,
+      jax.device_put(jax.random.key(1), replicated),
+    )
     flops_per_image = 3 * 2 * counts.macs
   else:
     infer_model = model.clone(bn_axis_name=None)
-    step = jax.jit(lambda v, x: infer_model.apply(v, x, train=False))
+    normalization = config.data.normalization
+
+    def infer(variables, images):
+      images = preprocessing.normalize(images, normalization)
+      return infer_model.apply(variables, images, train=False)
+
+    step = jax.jit(infer)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     batch = _batch(batch_size, resolution, num_classes, (batch_size,))
-    args = (variables, jnp.asarray(batch['image']))
+    args = jax.device_put((variables, batch['image']), jax.local_devices()[0])
     flops_per_image = 2 * counts.macs
 
   start = time.perf_counter()
   compiled = step.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
-  median, times = _time(compiled, args, steps, warmup)
+  median, times, args = _time(compiled, args, steps, warmup)
+  median, times = median / steps_per_call, [t / steps_per_call for t in times]
   ops = profile_ops(compiled, args, profile_steps) if profile_steps else None
   return dict(
     mode=mode,
@@ -212,6 +256,7 @@ def run(
     num_classes=num_classes,
     dtype=dtype,
     devices=devices,
+    steps_per_call=steps_per_call,
     cpu_fast_path=bool(cpu_fast_path and cpu.enabled()),
     backend=jax.default_backend(),
     compile_seconds=compile_seconds,
@@ -229,8 +274,9 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
   """Per-op time of `steps` runs of `compiled`, from a jax.profiler trace.
 
   Returns one entry per XLA op (fusion, dot, ...) that ran, with its mean
-  time per step summed over the runtime's threads (so the entries add up to
-  more than the step time when ops run in parallel), its output shape and the
+  time per step summed over the devices' op lines (GPU, TPU) or the CPU
+  runtime's threads (the entries then add up to more than the step time
+  when ops run in parallel), its output shape and the
   model operation it came from (HLO metadata), largest first.
   """
   with tempfile.TemporaryDirectory() as logdir:
@@ -242,7 +288,7 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
   total = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
-      if not line.name.startswith('tf_XLA'):  # the XLA runtime's threads
+      if not _is_op_line(plane.name, line.name):
         continue
       for event in line.events:
         if not event.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):
@@ -262,6 +308,15 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
       )
     )
   return ops
+
+
+def _is_op_line(plane: str, line: str) -> bool:
+  """Whether a trace line holds XLA ops: a GPU's or TPU's 'XLA Ops' line
+  (plane '/device:GPU:0', '/device:TPU:0'), or on the CPU backend the XLA
+  runtime's threads ('tf_XLA...' lines of the host plane)."""
+  if plane.startswith('/device:') and not plane.startswith('/device:CPU'):
+    return line == 'XLA Ops'
+  return line.startswith('tf_XLA')
 
 
 def format_ops(ops: list[dict], top: int) -> str:
@@ -288,6 +343,7 @@ def format_result(r: dict) -> str:
   return (
     f'{r["mode"]} w{r["width_multiplier"]} r{r["resolution"]} '
     f'b{r["batch_size"]} {r["dtype"]} {r["devices"]} dev '
+    f'{r["steps_per_call"]} step(s)/call '
     f'{r["backend"]}{"/cpu_fast_path" * r["cpu_fast_path"]}: compile '
     f'{r["compile_seconds"]:.1f} s, step {1e3 * r["median_step_seconds"]:.1f}'
     f' ms (median), {r["images_per_second"]:,.1f} img/s, '
@@ -298,6 +354,25 @@ def format_result(r: dict) -> str:
 
 def main(argv):
   del argv
+  if _AOT_TOPOLOGY.value:
+    if _CONFIG.value is not None:
+      config = _CONFIG.value
+      defaults.check(config)
+    else:
+      config = make_config(
+        _WIDTH.value,
+        _RESOLUTION.value,
+        _BATCH_SIZE.value,
+        _DTYPE.value,
+        _OUTPUT_STRIDE.value,
+      )
+      config.data.name = 'imagenet2012'
+    num_classes = _NUM_CLASSES.value if _NUM_CLASSES.present else None
+    cost = aot.tpu_cost(config, _AOT_TOPOLOGY.value, num_classes)
+    print(
+      json.dumps(dataclasses.asdict(cost)) if _JSON.value else cost.format()
+    )
+    return
   cpu.configure_host()  # before JAX starts its CPU client
   compilation_cache.enable_dir(_CACHE_DIR.value)
   result = run(
@@ -313,6 +388,7 @@ def main(argv):
     _PROFILE_STEPS.value,
     _OUTPUT_STRIDE.value,
     _CPU_FAST_PATH.value,
+    _STEPS_PER_CALL.value,
   )
   if _JSON.value:
     print(json.dumps(result))
@@ -323,4 +399,10 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config',
+    None,
+    'With --aot_topology: the run config to compile (its global batch is '
+    'split over the topology); default: the flags above.',
+  )
   cli.run(main)

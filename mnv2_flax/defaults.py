@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.2
   config.model.bn_momentum = 0.997  # TF-slim's BN decay
   config.model.bn_epsilon = 1e-3
+  # One-pass batch variance in Flax's BatchNorm: 18% fewer bytes per TPU
+  # train step (XLA fuses the sums into the convs). mnv2_flax.cpu's layers
+  # are two-pass either way. False: TF-slim's and torch's two-pass numerics.
+  config.model.bn_fast_variance = True
   config.model.padding = 'tf'  # 'tf' (SAME) or 'torch' (symmetric)
   config.model.init_scheme = 'tf_slim'
   config.model.bottleneck_activation = 'linear'  # Fig. 6a: or 'relu6'
@@ -96,12 +100,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.eval_every_steps = 5000
   # Stop after this step as if preempted (0: never); the next run resumes.
   config.train.stop_after_step = 0
+  # Train steps per call of the pmap-ed program (lax.scan over that many
+  # batches): amortises the per-call dispatch cost on fast accelerators and
+  # small models. Log, eval and save steps are reached exactly.
+  config.train.steps_per_call = 1
   # JAX persistent compilation cache; '' disables it.
   config.train.compilation_cache_dir = '~/.cache/mnv2_flax/jax'
   # On the CPU backend, plug mnv2_flax.cpu's layers (C++ kernels, fused
   # BatchNorm) into the model: same variables, faster steps. Ignored
   # elsewhere.
   config.train.cpu_fast_path = True
+  # Stop at start, with how to install, if JAX finds no GPU or TPU (it falls
+  # back to the CPU otherwise, with one log line).
+  config.train.require_accelerator = False
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5000
@@ -148,7 +159,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('optim.ema_decay', optim.ema_decay, 'a value in [0, 1)')
   if not train.num_epochs > 0:
     fail('train.num_epochs', train.num_epochs, 'a number > 0')
-  for field in ('log_every_steps', 'eval_every_steps'):
+  for field in ('log_every_steps', 'eval_every_steps', 'steps_per_call'):
     if not train[field] > 0:
       fail(f'train.{field}', train[field], 'an integer > 0')
   if train.dtype not in ('float32', 'bfloat16'):

@@ -67,7 +67,7 @@ def evaluate_checkpoint(
     batch_stats=variables['batch_stats'],
     ema_params=variables['ema_params'],
   )
-  p_eval_step = train_lib.make_p_eval_step(config.data.eval_flip_average)
+  p_eval_step = train_lib.make_p_eval_step(config)
   return train_lib.evaluate(
     p_eval_step, state, input_pipeline.create_eval_dataset(builder, config)
   )

@@ -7,8 +7,9 @@ train split is sharded per process, shuffled and augmented reproducibly from
 evaluation uses a central crop and pads its last batches with masked examples
 so that every example of the split is counted exactly once, whatever the
 number of processes and devices. Batches come out as numpy dicts
-`{'image': (local_devices, per_device_batch, H, W, 3) float32, 'label': int32,
-'mask': float32}`; `prefetch_to_device` puts them on the devices.
+`{'image': (local_devices, per_device_batch, H, W, 3) uint8, 'label': int32,
+'mask': float32}`; `prefetch_to_device` puts them on the devices, where the
+steps normalise them (`preprocessing.normalize`).
 
 Benchmark of the host pipeline:
   python -m mnv2_flax.input_pipeline --config=configs/quickstart.py --benchmark
@@ -35,10 +36,6 @@ import tensorflow_datasets as tfds
 
 from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
-
-# torchvision/timm normalisation; 'inception' maps [0, 255] to [-1, 1].
-IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 IMAGENET_HOW_TO = (
   'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar '
@@ -170,13 +167,6 @@ def per_process_batch_size(
 # ---------------------------------------------------------------- transforms
 
 
-def _normalize(image: tf.Tensor, config: ml_collections.ConfigDict):
-  image = tf.cast(image, tf.float32)
-  if config.data.normalization == 'inception':
-    return image / 127.5 - 1.0
-  return (image - IMAGENET_MEAN) / IMAGENET_STD
-
-
 def _decode_and_random_crop(data, shape, seed, config):
   """Inception-style crop of a random area/aspect, decoding only the crop."""
   bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
@@ -212,19 +202,23 @@ def _central_crop(data, shape, fraction):
 
 
 def _finish(image: tf.Tensor, config: ml_collections.ConfigDict):
-  """Resize, 3 channels, normalise: one image (HWC) or a batch (NHWC)."""
+  """Resize, 3 channels, uint8: one image (HWC) or a batch (NHWC).
+
+  The resized pixels are rounded to the nearest integer, as PIL's resize
+  (torchvision, timm) gives them; the steps normalise them on the device.
+  """
   size = config.data.image_size
   image = tf.image.resize(
     image, (size, size), method='bilinear', antialias=False
   )
+  image = tf.saturate_cast(tf.round(image), tf.uint8)
   if image.shape[-1] == 1:
     image = tf.image.grayscale_to_rgb(image)
-  image = tf.ensure_shape(image, image.shape[:-3] + (size, size, 3))
-  return _normalize(image, config)
+  return tf.ensure_shape(image, image.shape[:-3] + (size, size, 3))
 
 
 def _preprocess(example, seed, *, train, jpeg, config):
-  """Crop, flip, resize, 3 channels, normalise; returns (image, label)."""
+  """Crop, flip, resize, 3 channels; returns (uint8 image, label)."""
   if jpeg:
     data = (example['image'],)
     shape = tf.image.extract_jpeg_shape(example['image'])
@@ -439,7 +433,7 @@ def create_eval_dataset(
   size = config.data.image_size
   padding = tf.data.Dataset.from_tensors(
     {
-      'image': tf.zeros((size, size, 3), tf.float32),
+      'image': tf.zeros((size, size, 3), tf.uint8),
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(0.0),
     }

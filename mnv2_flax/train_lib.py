@@ -6,7 +6,7 @@ state unreplicated: `in_axes=(None, 0, None)`, `out_axes=None`) or, with
 `axis_name=None`, under `jit`.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import concurrent.futures
 import contextlib
 import functools
@@ -32,8 +32,10 @@ from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
 from mnv2_flax import defaults
+from mnv2_flax import hardware
 from mnv2_flax import input_pipeline
 from mnv2_flax import models
+from mnv2_flax import preprocessing
 from mnv2_flax import stats
 from mnv2_flax.cpu import precompile
 
@@ -251,11 +253,12 @@ def train_step(
     rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
   rng = jax.random.fold_in(rng, state.step)
   num_classes = state.params['classifier']['bias'].shape[-1]
+  images = preprocessing.normalize(batch['image'], config.data.normalization)
 
   def loss_fn(params):
     logits, updates = state.apply_fn(
       {'params': params, 'batch_stats': state.batch_stats},
-      batch['image'],
+      images,
       train=True,
       mutable=['batch_stats'],
       rngs={'dropout': rng},
@@ -303,14 +306,17 @@ def eval_step(
   batch: dict[str, jax.Array],
   *,
   flip_average: bool = False,
+  normalization: str = 'inception',
   axis_name: str | None = AXIS,
 ) -> dict[str, jax.Array]:
   """Masked sums of loss, top-1 and top-5 for the raw and the EMA params.
 
   With `flip_average`, also those of the mean softmax over each image and its
   horizontal mirror (keys `flip_*`, `ema_flip_*`); the plain keys stay
-  single-view.
+  single-view. `batch['image']` holds pixels in [0, 255], normalised here
+  (`config.data.normalization`).
   """
+  images = preprocessing.normalize(batch['image'], normalization)
   mask = batch['mask']
   labels = batch['label']
   num_classes = state.params['classifier']['bias'].shape[-1]
@@ -333,10 +339,10 @@ def eval_step(
       )
       return jax.nn.log_softmax(logits.astype(jnp.float32))
 
-    single = log_probs(batch['image'])
+    single = log_probs(images)
     add(prefix, single)
     if flip_average:
-      mirrored = log_probs(batch['image'][:, :, ::-1])
+      mirrored = log_probs(images[:, :, ::-1])
       add(
         prefix + 'flip_',
         jnp.logaddexp(single, mirrored) - jnp.log(2.0),
@@ -362,19 +368,47 @@ def batch_sharding() -> jax.sharding.NamedSharding:
 
 
 def make_p_train_step(
-  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
+  devices: Sequence[jax.Device] | None = None,
+  steps: int = 1,
 ) -> Callable:
-  """`train_step` pmap-ed over the local devices, the state unreplicated."""
+  """`train_step` pmap-ed over the local devices (or `devices`), the state
+  unreplicated and donated. With `steps` > 1, `train_steps`: it takes a
+  tuple of `steps` batches and returns metrics stacked per step."""
+  step = train_step if steps == 1 else train_steps
   return jax.pmap(
-    functools.partial(
-      train_step, config=config, learning_rate_fn=learning_rate_fn
-    ),
+    functools.partial(step, config=config, learning_rate_fn=learning_rate_fn),
     axis_name=AXIS,
     in_axes=(None, 0, None),
     out_axes=(None, None),
-    # No donation: with several processes the unreplicated state is
-    # re-sharded on input and a donated buffer would be read after free.
+    # The old state's buffers hold the new one: one state in memory, not
+    # two. A buffer still referenced elsewhere is not donated but copied
+    # (on CPU, a checkpoint being written reads the state in place).
+    donate_argnums=(0,),
+    devices=devices,
   )
+
+
+def train_steps(
+  state: TrainState,
+  batches: tuple[dict[str, jax.Array], ...],
+  rng: jax.Array,
+  **kwargs: Any,
+):
+  """`len(batches)` consecutive `train_step`s in one call (`lax.scan`);
+  metrics gain a leading axis of one entry per step.
+
+  The same steps as as many calls: `config.train.steps_per_call` trades
+  the per-call cost of dispatching a pmap-ed step (milliseconds for ~600
+  state leaves) for one more compiled program.
+  """
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+
+  def body(state, batch):
+    return train_step(state, batch, rng, **kwargs)
+
+  return jax.lax.scan(body, state, stacked)
 
 
 def lower_steps(
@@ -389,14 +423,71 @@ def lower_steps(
   arguments; compiled ahead of time, later calls find the executables in
   pmap's cache. One process only: with several, pmap cannot lower abstract
   inputs."""
-  lowered = {
-    'Train step': p_train_step.lower(
-      state, train_batch, jax.random.key(config.seed + 1)
-    )
-  }
+  rng = jax.random.key(config.seed + 1)
+  k = config.train.steps_per_call
+  if k > 1:  # single steps run only to reach a log, eval or save step
+    lowered = {
+      f'Train program of {k} steps': p_train_step.lower(
+        state, (train_batch,) * k, rng
+      )
+    }
+  else:
+    lowered = {'Train step': p_train_step.lower(state, train_batch, rng)}
   if eval_batch is not None:
     lowered['Eval step'] = p_eval_step.lower(state, eval_batch)
   return lowered
+
+
+def sharded_steps(
+  config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
+  mesh: jax.sharding.Mesh,
+) -> tuple[Callable, Callable]:
+  """The pmap-ed train and eval steps as `jit(shard_map(...))` over `mesh`
+  (axis `AXIS`): the program pmap builds, for meshes of devices that this
+  host cannot run (`lowering_platforms`, deviceless TPU topologies).
+
+  Arguments as the pmap-ed steps take them: the state replicated, batches
+  with a leading axis of one entry per device.
+  """
+  replicated, split = (
+    jax.sharding.PartitionSpec(),
+    jax.sharding.PartitionSpec(AXIS),
+  )
+
+  def per_device(step):
+    def run(state, batch, *rest):
+      return step(state, jax.tree.map(lambda x: x[0], batch), *rest)
+
+    return run
+
+  train = jax.shard_map(
+    per_device(
+      functools.partial(
+        train_step, config=config, learning_rate_fn=learning_rate_fn
+      )
+    ),
+    mesh=mesh,
+    in_specs=(replicated, split, replicated),
+    out_specs=(replicated, replicated),
+    # pmap's semantics: the step averages its gradients itself (with the
+    # check on, autodiff would sum them over the devices first).
+    check_vma=False,
+  )
+  evaluate_ = jax.shard_map(
+    per_device(
+      functools.partial(
+        eval_step,
+        flip_average=config.data.eval_flip_average,
+        normalization=config.data.normalization,
+      )
+    ),
+    mesh=mesh,
+    in_specs=(replicated, split),
+    out_specs=replicated,
+    check_vma=False,
+  )
+  return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate_)
 
 
 def lower_run_programs(
@@ -427,8 +518,10 @@ def lower_run_programs(
 
   return lower_steps(
     config,
-    make_p_train_step(config, learning_rate_fn),
-    make_p_eval_step(config.data.eval_flip_average),
+    make_p_train_step(
+      config, learning_rate_fn, steps=config.train.steps_per_call
+    ),
+    make_p_eval_step(config),
     state,
     placed(train_batch),
     placed(eval_batch) if eval_batch else None,
@@ -450,10 +543,14 @@ def _compile_logged(what: str, lowered: jax.stages.Lowered) -> None:
   )
 
 
-def make_p_eval_step(flip_average: bool = False) -> Callable:
+def make_p_eval_step(config: ml_collections.ConfigDict) -> Callable:
   """`eval_step` pmap-ed over the local devices, the state unreplicated."""
   return jax.pmap(
-    functools.partial(eval_step, flip_average=flip_average),
+    functools.partial(
+      eval_step,
+      flip_average=config.data.eval_flip_average,
+      normalization=config.data.normalization,
+    ),
     axis_name=AXIS,
     in_axes=(None, 0),
     out_axes=None,
@@ -540,13 +637,16 @@ def _prepare_state_and_steps(
       child.wait()
     if state is None:
       state = initial_train_state(config, model, learning_rate_fn)
-    p_train_step = make_p_train_step(config, learning_rate_fn)
-    p_eval_step = make_p_eval_step(config.data.eval_flip_average)
+    p_train_step = make_p_train_step(
+      config, learning_rate_fn, steps=config.train.steps_per_call
+    )
+    p_eval_step = make_p_eval_step(config)
+    # Placed as the pmap-ed step returns it (replicated over its mesh); as
+    # init or restore place it, the second step would compile again (and
+    # with several processes pmap would copy it, donation or not).
+    state = jax.device_put(state, replicated_sharding())
     # With several processes pmap compiles at the first step.
     if jax.process_count() == 1:
-      # Placed as the pmap-ed step returns it (replicated over its mesh); as
-      # init or restore place it, the second step would compile again.
-      state = jax.device_put(state, replicated_sharding())
       lowered = lower_steps(
         config,
         p_train_step,
@@ -563,6 +663,33 @@ def _prepare_state_and_steps(
       first.result(), batch_sharding()
     )
   return state, p_train_step, p_eval_step, train_iter
+
+
+def _next_boundary(done: int, num_steps: int, config) -> int:
+  """The first step after `done` that logs, evaluates, saves or stops."""
+  every = (
+    config.train.log_every_steps,
+    config.train.eval_every_steps,
+    config.checkpoint.every_steps,
+  )
+  ends = [num_steps] + [(done // n + 1) * n for n in every]
+  if config.train.stop_after_step > done:
+    ends.append(config.train.stop_after_step)
+  return min(ends)
+
+
+def _per_step(metrics: list[dict]) -> list[dict]:
+  """Host copies of `metrics`, one dict of floats per step (the programs of
+  several steps return each metric stacked)."""
+  out = []
+  for m in jax.device_get(metrics):
+    if np.ndim(m['loss']) == 0:
+      out.append({k: float(v) for k, v in m.items()})
+    else:
+      out += [
+        {k: float(v[i]) for k, v in m.items()} for i in range(len(m['loss']))
+      ]
+  return out
 
 
 def _log_train(writer, metrics, step, num_steps, steps_per_epoch):
@@ -686,6 +813,7 @@ def train_and_evaluate(
   """
   # Build: checks first, nothing written until the resume is known to work.
   check_config(config)
+  hardware.check_accelerator(config.train.require_accelerator)
   _check_workdir(workdir)
   builder = input_pipeline.get_builder(config)
   meta = input_pipeline.dataset_meta(builder, config)
@@ -743,11 +871,25 @@ def train_and_evaluate(
   eval_metrics: dict[str, float] = {}
   train_metrics = []
   loop_start, eval_seconds, done = time.perf_counter(), 0.0, start_step
-  for step in range(start_step, num_steps):
-    state, metrics = p_train_step(state, next(train_iter), dropout_rng)
+  per_call = config.train.steps_per_call
+  p_single_step = (
+    make_p_train_step(config, learning_rate_fn) if per_call > 1 else None
+  )
+  while done < num_steps:
+    # `per_call` steps in one call, unless a log, eval or save step comes
+    # first: single steps reach it.
+    if p_single_step and _next_boundary(done, num_steps, config) >= (
+      done + per_call
+    ):
+      batches = tuple(next(train_iter) for _ in range(per_call))
+      state, metrics = p_train_step(state, batches, dropout_rng)
+    else:
+      step_fn = p_single_step or p_train_step
+      state, metrics = step_fn(state, next(train_iter), dropout_rng)
     train_metrics.append(metrics)
-    done = step + 1
-    report_progress(done)
+    for _ in range(per_call if len(train_metrics[-1]['loss'].shape) else 1):
+      done += 1
+      report_progress(done)  # clu's periodic actions want every step
     is_log_step = done % config.train.log_every_steps == 0 or done == num_steps
     is_eval_step = (
       done % config.train.eval_every_steps == 0 or done == num_steps
@@ -759,6 +901,7 @@ def train_and_evaluate(
     if is_log_step or is_eval_step or is_save_step:
       # The flags of the steps since the last check (they are computed in
       # the step: reading them waits for it, as a save or a log does).
+      train_metrics = _per_step(train_metrics)
       diverged = _first_non_finite(train_metrics, done - len(train_metrics) + 1)
       if diverged:
         _stop_diverged(manager, config, workdir, *diverged)

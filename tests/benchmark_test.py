@@ -48,3 +48,11 @@ def test_benchmark_times_the_library_step(mode):
 def test_benchmark_rejects_bad_flags(field, value, words):
   with pytest.raises(ValueError, match=words):
     benchmark.run(resolution=32, batch_size=4, **{field: value})
+
+
+def test_the_profile_reads_device_op_lines_and_cpu_runtime_threads():
+  assert benchmark._is_op_line('/device:GPU:0', 'XLA Ops')
+  assert benchmark._is_op_line('/device:TPU:3', 'XLA Ops')
+  assert not benchmark._is_op_line('/device:GPU:0', 'XLA Modules')
+  assert benchmark._is_op_line('/host:CPU', 'tf_XLACpuWorker/1234')
+  assert not benchmark._is_op_line('/host:CPU', 'python3')

@@ -12,11 +12,13 @@ from fake_data import tiny_config
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
 from mnv2_flax import input_pipeline as ip
+from mnv2_flax import preprocessing
 from mnv2_flax import train_lib
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
@@ -35,8 +37,8 @@ def first_batches(ds, n=2):
 
 
 def ids_of(images):
-  """Recovers the test images' ids from their [-1, 1] constant pixels."""
-  return np.round((images[..., 0, 0, 0] + 1) * 127.5).astype(int)
+  """Recovers the test images' ids from their constant uint8 pixels."""
+  return images[..., 0, 0, 0].astype(int)
 
 
 def test_prepared_fashion_mnist_reads_as_the_tfds_dataset(data_dirs):
@@ -71,25 +73,40 @@ def test_train_batches_shapes_dtypes_ranges(data_dirs, size):
     ip.create_train_dataset(ip.get_builder(config), config), 1
   )[0]
   assert batch['image'].shape == (1, 8, size, size, 3)
-  assert batch['image'].dtype == np.float32
+  assert batch['image'].dtype == np.uint8  # normalised on the device
   assert batch['label'].shape == (1, 8) and batch['label'].dtype == np.int32
-  assert -1.0 <= batch['image'].min() < -0.5 < 0.5 < batch['image'].max()
-  assert batch['image'].max() <= 1.0
+  assert batch['image'].min() < 64 and batch['image'].max() > 191
   # Grayscale inputs become three equal channels.
   np.testing.assert_array_equal(batch['image'][..., 0], batch['image'][..., 2])
 
 
-def test_imagenet_normalization(data_dirs):
+@pytest.mark.parametrize('normalization', defaults.NORMALIZATIONS)
+def test_uint8_batches_normalised_on_device_equal_the_host_float_path(
+  data_dirs, normalization
+):
+  # The images the model sees are those the pipeline used to send as
+  # float32: TF's resize, rounded to uint8 (as PIL's resize gives them), then
+  # normalised; now the last step runs in the jitted step, on the device.
   _, data_dir = data_dirs
-  config = small_config(data_dir, normalization='imagenet')
-  batch = first_batches(
-    ip.create_eval_dataset(ip.get_builder(config), config), 1
-  )[0]
-  pixel = batch['image'][0, :, 5, 5, :]  # constant images: value = id
-  raw = pixel * np.array(ip.IMAGENET_STD) + np.array(ip.IMAGENET_MEAN)
-  ids = np.round(raw[:, :1])
-  assert ids.max() > 0
-  np.testing.assert_allclose(raw, np.broadcast_to(ids, raw.shape), atol=1e-3)
+  config = small_config(data_dir, normalization=normalization, image_size=45)
+  builder = ip.get_builder(config)
+  (batch,) = first_batches(ip.create_train_dataset(builder, config), 1)
+  images = batch['image'][0]
+  device = jax.jit(preprocessing.normalize, static_argnums=1)(
+    images, normalization
+  )
+  mean, std = (np.float32(v) for v in preprocessing.STATISTICS[normalization])
+  host = (images.astype(np.float32) - mean) * (np.float32(1) / std)
+  assert host.dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(device), host)
+  # The uint8 pixels are TF's float resize rounded to the nearest integer.
+  stored = np.random.default_rng(0).integers(0, 256, (28, 28, 1), np.uint8)
+  resized = tf.image.resize(stored, (45, 45), method='bilinear').numpy()
+  expected = np.clip(np.round(resized), 0, 255).astype(np.uint8)
+  finished = ip._finish(tf.constant(stored), config).numpy()
+  assert finished.dtype == np.uint8 and finished.shape == (45, 45, 3)
+  np.testing.assert_array_equal(finished, np.repeat(expected, 3, -1))
+  assert np.abs(finished[..., 0] - resized[..., 0]).max() <= 0.5
 
 
 def test_train_stream_is_reproducible_under_a_seed(data_dirs):
@@ -172,7 +189,7 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
         for b in batches:
           assert b['image'].shape[:2] == (jax.local_device_count(), 2), (
               b['image'].shape)
-          ids = np.round((b['image'][..., 0, 0, 0] + 1) * 127.5).astype(int)
+          ids = b['image'][..., 0, 0, 0].astype(int)
           seen += ids[b['mask'] == 1].tolist()
           masks += float(b['mask'].sum())
       out[processes] = dict(seen=sorted(seen), steps=steps, masks=masks)
@@ -349,8 +366,8 @@ def test_real_fashion_mnist_from_the_debian_package(tmp_path):
   assert ip.dataset_meta(builder, config) == ip.DatasetMeta(10, 60_000, 10_000)
   batch = first_batches(ip.create_eval_dataset(builder, config), 1)[0]
   assert batch['image'].shape == (1, 500, 32, 32, 3)
-  # Real clothes: dark background (-1) and bright garments.
-  assert batch['image'].min() == -1.0 and batch['image'].max() > 0.5
+  # Real clothes: black background and bright garments.
+  assert batch['image'].min() == 0 and batch['image'].max() > 191
   assert len(np.unique(batch['label'])) == 10
 
 

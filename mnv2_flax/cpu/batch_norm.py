@@ -167,9 +167,13 @@ class BatchNorm(nn.Module):
   param_dtype: Any = jnp.float32
   axis_name: str | None = None
   activation: Callable[[jax.Array], jax.Array] | None = None
+  # Accepted for the contract; these layers compute two-pass statistics
+  # either way (the same up to float rounding; one pass saves nothing here).
+  use_fast_variance: bool = False
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
+    kernels.require_cpu('mnv2_flax.cpu.batch_norm.BatchNorm')
     if self.activation not in (None, jax.nn.relu6):
       raise ValueError(
         f'activation={self.activation!r} is not valid; expected None or '

@@ -1,0 +1,202 @@
+"""The training programs for hardware this host does not have.
+
+Two checks that need no GPU or TPU (`tests/aot_test.py`, `make aot`):
+
+- `lower(config)`: the real train and eval steps, traced as a GPU or TPU
+  host traces them (without `mnv2_flax.cpu`'s layers) and lowered for
+  'cuda' and 'tpu' on this host; `problems(lowered)` lists what would not run
+  there: custom calls (XLA:CPU kernels), float64. A host callback makes the
+  lowering itself fail.
+- `tpu_cost(config, topology)`: the train step compiled ahead of time for a
+  TPU topology (libtpu, no TPU needed): FLOPs, bytes accessed and temporary
+  memory after XLA's TPU fusion, as XLA reports them for one chip.
+
+  python -m mnv2_flax.benchmark --config=configs/default.py \
+      --aot_topology=v5e:2x2
+"""
+
+import dataclasses
+import re
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mnv2_flax import train_lib
+
+# Classes of the datasets the configs name; others: `num_classes=`.
+NUM_CLASSES = {'imagenet2012': 1000, 'fashion_mnist': 10}
+
+# Custom calls every sharded JAX program carries: partitioner annotations.
+_SHARDING_CALLS = ('Sharding', 'SPMDFullToShardShape', 'SPMDShardToFullShape')
+
+
+def _num_classes(config, num_classes):
+  if num_classes is not None:
+    return num_classes
+  if config.data.name not in NUM_CLASSES:
+    raise ValueError(
+      f'config.data.name={config.data.name!r}: pass num_classes (known: '
+      f'{", ".join(NUM_CLASSES)}).'
+    )
+  return NUM_CLASSES[config.data.name]
+
+
+def abstract_args(
+  config: ml_collections.ConfigDict,
+  mesh: jax.sharding.Mesh,
+  num_classes: int | None = None,
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """(train args, eval args) of the sharded steps, as shapes on `mesh`:
+  `config.data.batch_size` (global) split over the mesh's devices."""
+  num_classes = _num_classes(config, num_classes)
+  config = _off_cpu(config)
+  model = train_lib.create_model(config, num_classes)
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(train_lib.AXIS)
+  )
+  state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    train_lib.abstract_train_state(config, model, lr),
+  )
+  devices = mesh.devices.size
+  size = config.data.image_size
+
+  def batch(global_size, extra):
+    if global_size % devices:
+      raise ValueError(
+        f'batch size {global_size} does not split over {devices} devices.'
+      )
+    per_device = global_size // devices
+    shape = (devices, per_device)
+    spec = {
+      'image': (shape + (size, size, 3), np.uint8),
+      'label': (shape, np.int32),
+    }
+    spec.update(extra(shape))
+    return {
+      k: jax.ShapeDtypeStruct(s, d, sharding=split)
+      for k, (s, d) in spec.items()
+    }
+
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  train = (state, batch(config.data.batch_size, lambda s: {}), rng)
+  evaluate = (
+    state,
+    batch(config.data.eval_batch_size, lambda s: {'mask': (s, np.float32)}),
+  )
+  return train, evaluate
+
+
+def _off_cpu(config):
+  """The config as a GPU or TPU host runs it: no CPU layers."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.train.cpu_fast_path = False
+  return config
+
+
+def lower(
+  config: ml_collections.ConfigDict,
+  platforms: tuple[str, ...] = ('cuda', 'tpu'),
+  num_classes: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+) -> dict[tuple[str, str], jax.stages.Lowered]:
+  """The train and eval steps, traced once on this host's devices (or
+  `mesh`) and lowered for each of `platforms` ('cuda', 'rocm', 'tpu',
+  'cpu'); keys (platform, 'train step' or 'eval step')."""
+  mesh = mesh or train_lib.device_mesh()
+  train_args, eval_args = abstract_args(config, mesh, num_classes)
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
+  train, evaluate = train_lib.sharded_steps(_off_cpu(config), lr, mesh)
+  traced = {
+    'train step': train.trace(*train_args),
+    'eval step': evaluate.trace(*eval_args),
+  }
+  return {
+    (platform, name): t.lower(lowering_platforms=(platform,))
+    for platform in platforms
+    for name, t in traced.items()
+  }
+
+
+def problems(lowered: jax.stages.Lowered) -> list[str]:
+  """What in a lowered program would not run on an accelerator: custom
+  calls other than the partitioner's (XLA:CPU kernels) and float64 values
+  (a host callback fails earlier, in the lowering). Empty if none."""
+  text = lowered.as_text()
+  found = []
+  for target in sorted(set(re.findall(r'custom_call @([\w.$-]+)', text))):
+    if target not in _SHARDING_CALLS:
+      found.append(f'custom call {target}')
+  if re.search(r'\bf64\b', text):
+    found.append('float64 values')
+  return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """One chip's compiled train step, as XLA reports it."""
+
+  topology: str
+  devices: int
+  per_device_batch: int
+  gflop: float  # per step, one chip
+  gbytes_accessed: float  # per step, one chip
+  mbytes_per_image: float
+  temp_gbytes: float
+  argument_gbytes: float
+  compile_seconds: float
+
+  def format(self) -> str:
+    return (
+      f'TPU {self.topology} ({self.devices} chips), {self.per_device_batch} '
+      f'images per chip: {self.gflop:,.0f} GFLOP and '
+      f'{self.gbytes_accessed:,.1f} GB accessed per step per chip '
+      f'({self.mbytes_per_image:,.0f} MB per image); temporaries '
+      f'{self.temp_gbytes:.2f} GB, arguments {self.argument_gbytes:.2f} GB; '
+      f'compiled in {self.compile_seconds:.0f} s'
+    )
+
+
+def tpu_cost(
+  config: ml_collections.ConfigDict,
+  topology: str = 'v5e:2x2',
+  num_classes: int | None = None,
+) -> Cost:
+  """Compiles the train step for a TPU topology with no TPU (needs libtpu:
+  `make setup-tpu`); `config.data.batch_size` is split over its chips."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
+  try:
+    desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(
+      f'--aot_topology={topology!r}: no TPU compiler for it ({e}); a '
+      "topology such as 'v5e:2x2' and libtpu (`make setup-tpu`) are needed."
+    ) from None
+  mesh = jax.sharding.Mesh(np.array(desc.devices), (train_lib.AXIS,))
+  train_args, _ = abstract_args(config, mesh, num_classes)
+  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
+  train, _ = train_lib.sharded_steps(_off_cpu(config), lr, mesh)
+  start = time.perf_counter()
+  compiled = train.trace(*train_args).lower().compile()
+  seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  memory = compiled.memory_analysis()
+  per_device = train_args[1]['image'].shape[1]
+  return Cost(
+    topology=topology,
+    devices=mesh.devices.size,
+    per_device_batch=per_device,
+    gflop=cost['flops'] / 1e9,
+    gbytes_accessed=cost['bytes accessed'] / 1e9,
+    mbytes_per_image=cost['bytes accessed'] / per_device / 1e6,
+    temp_gbytes=memory.temp_size_in_bytes / 1e9,
+    argument_gbytes=memory.argument_size_in_bytes / 1e9,
+    compile_seconds=seconds,
+  )
