@@ -3,13 +3,15 @@
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
       [--devices=N] [--nocpu_fast_path] [--output_stride=8]
-      [--profile_steps=3] [--json]
+      [--steps_per_call=8] [--profile_steps=3] [--json]
 
 Train mode times `train_lib.train_step` under the same `jax.pmap` as the
 training loop (SGD with momentum 0.9 and weight decay, torchvision's
 numerics, EMA of the parameters included), on a fixed
-random batch split over `--devices`. Infer mode times `model.apply(...,
-train=False)` under `jax.jit` on one device.
+random uint8 batch split over `--devices` and placed there once (the timed
+calls copy nothing from the host). `--steps_per_call=N` times the loop's
+`lax.scan` program of N steps (times per step). Infer mode times
+`model.apply(..., train=False)` under `jax.jit` on one device.
 
 Prints: compile time (ahead-of-time `lower().compile()`, through the
 persistent compilation cache unless `--compilation_cache_dir=''`), the median

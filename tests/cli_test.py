@@ -156,6 +156,10 @@ CASES = [
     ['-m', 'mnv2_flax.benchmark', '--batch_size=0', '--resolution=32'],
     'batch_size=0',
   ),
+  (
+    ['-m', 'mnv2_flax.benchmark', '--aot_topology=v99:9x9'],
+    "--aot_topology='v99:9x9': no TPU compiler for it",
+  ),
 ]
 
 
