@@ -16,6 +16,7 @@ Two checks that need no GPU or TPU (`tests/aot_test.py`, `make aot`):
 """
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any
@@ -24,6 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mnv2_flax import hardware
 from mnv2_flax import train_lib
 
 # Classes of the datasets the configs name; others: `num_classes=`.
@@ -153,8 +155,8 @@ class Cost:
 
   def format(self) -> str:
     return (
-      f'TPU {self.topology} ({self.devices} chips), {self.per_device_batch} '
-      f'images per chip: {self.gflop:,.0f} GFLOP and '
+      f'TPU {self.topology} ({self.devices} chip(s)), '
+      f'{self.per_device_batch} images per chip: {self.gflop:,.1f} GFLOP and '
       f'{self.gbytes_accessed:,.1f} GB accessed per step per chip '
       f'({self.mbytes_per_image:,.0f} MB per image); temporaries '
       f'{self.temp_gbytes:.2f} GB, arguments {self.argument_gbytes:.2f} GB; '
@@ -171,6 +173,10 @@ def tpu_cost(
   `make setup-tpu`); `config.data.batch_size` is split over its chips."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
+  if not hardware.tpu_host():
+    # No TPU to guard: without it a second process compiling at the same
+    # time fails on libtpu's lockfile (/tmp/libtpu_lockfile).
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     desc = topologies.get_topology_desc(topology_name=topology, platform='tpu')
   except Exception as e:  # pylint: disable=broad-except
