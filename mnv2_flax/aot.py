@@ -46,17 +46,20 @@ def _num_classes(config, num_classes):
   return NUM_CLASSES[config.data.name]
 
 
-def abstract_args(
+def sharded_programs(
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   num_classes: int | None = None,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-  """(train args, eval args) of the sharded steps, as shapes on `mesh`:
-  `config.data.batch_size` (global) split over the mesh's devices."""
+  """((train step, its args), (eval step, its args)): the steps of
+  `train_lib.sharded_steps` as a GPU or TPU host builds them (no CPU
+  layers), with their arguments as shapes on `mesh`
+  (`config.data.batch_size`, global, split over the mesh's devices)."""
   num_classes = _num_classes(config, num_classes)
   config = _off_cpu(config)
   model = train_lib.create_model(config, num_classes)
   lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
+  train, evaluate = train_lib.sharded_steps(config, lr, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   split = jax.sharding.NamedSharding(
     mesh, jax.sharding.PartitionSpec(train_lib.AXIS)
@@ -86,12 +89,12 @@ def abstract_args(
     }
 
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  train = (state, batch(config.data.batch_size, lambda s: {}), rng)
-  evaluate = (
+  train_args = (state, batch(config.data.batch_size, lambda s: {}), rng)
+  eval_args = (
     state,
     batch(config.data.eval_batch_size, lambda s: {'mask': (s, np.float32)}),
   )
-  return train, evaluate
+  return (train, train_args), (evaluate, eval_args)
 
 
 def _off_cpu(config):
@@ -111,9 +114,9 @@ def lower(
   `mesh`) and lowered for each of `platforms` ('cuda', 'rocm', 'tpu',
   'cpu'); keys (platform, 'train step' or 'eval step')."""
   mesh = mesh or train_lib.device_mesh()
-  train_args, eval_args = abstract_args(config, mesh, num_classes)
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
-  train, evaluate = train_lib.sharded_steps(_off_cpu(config), lr, mesh)
+  (train, train_args), (evaluate, eval_args) = sharded_programs(
+    config, mesh, num_classes
+  )
   traced = {
     'train step': train.trace(*train_args),
     'eval step': evaluate.trace(*eval_args),
@@ -185,9 +188,7 @@ def tpu_cost(
       "topology such as 'v5e:2x2' and libtpu (`make setup-tpu`) are needed."
     ) from None
   mesh = jax.sharding.Mesh(np.array(desc.devices), (train_lib.AXIS,))
-  train_args, _ = abstract_args(config, mesh, num_classes)
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
-  train, _ = train_lib.sharded_steps(_off_cpu(config), lr, mesh)
+  (train, train_args), _ = sharded_programs(config, mesh, num_classes)
   start = time.perf_counter()
   compiled = train.trace(*train_args).lower().compile()
   seconds = time.perf_counter() - start

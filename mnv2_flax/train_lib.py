@@ -367,6 +367,23 @@ def batch_sharding() -> jax.sharding.NamedSharding:
   )
 
 
+def _train_fn(config, learning_rate_fn, steps: int = 1) -> Callable:
+  """(state, batch or tuple of `steps` batches, rng) -> (state, metrics)."""
+  step = train_step if steps == 1 else train_steps
+  return functools.partial(
+    step, config=config, learning_rate_fn=learning_rate_fn
+  )
+
+
+def _eval_fn(config) -> Callable:
+  """(state, batch) -> metric sums, as `config.data` asks."""
+  return functools.partial(
+    eval_step,
+    flip_average=config.data.eval_flip_average,
+    normalization=config.data.normalization,
+  )
+
+
 def make_p_train_step(
   config: ml_collections.ConfigDict,
   learning_rate_fn: optax.Schedule,
@@ -376,9 +393,8 @@ def make_p_train_step(
   """`train_step` pmap-ed over the local devices (or `devices`), the state
   unreplicated and donated. With `steps` > 1, `train_steps`: it takes a
   tuple of `steps` batches and returns metrics stacked per step."""
-  step = train_step if steps == 1 else train_steps
   return jax.pmap(
-    functools.partial(step, config=config, learning_rate_fn=learning_rate_fn),
+    _train_fn(config, learning_rate_fn, steps),
     axis_name=AXIS,
     in_axes=(None, 0, None),
     out_axes=(None, None),
@@ -462,11 +478,7 @@ def sharded_steps(
     return run
 
   train = jax.shard_map(
-    per_device(
-      functools.partial(
-        train_step, config=config, learning_rate_fn=learning_rate_fn
-      )
-    ),
+    per_device(_train_fn(config, learning_rate_fn)),
     mesh=mesh,
     in_specs=(replicated, split, replicated),
     out_specs=(replicated, replicated),
@@ -475,13 +487,7 @@ def sharded_steps(
     check_vma=False,
   )
   evaluate_ = jax.shard_map(
-    per_device(
-      functools.partial(
-        eval_step,
-        flip_average=config.data.eval_flip_average,
-        normalization=config.data.normalization,
-      )
-    ),
+    per_device(_eval_fn(config)),
     mesh=mesh,
     in_specs=(replicated, split),
     out_specs=replicated,
@@ -546,11 +552,7 @@ def _compile_logged(what: str, lowered: jax.stages.Lowered) -> None:
 def make_p_eval_step(config: ml_collections.ConfigDict) -> Callable:
   """`eval_step` pmap-ed over the local devices, the state unreplicated."""
   return jax.pmap(
-    functools.partial(
-      eval_step,
-      flip_average=config.data.eval_flip_average,
-      normalization=config.data.normalization,
-    ),
+    _eval_fn(config),
     axis_name=AXIS,
     in_axes=(None, 0),
     out_axes=None,
@@ -878,16 +880,18 @@ def train_and_evaluate(
   while done < num_steps:
     # `per_call` steps in one call, unless a log, eval or save step comes
     # first: single steps reach it.
+    n = 1
     if p_single_step and _next_boundary(done, num_steps, config) >= (
       done + per_call
     ):
-      batches = tuple(next(train_iter) for _ in range(per_call))
+      n = per_call
+      batches = tuple(next(train_iter) for _ in range(n))
       state, metrics = p_train_step(state, batches, dropout_rng)
     else:
       step_fn = p_single_step or p_train_step
       state, metrics = step_fn(state, next(train_iter), dropout_rng)
     train_metrics.append(metrics)
-    for _ in range(per_call if len(train_metrics[-1]['loss'].shape) else 1):
+    for _ in range(n):
       done += 1
       report_progress(done)  # clu's periodic actions want every step
     is_log_step = done % config.train.log_every_steps == 0 or done == num_steps
