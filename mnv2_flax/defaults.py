@@ -28,9 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.2
   config.model.bn_momentum = 0.997  # TF-slim's BN decay
   config.model.bn_epsilon = 1e-3
-  # One-pass batch variance in Flax's BatchNorm: 18% fewer bytes per TPU
-  # train step (XLA fuses the sums into the convs). mnv2_flax.cpu's layers
-  # are two-pass either way. False: TF-slim's and torch's two-pass numerics.
+  # One-pass batch variance in Flax's BatchNorm: fewer bytes per TPU train
+  # step (XLA fuses the sums into the convs; docs/accelerators.md).
+  # mnv2_flax.cpu's layers are two-pass either way. False: TF-slim's and
+  # torch's two-pass numerics.
   config.model.bn_fast_variance = True
   config.model.padding = 'tf'  # 'tf' (SAME) or 'torch' (symmetric)
   config.model.init_scheme = 'tf_slim'

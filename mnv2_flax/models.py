@@ -254,8 +254,8 @@ class MobileNetV2(nn.Module):
     bn_fast_variance: batch variance as E[x^2] - E[x]^2 in float32, one pass
       over the activations, instead of TF-slim's and torch's two passes
       (E[(x - E[x])^2]). Equal up to float rounding unless a channel's mean
-      dwarfs its spread; on TPU it cuts the bytes a train step moves by
-      18% (XLA fuses the sums into the convs).
+      dwarfs its spread; XLA fuses the sums into the convs, so a TPU train
+      step moves fewer bytes (docs/accelerators.md).
     bn_axis_name: pmap axis name over which batch statistics are averaged.
     dtype: computation dtype (for example jnp.bfloat16); logits are float32.
     param_dtype: parameter dtype.
