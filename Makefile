@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup setup-gpu setup-tpu aot clean data sweep compiler
+.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm aot clean data sweep compiler
 
 setup: $(VENV)/.installed
 
@@ -19,11 +19,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-# The same venv with JAX's CUDA 12 plugin or libtpu added (same versions).
+# The same venv with JAX's CUDA 12 plugin or libtpu added (same versions),
+# or submitit for `mnv2_flax.sweep --submit=slurm`.
 setup-gpu: $(VENV)/.installed-gpu
 setup-tpu: $(VENV)/.installed-tpu
+setup-slurm: $(VENV)/.installed-slurm
 
-$(VENV)/.installed-gpu $(VENV)/.installed-tpu: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
+$(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
 	$(PY) -m pip install --quiet -r requirements-$*.txt
 	@touch $@
 

@@ -2,16 +2,25 @@
 
   python -m mnv2_flax.sweep --config=configs/ablation.py:fashion_mnist \
       --root=sweeps/fashion_mnist
+  python -m mnv2_flax.sweep \
+      --config='configs/ablation.py:grid,width=0.35|0.5|1.0,res=32|48,seeds=3' \
+      --root=sweeps/mine
   python train.py --config=configs/ablation.py:width=0.5,res=48 --workdir=...
 
-A point is comma-separated `key=value` (KEYS below); a sweep is a name from
-SWEEPS, then point arguments every point shares (`fashion_mnist,epochs=2`).
-Hardware and time: `fashion_mnist` (widths 0.35 / 0.5 / 0.75 x 32 / 48 px,
-1 epoch each) takes 7.5 minutes on a 2-core CPU; its table and figure are in
-docs/sweep_fashion_mnist.md. `imagenet` is the paper's 21-point grid (not run
-here); `bottleneck` and `shortcut` are Fig. 6a and 6b, on Fashion-MNIST
-unless `data=imagenet`.
+A point (one run) is comma-separated `key=value` with keys from KEYS. A sweep
+is a name (SWEEPS, or `grid` for none) followed by `key=value` items: a value
+with `|`-separated alternatives is an axis, and the sweep is the product of
+its axes (a named sweep's own axes give way to yours); `seeds=N` adds the
+axis seed=0|...|N-1. Every (point, seed) is its own run; the summary groups
+the seeds of a point and compares points seed by seed.
+
+Named sweeps, on Fashion-MNIST unless `data=imagenet`: `fashion_mnist`
+(`make sweep`; grid, epochs and seeds below, times in docs/sweeps.md),
+`imagenet` (the paper's 21 points, one seed, not run here), and the Fig. 6
+ablations `bottleneck` (6a) and `shortcut` (6b).
 """
+
+import itertools
 
 from configs import default
 from configs import quickstart
@@ -25,18 +34,36 @@ KEYS = (
   'shortcut',  # 'bottleneck' (the design), 'expansion' or 'none' (Fig. 6b)
   'expand',  # the expansion ratio t (6 in the paper)
   'epochs',  # config.train.num_epochs
-  'seed',  # config.seed
+  'seed',  # config.seed: initialisation, data order and augmentation
 )
 DATASETS = ('fashion_mnist', 'imagenet')
-FASHION_MNIST_GRID = dict(widths=(0.35, 0.5, 0.75), resolutions=(32, 48))
-IMAGENET_GRID = dict(
-  widths=(0.35, 0.5, 0.75, 1.0), resolutions=(96, 128, 160, 192, 224)
-)
-FIG6 = dict(
+CHOICES = dict(
+  data=DATASETS,
   bottleneck=('linear', 'relu6'),
   shortcut=('bottleneck', 'expansion', 'none'),
 )
-SWEEPS = ('fashion_mnist', 'imagenet', *FIG6)
+
+# `make sweep`: the 2x2 corners of the width x resolution grid, 1 epoch, 5
+# seeds, chosen for cost (about 18 minutes on 2 cores) and interval width
+# before any result was seen: one-epoch points vary by 1-2 points between
+# seeds, and 5 seeds halve the 95% interval of 3 (t / sqrt(n): 1.24 against
+# 2.48 standard deviations).
+SEEDS = tuple(str(s) for s in range(5))
+FASHION_MNIST_GRID = dict(width=('0.35', '0.75'), res=('32', '48'))
+IMAGENET_GRID = dict(
+  data=('imagenet',),
+  width=('0.35', '0.5', '0.75', '1.0'),
+  res=('96', '128', '160', '192', '224'),
+)
+# name: its axes (key: values). `grid` has none: the user's items make it.
+SWEEPS = {
+  'fashion_mnist': dict(FASHION_MNIST_GRID, seed=SEEDS),
+  'imagenet': IMAGENET_GRID,
+  'bottleneck': dict(bottleneck=CHOICES['bottleneck'], seed=SEEDS),
+  'shortcut': dict(shortcut=CHOICES['shortcut'], seed=SEEDS),
+  'grid': {},
+}
+NUMBERS = dict(width=float, res=int, expand=float, epochs=float, seed=int)
 
 # The TF-slim checkpoints' published ImageNet numbers, (width, resolution):
 # (MACs in millions, top-1 %): the numeric form of the paper's Fig. 5, drawn
@@ -67,7 +94,30 @@ PUBLISHED = {
 }
 
 
-def parse(arg: str | None) -> dict[str, str]:
+def _value(key: str, value: str):
+  """`value` of point key `key` as the config takes it; one clear error."""
+  if key in CHOICES:
+    if value not in CHOICES[key]:
+      raise ValueError(
+        f'ablation argument {key}={value!r}: valid are '
+        f'{" or ".join(CHOICES[key])}.'
+      )
+    return value
+  kind = NUMBERS[key]
+  try:
+    number = kind(value)
+  except ValueError:
+    number = None
+  if number is None or number < 0 or (number == 0 and key != 'seed'):
+    what = 'an integer' if kind is int else 'a number'
+    bound = '>= 0' if key == 'seed' else '> 0'
+    raise ValueError(
+      f'ablation argument {key}={value!r} is not {what} {bound}.'
+    )
+  return number
+
+
+def _items(arg: str | None, keys: tuple[str, ...]) -> dict[str, str]:
   """'width=0.5,res=24' -> {'width': '0.5', 'res': '24'}, keys checked."""
   args = {}
   for item in (arg or '').split(','):
@@ -75,17 +125,27 @@ def parse(arg: str | None) -> dict[str, str]:
     if not item:
       continue
     key, sep, value = item.partition('=')
-    if not sep or key not in KEYS:
+    if not sep or key not in keys:
       raise ValueError(
         f'ablation argument {item!r}: expected key=value with key one of '
-        f'{", ".join(KEYS)}.'
+        f'{", ".join(keys)}.'
       )
-    args[key] = value
-  if args.get('data', 'fashion_mnist') not in DATASETS:
-    raise ValueError(
-      f'ablation argument data={args["data"]!r}: valid are '
-      f'{" or ".join(DATASETS)}.'
-    )
+    if key in args:
+      raise ValueError(f'ablation argument {key} is given twice.')
+    args[key] = value.strip()
+  return args
+
+
+def parse(arg: str | None) -> dict[str, str]:
+  """One point: 'width=0.5,res=24' -> {'width': '0.5', 'res': '24'}."""
+  args = _items(arg, KEYS)
+  for key, value in args.items():
+    if '|' in value:
+      raise ValueError(
+        f'ablation argument {key}={value!r}: one value per run; `|` makes '
+        'a grid for `python -m mnv2_flax.sweep`.'
+      )
+    _value(key, value)
   return args
 
 
@@ -94,18 +154,9 @@ def point_arg(args: dict[str, str]) -> str:
   return ','.join(f'{k}={args[k]}' for k in KEYS if k in args)
 
 
-def _number(key, value, kind):
-  try:
-    return kind(value)
-  except ValueError:
-    raise ValueError(
-      f'ablation argument {key}={value!r} is not a {kind.__name__}.'
-    ) from None
-
-
 def get_config(arg=None):
   """The config of one point; `arg` as in the module docstring."""
-  args = parse(arg)
+  args = {k: _value(k, v) for k, v in parse(arg).items()}
   if args.get('data', 'fashion_mnist') == 'imagenet':
     config = default.get_config()
   else:
@@ -116,42 +167,67 @@ def get_config(arg=None):
     config.model.output_stride = None
     config.data.batch_size = 256
     config.train.num_epochs = 1.0
-  if 'width' in args:
-    config.model.width_multiplier = _number('width', args['width'], float)
-  if 'res' in args:
-    config.data.image_size = _number('res', args['res'], int)
-  if 'bottleneck' in args:
-    config.model.bottleneck_activation = args['bottleneck']
-  if 'shortcut' in args:
-    config.model.shortcut = args['shortcut']
-  if 'expand' in args:
-    config.model.expand_ratio = _number('expand', args['expand'], float)
-  if 'epochs' in args:
-    config.train.num_epochs = _number('epochs', args['epochs'], float)
+  fields = dict(
+    width=('model', 'width_multiplier'),
+    res=('data', 'image_size'),
+    bottleneck=('model', 'bottleneck_activation'),
+    shortcut=('model', 'shortcut'),
+    expand=('model', 'expand_ratio'),
+    epochs=('train', 'num_epochs'),
+  )
+  for key, (section, field) in fields.items():
+    if key in args:
+      config[section][field] = args[key]
   if 'seed' in args:
-    config.seed = _number('seed', args['seed'], int)
+    config.seed = args['seed']
   return config
 
 
 def get_sweep(arg=None) -> list[str]:
-  """The point arguments of the sweep `arg` names (see the docstring)."""
-  name, _, shared = (arg or 'fashion_mnist').partition(',')
+  """The point arguments of the sweep `arg` describes (see the docstring).
+
+  Seeds vary slowest: a sweep stopped part-way has whole seeds done.
+  """
+  items = [i.strip() for i in (arg or 'fashion_mnist').split(',')]
+  name = 'grid' if '=' in items[0] else items.pop(0)
   if name not in SWEEPS:
     raise ValueError(
-      f'sweep {name!r} is not known; valid are {", ".join(SWEEPS)}.'
+      f'sweep {name!r} is not known; valid are {", ".join(SWEEPS)} '
+      '(grid: only your key=value items).'
     )
-  shared = parse(shared)
-  if name == 'imagenet':
-    shared['data'] = 'imagenet'
-  if name in ('fashion_mnist', 'imagenet'):
-    grid = FASHION_MNIST_GRID if name == 'fashion_mnist' else IMAGENET_GRID
-    points = [
-      dict(width=str(w), res=str(r))
-      for w in grid['widths']
-      for r in grid['resolutions']
+  user = {}
+  for key, text in _items(','.join(items), (*KEYS, 'seeds')).items():
+    values = tuple(v.strip() for v in text.split('|'))
+    if len(set(values)) != len(values):
+      raise ValueError(f'ablation argument {key}={text!r} repeats a value.')
+    for value in values:
+      _value('seed' if key == 'seeds' else key, value)
+    user[key] = values
+  axes = dict(SWEEPS[name])
+  if 'seeds' in user:
+    if 'seed' in user:
+      raise ValueError(
+        'ablation arguments seeds and seed: give one (seeds=N for 0..N-1, '
+        'or seed=0|3|7).'
+      )
+    if len(user['seeds']) != 1 or user['seeds'] == ('0',):
+      raise ValueError(
+        f'ablation argument seeds={"|".join(user["seeds"])!r}: expected one '
+        'count N >= 1 (seeds 0..N-1); to choose seeds, use seed=0|3|7.'
+      )
+    user['seed'] = tuple(str(s) for s in range(int(user.pop('seeds')[0])))
+  axes.update(user)
+  keys = [k for k in KEYS if k in axes]
+  points = [
+    dict(zip(keys, values, strict=True))
+    for values in itertools.product(*(axes[k] for k in keys))
+  ]
+  if name == 'imagenet' and not {'width', 'res'} & set(user):
+    # The paper's largest model beside the grid, with every other axis.
+    others = [k for k in keys if k not in ('width', 'res')]
+    points += [
+      dict(zip(others, values, strict=True), width='1.4', res='224')
+      for values in itertools.product(*(axes[k] for k in others))
     ]
-    if name == 'imagenet':
-      points.append(dict(width='1.4', res='224'))
-  else:
-    points = [{name: value} for value in FIG6[name]]
-  return [point_arg({**shared, **point}) for point in points]
+  points.sort(key=lambda p: int(p.get('seed', 0)))
+  return [point_arg(p) for p in points]

@@ -11,6 +11,7 @@ CUDA library that does not load); `require_accelerator` turns that into an
 error before anything is built.
 """
 
+import dataclasses
 import glob
 import importlib.util
 import os
@@ -61,17 +62,97 @@ def tpu_host() -> bool:
   return bool(chips) and _installed('libtpu')
 
 
-def accelerator_expected() -> bool:
-  """Whether JAX will run on a GPU or TPU here, decided before it starts
-  (for settings that must precede it): `JAX_PLATFORMS`'s first entry if
-  set; otherwise an NVIDIA GPU with JAX's CUDA plugin, or `tpu_host()`."""
+def expected_platform() -> str:
+  """'gpu', 'tpu' or 'cpu': where JAX will run here, decided before it
+  starts (for settings that must precede it, and to leave the devices to
+  child processes): `JAX_PLATFORMS`'s first entry if set; otherwise an
+  NVIDIA GPU with JAX's CUDA plugin, or `tpu_host()`."""
   platforms = os.environ.get('JAX_PLATFORMS', '').strip()
   if platforms:
-    return platforms.split(',')[0].strip() != 'cpu'
-  gpu = bool(glob.glob('/dev/nvidia[0-9]*')) and _installed(
+    first = platforms.split(',')[0].strip()
+    return {'cuda': 'gpu', 'rocm': 'gpu'}.get(first, first)
+  if glob.glob('/dev/nvidia[0-9]*') and _installed(
     'jax_cuda12_plugin', 'jax_cuda13_plugin'
+  ):
+    return 'gpu'
+  return 'tpu' if tpu_host() else 'cpu'
+
+
+def accelerator_expected() -> bool:
+  """Whether JAX will run on a GPU or TPU here (`expected_platform`)."""
+  return expected_platform() != 'cpu'
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+  """The devices one of several processes on this host gets."""
+
+  label: str
+  env: dict[str, str]  # e.g. CUDA_VISIBLE_DEVICES
+  cpus: tuple[int, ...] = ()  # cores to pin to (CPU platform)
+
+  def pin(self) -> None:
+    """Runs in the child before it starts (`Popen(preexec_fn=...)`)."""
+    if self.cpus:
+      os.sched_setaffinity(0, self.cpus)
+
+
+def visible_gpus() -> list[str]:
+  """The GPUs this process may use: CUDA_VISIBLE_DEVICES, or /dev/nvidiaN."""
+  visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    return [
+      g.strip() for g in visible.split(',') if g.strip() not in ('', '-1')
+    ]
+  return sorted(
+    (p.removeprefix('/dev/nvidia') for p in glob.glob('/dev/nvidia[0-9]*')),
+    key=int,
   )
-  return gpu or tpu_host()
+
+
+def _split(items: list, parts: int) -> list[list]:
+  """`items` in `parts` contiguous groups whose sizes differ by at most 1."""
+  size, extra = divmod(len(items), parts)
+  groups, start = [], 0
+  for i in range(parts):
+    end = start + size + (i < extra)
+    groups.append(items[start:end])
+    start = end
+  return groups
+
+
+def shares(count: int) -> list[Share]:
+  """This host's devices split between `count` processes, without starting
+  JAX here: GPUs through CUDA_VISIBLE_DEVICES (at least one each), on the
+  CPU the cores this process may run on (at least one each)."""
+  platform = expected_platform()
+  if platform == 'gpu':
+    gpus = visible_gpus()
+    if count > len(gpus):
+      raise ValueError(
+        f'--parallel={count}: {len(gpus)} GPU(s) visible '
+        f'({",".join(gpus) or "none"}); at most one process per GPU.'
+      )
+    return [
+      Share(f'GPU {",".join(g)}', {'CUDA_VISIBLE_DEVICES': ','.join(g)})
+      for g in _split(gpus, count)
+    ]
+  if platform != 'cpu':
+    raise ValueError(
+      f"--parallel={count} on {platform}: one process owns a TPU host's "
+      'chips here; split the sweep between hosts with --shard=i/n or '
+      '--submit=slurm instead.'
+    )
+  cores = sorted(os.sched_getaffinity(0))
+  if count > len(cores):
+    raise ValueError(
+      f'--parallel={count}: this process may use {len(cores)} CPU core(s); '
+      'at most one process per core.'
+    )
+  return [
+    Share(f'CPU cores {",".join(map(str, c))}', {}, tuple(c))
+    for c in _split(cores, count)
+  ]
 
 
 def multiprocess_reason(explicit: bool | None, coordinator: str | None) -> str:

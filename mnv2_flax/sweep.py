@@ -1,31 +1,38 @@
 """Runs a sweep of training runs, resumably, and summarises it.
 
   python -m mnv2_flax.sweep --config=configs/ablation.py:fashion_mnist \
-      --root=sweeps/fashion_mnist [--shard=i/n] [--dry_run] [--summarize_only]
+      --root=sweeps/fashion_mnist [--parallel=N | --shard=i/n |
+      --submit=slurm --submit_params=...] [--dry_run] [--summarize_only]
       [--set=train.num_epochs=2 ...]
 
 The config file provides `get_sweep(arg) -> [point arg, ...]` and
-`get_config(point arg)`. Every point trains in `<root>/<point name>` through
-the same `train_lib.train_and_evaluate` as `train.py`:
+`get_config(point arg)`; a point's `seed=N` key marks its seed. Every point
+trains in `<root>/<point name>` through the same
+`train_lib.train_and_evaluate` as `train.py`:
 
+- every point's config is built and checked before anything runs;
 - a point whose `results.json` says `finished` is skipped; one with
   checkpoints resumes from them; a point that fails has its error recorded
   (`<workdir>/error.txt` and the summary) and the sweep goes on;
+- `--parallel=N` runs N points at once in separate processes, each on its
+  share of the devices (GPUs through CUDA_VISIBLE_DEVICES, on the CPU a
+  share of the cores); each writes `<workdir>/log.txt`;
 - `--shard=i/n` runs points i, i+n, i+2n, ... so n machines split a sweep;
-- after every point, and with `--summarize_only`, the root gets
-  `results.csv`, `results.md` and a figure: `accuracy_vs_macs.png` (top-1
-  against MACs, one line per width) or, when all points share width and
-  resolution (the Fig. 6 ablations), `variants.png`.
+- `--submit=slurm` submits the unfinished points as one Slurm array job
+  (submitit; `--submit=local` runs them as local processes), waits for it
+  and summarises; rerunning the command resubmits what is not finished;
+- after every point, and with `--summarize_only`, the root gets the summary
+  of `mnv2_flax.summary`: seeds pooled into means and 95% intervals, paired
+  comparisons, tables and a figure.
 """
 
 from collections.abc import Callable
-import csv
 import dataclasses
 import importlib.util
-import io
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 import traceback
@@ -38,22 +45,15 @@ import ml_collections
 from mnv2_flax import cli
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
+from mnv2_flax import defaults
 from mnv2_flax import hardware
+from mnv2_flax import summary
 from mnv2_flax import train_lib
 
-COLUMNS = (
-  'params',
-  'macs',
-  'top1',
-  'top5',
-  'ema_top1',
-  'ema_top5',
-  'wall_seconds',
-  'train_seconds',
-  'images_per_second',
-  'steps',
-  'status',
-  'error',
+COLUMNS = summary.COLUMNS
+SUBMITIT = (
+  'submitit is not installed: `make setup-slurm` '
+  '(pip install -r requirements-slurm.txt)'
 )
 
 
@@ -191,9 +191,68 @@ def _record(point: Point, wall_seconds: float, error: str | None) -> None:
   _write_atomically(path, json.dumps(record, indent=2))
 
 
-def _format_duration(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
+def point_configs(
+  module, points: list[Point], overrides: dict[str, str] | None = None
+) -> dict[Point, ml_collections.ConfigDict]:
+  """Every point's config, overrides applied and checked: one clear error
+  naming the point before anything runs."""
+  configs = {}
+  for point in points:
+    try:
+      config = apply_overrides(module.get_config(point.arg), overrides or {})
+      defaults.check(config)
+    except ValueError as e:
+      raise ValueError(f'sweep point {point.arg!r}: {e}') from None
+    configs[point] = config
+  return configs
+
+
+def run_point(
+  point: Point,
+  config: ml_collections.ConfigDict,
+  train_fn: Callable[..., dict] = train_lib.train_and_evaluate,
+) -> str | None:
+  """Trains (or resumes) one point; records and returns its error, if any."""
+  os.makedirs(point.workdir, exist_ok=True)
+  start = time.perf_counter()
+  error = None
+  try:
+    train_fn(config, point.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    error = f'{type(e).__name__}: {e}'
+    logging.error('Sweep point %s failed: %s', point.arg, error)
+    with open(os.path.join(point.workdir, 'error.txt'), 'w') as f:
+      f.write(traceback.format_exc())
+  finally:  # an interrupted point keeps its wall time too
+    _record(point, time.perf_counter() - start, error)
+  return error
+
+
+class _Progress:
+  """One log line per event: done, failed, running, ETA."""
+
+  def __init__(self, total: int, parallel: int = 1):
+    self.total, self.parallel = total, parallel
+    self.durations, self.failed = [], 0
+
+  def done(self, error: str | None, seconds: float) -> None:
+    self.durations.append(seconds)
+    self.failed += error is not None
+
+  def log(self, running: list[Point]) -> None:
+    left = self.total - len(self.durations)
+    eta = '?'
+    if self.durations:
+      mean = sum(self.durations) / len(self.durations)
+      eta = summary.format_duration(mean * left / self.parallel)
+    logging.info(
+      'Sweep: %d of %d runs done (%d failed); running %s; ETA %s.',
+      len(self.durations),
+      self.total,
+      self.failed,
+      ', '.join(p.arg for p in running) or 'none',
+      eta,
+    )
 
 
 def run(
@@ -203,51 +262,34 @@ def run(
   overrides: dict[str, str] | None = None,
   shard: tuple[int, int] = (0, 1),
   train_fn: Callable[..., dict] = train_lib.train_and_evaluate,
+  parallel: int = 1,
 ) -> list[dict[str, Any]]:
-  """Runs this shard's unfinished points; returns the summary rows."""
+  """Runs this shard's unfinished points; returns the summary's run rows.
+
+  With `parallel` > 1 the points run as `python -m mnv2_flax.sweep
+  --point=...` processes (train_fn is not used) on `hardware.shares`.
+  """
   points = make_points(point_args, root)
-  # Configs are built (and checked) before anything runs.
-  configs = {}
-  for point in points[shard[0] :: shard[1]]:
-    configs[point] = apply_overrides(
-      module.get_config(point.arg), overrides or {}
-    )
+  configs = point_configs(module, points[shard[0] :: shard[1]], overrides)
   todo = [p for p in configs if point_status(p)['status'] != 'finished']
   logging.info(
-    'Sweep: %d points, %d in this shard, %d to run.',
+    'Sweep: %d runs, %d in this shard, %d to run%s.',
     len(points),
     len(configs),
     len(todo),
+    f', {parallel} at a time' if parallel > 1 else '',
   )
-  durations, rows = [], None
-  for k, point in enumerate(todo):
-    eta = (
-      _format_duration(sum(durations) / len(durations) * (len(todo) - k))
-      if durations
-      else '?'
-    )
-    logging.info(
-      'Sweep point %d/%d: %s (ETA of the sweep %s)',
-      k + 1,
-      len(todo),
-      point.arg,
-      eta,
-    )
-    os.makedirs(point.workdir, exist_ok=True)
-    start = time.perf_counter()
-    error = None
-    try:
-      train_fn(configs[point], point.workdir)
-    except Exception as e:  # pylint: disable=broad-except
-      error = f'{type(e).__name__}: {e}'
-      logging.error('Sweep point %s failed: %s', point.arg, error)
-      with open(os.path.join(point.workdir, 'error.txt'), 'w') as f:
-        f.write(traceback.format_exc())
-    durations.append(time.perf_counter() - start)
-    _record(point, durations[-1], error)
-    rows = summarize(module, point_args, root)
-  if rows is None:  # nothing ran: the summary is still written
-    rows = summarize(module, point_args, root)
+  if parallel > 1:
+    _run_processes(module, todo, root, overrides or {}, parallel, point_args)
+  else:
+    progress = _Progress(len(todo))
+    for point in todo:
+      progress.log([point])
+      start = time.perf_counter()
+      error = run_point(point, configs[point], train_fn)
+      progress.done(error, time.perf_counter() - start)
+      summarize(module, point_args, root)
+  rows = summarize(module, point_args, root)
   logging.info(
     'Sweep done: %d finished, %d failed, %d not run here. Summary: %s',
     sum(r['status'] == 'finished' for r in rows),
@@ -256,6 +298,164 @@ def run(
     os.path.join(root, 'results.md'),
   )
   return rows
+
+
+def worker_command(
+  module, point: Point, root: str, overrides: dict[str, str]
+) -> list[str]:
+  """The command that runs one point in its own process."""
+  return [
+    sys.executable,
+    '-m',
+    'mnv2_flax.sweep',
+    f'--config={os.path.abspath(module.__file__)}',
+    f'--root={root}',
+    f'--point={point.arg}',
+    *(f'--set={k}={v}' for k, v in overrides.items()),
+  ]
+
+
+def _last_error(log_path: str) -> str:
+  """The `error:` line (or last line) of a worker's log."""
+  try:
+    with open(log_path, errors='replace') as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ''
+  errors = [line for line in lines if line.startswith('error: ')]
+  return (errors or lines or [''])[-1]
+
+
+def _run_processes(module, todo, root, overrides, parallel, point_args):
+  """Runs `todo` as worker processes, `parallel` at a time."""
+  free = hardware.shares(parallel)
+  for share in free:
+    logging.info('Sweep worker slot: %s', share.label)
+  queue, running = list(todo), {}
+  progress = _Progress(len(todo), parallel)
+  try:
+    while queue or running:
+      while queue and free:
+        point, share = queue.pop(0), free.pop(0)
+        os.makedirs(point.workdir, exist_ok=True)
+        log_path = os.path.join(point.workdir, 'log.txt')
+        with open(log_path, 'a') as log:
+          process = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
+            worker_command(module, point, root, overrides),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **share.env},
+            preexec_fn=share.pin,
+          )
+        running[process] = (point, share, time.perf_counter(), log_path)
+        progress.log([p for p, *_ in running.values()])
+      time.sleep(0.2)
+      for process in [p for p in running if p.poll() is not None]:
+        point, share, start, log_path = running.pop(process)
+        free.append(share)
+        error = None
+        if process.returncode != 0:  # it could not record its own end
+          error = (
+            f'worker exited with status {process.returncode}: '
+            f'{_last_error(log_path)} (log: {log_path})'
+          )
+          logging.error('Sweep point %s failed: %s', point.arg, error)
+          _record(point, 0.0, error)
+        else:
+          error = point_status(point)['error']
+        progress.done(error, time.perf_counter() - start)
+        progress.log([p for p, *_ in running.values()])
+        summarize(module, point_args, root)
+  finally:  # interrupted: stop the workers; their checkpoints stay
+    for process in running:
+      process.terminate()
+    for process in running:
+      process.wait()
+
+
+class PointTask:
+  """One point as a submitit job: picklable (the config file's path, not
+  the module) and requeued where Slurm preempts or times it out
+  (`checkpoint`); the rerun resumes from the point's checkpoints."""
+
+  def __init__(self, config_path: str, root: str, overrides: dict[str, str]):
+    self.config_path, self.root, self.overrides = config_path, root, overrides
+
+  def __call__(self, point_arg: str) -> str | None:
+    cpu.configure_host()
+    module = load_config_module(self.config_path)
+    point = Point(point_arg, os.path.join(self.root, point_name(point_arg)))
+    config = point_configs(module, [point], self.overrides)[point]
+    if point_status(point)['status'] == 'finished':
+      return None
+    compilation_cache.enable(config)
+    logging.info('%s', hardware.describe())
+    return run_point(point, config)
+
+  def checkpoint(self, *args, **kwargs):
+    import submitit  # pylint: disable=g-import-not-at-top
+
+    return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def submit(
+  module,
+  point_args: list[str],
+  root: str,
+  overrides: dict[str, str],
+  cluster: str,
+  params: dict[str, Any],
+  poll_seconds: float = 10.0,
+) -> list[dict[str, Any]]:
+  """Submits the unfinished points as one array job, waits, summarises.
+
+  `cluster` is 'slurm' or 'local' (submitit's local executor: real
+  processes on this host); `params` go to `executor.update_parameters`
+  (timeout_min, slurm_partition, gpus_per_node, cpus_per_task,
+  slurm_array_parallelism, ...).
+  """
+  try:
+    import submitit  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f'--submit={cluster}: {SUBMITIT}.') from None
+  points = make_points(point_args, root)
+  point_configs(module, points, overrides)
+  todo = [p for p in points if point_status(p)['status'] != 'finished']
+  if todo:
+    executor = submitit.AutoExecutor(
+      folder=os.path.join(root, 'submitit', '%j'), cluster=cluster
+    )
+    try:
+      executor.update_parameters(
+        name=f'mnv2_sweep_{os.path.basename(os.path.abspath(root))}',
+        **params,
+      )
+    except (ValueError, TypeError) as e:
+      raise ValueError(f'--submit_params: {e}') from None
+    task = PointTask(os.path.abspath(module.__file__), root, overrides)
+    jobs = executor.map_array(task, [p.arg for p in todo])
+    logging.info(
+      'Submitted %d runs to %s as array job %s; logs in %s.',
+      len(jobs),
+      cluster,
+      jobs[0].job_id.split('_')[0],
+      os.path.join(root, 'submitit'),
+    )
+    seen = -1
+    while True:
+      done = sum(job.done() for job in jobs)
+      if done != seen:
+        logging.info('Sweep: %d of %d jobs done.', done, len(jobs))
+        seen = done
+      if done == len(jobs):
+        break
+      time.sleep(poll_seconds)
+    for job, point in zip(jobs, todo, strict=True):
+      if job.exception() is not None and point_status(point)['error'] is None:
+        error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
+        logging.error('Sweep point %s failed: %s', point.arg, error)
+        _record(point, 0.0, error)
+  return summarize(module, point_args, root)
 
 
 def make_points(point_args: list[str], root: str) -> list[Point]:
@@ -292,7 +492,7 @@ def _args(arg: str) -> dict[str, str]:
 
 
 def summarize(module, point_args: list[str], root: str) -> list[dict]:
-  """Writes results.csv, results.md and the figure; returns the rows."""
+  """Writes the summary files (mnv2_flax.summary); returns the run rows."""
   os.makedirs(root, exist_ok=True)
   points = make_points(point_args, root)
   keys = []
@@ -302,169 +502,66 @@ def summarize(module, point_args: list[str], root: str) -> list[dict]:
     {**{k: _args(p.arg).get(k, '') for k in keys}, **point_status(p)}
     for p in points
   ]
-  header = keys + list(COLUMNS)
-  out = io.StringIO()
-  writer = csv.DictWriter(out, header, lineterminator='\n')
-  writer.writeheader()
-  writer.writerows(rows)
-  _write_atomically(os.path.join(root, 'results.csv'), out.getvalue())
-  _write_atomically(os.path.join(root, 'results.md'), _markdown(rows, keys))
-  _plot(module, rows, root)
+  published = None
+  if any(r.get('data') == 'imagenet' for r in rows):
+    published = getattr(module, 'PUBLISHED', None)
+  summary.write(rows, keys, root, published)
   return rows
-
-
-def _cell(key: str, value: Any) -> str:
-  if value is None or value == '':
-    return ''
-  if key in ('top1', 'top5', 'ema_top1', 'ema_top5'):
-    return f'{100 * value:.2f}'
-  if key == 'macs':
-    return f'{value / 1e6:.2f}M'
-  if key == 'params':
-    return f'{value:,}'
-  if key in ('wall_seconds', 'train_seconds'):
-    return _format_duration(value)
-  if key == 'images_per_second':
-    return f'{value:,.0f}'
-  if key == 'error':
-    return str(value).replace('|', '/').replace('\n', ' ')[:80]
-  return str(value)
-
-
-def _markdown(rows: list[dict], keys: list[str]) -> str:
-  names = dict(
-    top1='top-1 %',
-    top5='top-5 %',
-    ema_top1='EMA top-1 %',
-    ema_top5='EMA top-5 %',
-    wall_seconds='wall',
-    train_seconds='train',
-    images_per_second='img/s',
-  )
-  header = keys + list(COLUMNS)
-  lines = [
-    '| ' + ' | '.join(names.get(h, h) for h in header) + ' |',
-    '|' + '---|' * len(header),
-  ]
-  for row in rows:
-    lines.append('| ' + ' | '.join(_cell(h, row[h]) for h in header) + ' |')
-  return '\n'.join(lines) + '\n'
-
-
-def _plot(module, rows: list[dict], root: str) -> None:
-  """accuracy_vs_macs.png, or variants.png for same-size variants."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-
-  done = [
-    r for r in rows if r['status'] == 'finished' and r['top1'] is not None
-  ]
-  sizes = {(r.get('width', ''), r.get('res', '')) for r in rows}
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-  if len(sizes) == 1:  # Fig. 6: variants of one size
-    variant_keys = [
-      k for k in ('bottleneck', 'shortcut', 'expand', 'seed') if k in rows[0]
-    ]
-    labels = [
-      ','.join(f'{k}={r[k]}' for k in variant_keys if r[k]) or 'default'
-      for r in done
-    ]
-    ax.bar(range(len(done)), [100 * r['top1'] for r in done])
-    ax.set_xticks(range(len(done)), labels, rotation=15)
-    for i, r in enumerate(done):
-      ax.annotate(
-        f'{100 * r["top1"]:.1f}', (i, 100 * r['top1']), ha='center', va='bottom'
-      )
-    ax.set_ylabel('top-1 accuracy (%)')
-    if done:
-      low = min(100 * r['top1'] for r in done)
-      ax.set_ylim(max(0, low - 10), 100)
-    name = 'variants.png'
-  else:
-    widths = sorted({r['width'] for r in done}, key=float)
-    for width in widths:
-      line = sorted(
-        (r for r in done if r['width'] == width), key=lambda r: r['macs']
-      )
-      ax.plot(
-        [r['macs'] / 1e6 for r in line],
-        [100 * r['top1'] for r in line],
-        'o-',
-        label=f'width {width}',
-      )
-      for r in line:
-        ax.annotate(
-          r['res'],
-          (r['macs'] / 1e6, 100 * r['top1']),
-          textcoords='offset points',
-          xytext=(3, 3),
-          fontsize=8,
-        )
-    if any(r.get('data') == 'imagenet' for r in rows):
-      published = getattr(module, 'PUBLISHED', {})
-      for width in sorted({w for w, _ in published}):
-        line = sorted(v for (w, _), v in published.items() if w == width)
-        ax.plot(
-          *zip(*line, strict=True),
-          'x--',
-          alpha=0.6,
-          label=f'width {width}, TF-slim published',
-        )
-    ax.set_xscale('log')
-    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.set_xlabel('MACs (millions, log scale)')
-    ax.set_ylabel('top-1 accuracy (%)')
-    if done:
-      ax.legend(fontsize=8)
-    name = 'accuracy_vs_macs.png'
-  ax.set_title(
-    f'{os.path.basename(os.path.abspath(root))}: '
-    f'{len(done)} of {len(rows)} points'
-  )
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  out = io.BytesIO()
-  fig.savefig(out, format='png')
-  plt.close(fig)
-  _write_atomically(os.path.join(root, name), out.getvalue())
 
 
 # ------------------------------------------------------------------------ CLI
 
 
-_CONFIG = flags.DEFINE_string('config', None, 'path/to/config.py:sweep_arg')
-_ROOT = flags.DEFINE_string(
-  'root', None, 'Directory of the sweep (one workdir per point).'
-)
-_SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
-_DRY_RUN = flags.DEFINE_bool(
-  'dry_run', False, 'Print one train.py command per point.'
-)
-_SUMMARIZE_ONLY = flags.DEFINE_bool(
-  'summarize_only', False, 'Only write the summaries.'
-)
-_SET = flags.DEFINE_multi_string(
-  'set', [], 'key=value config override for every point.'
-)
+def _submit_params(text: str) -> dict[str, Any]:
+  """'timeout_min=60,slurm_partition=gpu' -> typed keyword arguments."""
+  params = {}
+  for item in filter(None, (i.strip() for i in text.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(
+        f'--submit_params: {item!r} is not key=value (e.g. timeout_min=60).'
+      )
+    for kind in (int, float):
+      try:
+        value = kind(value)
+        break
+      except ValueError:
+        pass
+    params[key.strip()] = value
+  return params
 
 
 def main(argv):
   del argv
-  cpu.configure_host()  # before JAX starts its CPU client
+  if _PARALLEL.value < 1:
+    raise ValueError(f'--parallel={_PARALLEL.value}: expected 1 or more.')
+  if _PARALLEL.value > 1 and (_SUBMIT.value or _POINT.value):
+    raise ValueError('--parallel runs points here; not with --submit/--point.')
+  if _PARALLEL.value == 1 or hardware.expected_platform() == 'cpu':
+    cpu.configure_host()  # before JAX starts its CPU client
   path, _, sweep_arg = _CONFIG.value.partition(':')
   module = load_config_module(path)
-  point_args = module.get_sweep(sweep_arg or None)
   overrides = dict(s.split('=', 1) if '=' in s else (s, '') for s in _SET.value)
+  if _POINT.value:  # one point, in this process (a --parallel worker)
+    point = Point(
+      _POINT.value, os.path.join(_ROOT.value, point_name(_POINT.value))
+    )
+    config = point_configs(module, [point], overrides)[point]
+    logging.info(
+      '%s CPU cores: %s.',
+      hardware.describe(),
+      ','.join(map(str, sorted(os.sched_getaffinity(0)))),
+    )
+    hardware.check_accelerator(config.train.require_accelerator)
+    compilation_cache.enable(config)
+    run_point(point, config)
+    return
+  point_args = module.get_sweep(sweep_arg or None)
   shard = parse_shard(_SHARD.value)
-  # Every override checked before anything runs.
-  configs = [
-    apply_overrides(module.get_config(a), overrides) for a in point_args
-  ]
+  configs = point_configs(
+    module, make_points(point_args, _ROOT.value), overrides
+  )
+  required = any(c.train.require_accelerator for c in configs.values())
   if _DRY_RUN.value:
     for command in dry_run_commands(
       path, point_args, _ROOT.value, overrides, shard
@@ -473,20 +570,76 @@ def main(argv):
     return
   if _SUMMARIZE_ONLY.value:
     rows = summarize(module, point_args, _ROOT.value)
-  else:
-    logging.info('%s', hardware.describe())
-    hardware.check_accelerator(
-      any(c.train.require_accelerator for c in configs)
+  elif _SUBMIT.value:
+    if _SUBMIT.value not in ('slurm', 'local'):
+      raise ValueError(f'--submit={_SUBMIT.value!r}: valid are slurm or local.')
+    rows = submit(
+      module,
+      point_args,
+      _ROOT.value,
+      overrides,
+      _SUBMIT.value,
+      _submit_params(_SUBMIT_PARAMS.value),
     )
-    # The cache directory is the points' own, `--set` overrides included.
-    compilation_cache.enable(configs[0])
-    rows = run(module, point_args, _ROOT.value, overrides, shard)
-  print(f'{len(rows)} points; table: {os.path.join(_ROOT.value, "results.md")}')
-  print(
-    _markdown(rows, [k for k in rows[0] if k not in COLUMNS]) if rows else ''
-  )
+  else:
+    if _PARALLEL.value > 1:
+      # This process leaves the devices to its workers: no JAX backend here.
+      hardware.shares(_PARALLEL.value)  # checked before anything runs
+      if required and not hardware.accelerator_expected():
+        raise hardware.AcceleratorMissingError(
+          'config.train.require_accelerator=True, but no GPU or TPU is '
+          f'expected here; {hardware.INSTALL}.'
+        )
+    else:
+      logging.info('%s', hardware.describe())
+      hardware.check_accelerator(required)
+      # The cache directory is the points' own, `--set` overrides included.
+      compilation_cache.enable(next(iter(configs.values())))
+    rows = run(
+      module,
+      point_args,
+      _ROOT.value,
+      overrides,
+      shard,
+      parallel=_PARALLEL.value,
+    )
+  keys = [k for k in rows[0] if k not in COLUMNS] if rows else []
+  print(f'{len(rows)} runs; summary: {os.path.join(_ROOT.value, "results.md")}')
+  if rows:
+    print(summary.points_table(summary.group(rows, keys)))
 
 
 if __name__ == '__main__':
+  # Flags live here so that importing the library (a submitit job does)
+  # defines none.
+  _CONFIG = flags.DEFINE_string('config', None, 'path/to/config.py:sweep_arg')
+  _ROOT = flags.DEFINE_string(
+    'root', None, 'Directory of the sweep (one workdir per point).'
+  )
+  _SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
+  _PARALLEL = flags.DEFINE_integer(
+    'parallel', 1, 'Points run at once, each in its own process.'
+  )
+  _SUBMIT = flags.DEFINE_string(
+    'submit', '', "'slurm' (one array job via submitit) or 'local'."
+  )
+  _SUBMIT_PARAMS = flags.DEFINE_string(
+    'submit_params',
+    '',
+    'submitit parameters, e.g. timeout_min=240,slurm_partition=gpu,'
+    'gpus_per_node=1,cpus_per_task=8,slurm_array_parallelism=16.',
+  )
+  _POINT = flags.DEFINE_string(
+    'point', '', 'Run only this point argument here (used by --parallel).'
+  )
+  _DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Print one train.py command per point.'
+  )
+  _SUMMARIZE_ONLY = flags.DEFINE_bool(
+    'summarize_only', False, 'Only write the summaries.'
+  )
+  _SET = flags.DEFINE_multi_string(
+    'set', [], 'key=value config override for every point.'
+  )
   flags.mark_flags_as_required(['config', 'root'])
   cli.run(main)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,23 +16,69 @@ from mnv2_flax import train_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_grids():
+def test_named_sweeps():
   imagenet = ablation.get_sweep('imagenet')
   assert len(imagenet) == 21 and len(set(imagenet)) == 21
   assert imagenet[-1] == 'data=imagenet,width=1.4,res=224'
   assert 'data=imagenet,width=0.35,res=96' in imagenet
   fmnist = ablation.get_sweep(None)
-  assert fmnist == ablation.get_sweep('fashion_mnist') and len(fmnist) == 6
-  assert ablation.get_sweep('bottleneck') == [
-    'bottleneck=linear',
-    'bottleneck=relu6',
+  assert fmnist == ablation.get_sweep('fashion_mnist')
+  assert len(fmnist) == len(set(fmnist)) >= 3 * 4  # seeds >= 3, 2x2 at least
+  # Seeds vary slowest: a sweep stopped part-way has whole seeds done.
+  seeds = [a.rsplit('seed=', 1)[1] for a in fmnist]
+  assert seeds == sorted(seeds, key=int) and seeds[0] == '0'
+  assert ablation.get_sweep('bottleneck,seeds=2') == [
+    'bottleneck=linear,seed=0',
+    'bottleneck=relu6,seed=0',
+    'bottleneck=linear,seed=1',
+    'bottleneck=relu6,seed=1',
   ]
-  assert ablation.get_sweep('shortcut,data=imagenet,epochs=2') == [
-    f'data=imagenet,shortcut={s},epochs=2'
+  assert ablation.get_sweep('shortcut,data=imagenet,epochs=2,seed=7') == [
+    f'data=imagenet,shortcut={s},epochs=2,seed=7'
     for s in ('bottleneck', 'expansion', 'none')
   ]
+  # The 1.4 point comes with every seed of the grid.
+  assert len(ablation.get_sweep('imagenet,seeds=2')) == 42
   with pytest.raises(ValueError, match="sweep 'fig5' is not known"):
     ablation.get_sweep('fig5')
+
+
+def test_user_grids():
+  grid = ablation.get_sweep('grid,width=0.35|0.5|1.0,res=32|48,seeds=3')
+  assert len(grid) == 18 and len(set(grid)) == 18
+  assert grid[:3] == [
+    'width=0.35,res=32,seed=0',
+    'width=0.35,res=48,seed=0',
+    'width=0.5,res=32,seed=0',
+  ]
+  assert grid[-1] == 'width=1.0,res=48,seed=2'
+  # Without a name it is a grid too; chosen seeds; one-value keys are fixed.
+  assert ablation.get_sweep('expand=4|6,seed=3|9,epochs=2') == [
+    'expand=4,epochs=2,seed=3',
+    'expand=6,epochs=2,seed=3',
+    'expand=4,epochs=2,seed=9',
+    'expand=6,epochs=2,seed=9',
+  ]
+  # A named sweep's axis gives way to the user's.
+  assert ablation.get_sweep('fashion_mnist,width=1.0,seeds=1') == [
+    'width=1.0,res=32,seed=0',
+    'width=1.0,res=48,seed=0',
+  ]
+  for arg, words in [
+    ('grid,depth=3|4', "'depth=3|4': expected key=value with key one of"),
+    ('grid,width=0.35|wide', "width='wide' is not a number > 0"),
+    ('grid,res=32|32', "res='32|32' repeats a value"),
+    ('grid,seeds=0', "seeds='0': expected one count N >= 1"),
+    ('grid,seeds=2|3', "seeds='2|3': expected one count"),
+    ('grid,seeds=2,seed=1', 'seeds and seed: give one'),
+    ('grid,bottleneck=linear|tanh', "bottleneck='tanh': valid are linear"),
+    ('grid,width=1,width=2', 'width is given twice'),
+  ]:
+    with pytest.raises(ValueError, match=re.escape(words)):
+      ablation.get_sweep(arg)
+  # A single run (train.py) takes one value per key.
+  with pytest.raises(ValueError, match='one value per run'):
+    ablation.get_config('width=0.35|0.5')
 
 
 def test_point_configs():
@@ -48,7 +95,8 @@ def test_point_configs():
   for arg, words in [
     ('depth=3', "'depth=3'"),
     ('width', "'width'"),
-    ('res=big', "res='big' is not a int"),
+    ('res=big', "res='big' is not an integer > 0"),
+    ('seed=-1', "seed='-1' is not an integer >= 0"),
     ('data=cifar', "data='cifar'"),
   ]:
     with pytest.raises(ValueError, match=words):
@@ -56,7 +104,10 @@ def test_point_configs():
 
 
 def test_point_names_are_distinct_and_shell_safe():
-  args = sum((ablation.get_sweep(name) for name in ablation.SWEEPS), start=[])
+  args = sum(
+    (ablation.get_sweep(name) for name in ablation.SWEEPS if name != 'grid'),
+    start=[],
+  )
   names = [sweep.point_name(a) for a in args]
   assert sweep.point_name('width=0.5,res=24') == 'width-0.5_res-24'
   assert len(set(names)) == len(set(args))
@@ -127,66 +178,96 @@ def _tiny(data_dir, **extra):
   return overrides
 
 
-def test_sweep_runs_resumes_skips_and_isolates_a_failure(data_dirs, tmp_path):
-  _, data_dir = data_dirs
-  root = str(tmp_path / 'sweep')
-  points = ['width=0.35,res=32', 'width=0.35,res=40', 'width=-1,res=32']
-  calls = []
-
-  def train(config, workdir):  # the real loop, with its calls recorded
-    calls.append(os.path.basename(workdir))
-    return train_lib.train_and_evaluate(config, workdir)
-
-  # 1. Every point stops after its first step (as if the job were killed).
-  rows = sweep.run(
-    ablation,
-    points,
-    root,
-    _tiny(data_dir, **{'train.stop_after_step': '1'}),
-    train_fn=train,
-  )
-  assert [r['status'] for r in rows] == ['interrupted', 'interrupted', 'failed']
-  assert 'width_multiplier' in rows[2]['error']
-  assert os.path.exists(os.path.join(root, 'width--1_res-32', 'error.txt'))
-
-  # 2. Again: the two good points resume from step 1 and finish.
-  calls.clear()
-  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
-  assert calls == ['width-0.35_res-32', 'width-0.35_res-40', 'width--1_res-32']
-  assert [r['status'] for r in rows] == ['finished', 'finished', 'failed']
-  results = json.loads(
-    open(os.path.join(root, 'width-0.35_res-32', 'results.json')).read()
-  )
-  assert results['completed_steps'] == 2 and results['finished']
-  mtimes = {
-    p: os.path.getmtime(os.path.join(root, p, 'results.json'))
-    for p in ('width-0.35_res-32', 'width-0.35_res-40')
+def _mtimes(root, names):
+  return {
+    n: os.path.getmtime(os.path.join(root, n, 'results.json')) for n in names
   }
 
-  # 3. Again: finished points are skipped; the failed one is retried.
-  calls.clear()
-  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
-  assert calls == ['width--1_res-32']
-  for p, mtime in mtimes.items():
-    assert os.path.getmtime(os.path.join(root, p, 'results.json')) == mtime
 
-  # The summary: one row per point, with its numbers; a valid PNG.
+def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
+  data_dirs, tmp_path
+):
+  _, data_dir = data_dirs
+  root = str(tmp_path / 'sweep')
+  points = ablation.get_sweep('grid,width=0.35,res=32,seeds=3')
+  names = [sweep.point_name(p) for p in points]
+  calls, resumed = [], []
+
+  def train(config, workdir):  # the real loop, its calls recorded
+    name = os.path.basename(workdir)
+    calls.append(name)
+    resumed.append(os.path.isdir(os.path.join(workdir, 'checkpoints', '1')))
+    if name == names[1] and interrupt:
+      # Killed part-way: one step saved, then Ctrl-C.
+      config = config.copy_and_resolve_references()
+      config.train.stop_after_step = 1
+      train_lib.train_and_evaluate(config, workdir)
+      raise KeyboardInterrupt
+    return train_lib.train_and_evaluate(config, workdir)
+
+  # 1. Seed 0 finishes; seed 1 is interrupted after a step; seed 2 waits.
+  interrupt = True
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+  assert calls == names[:2]
+  statuses = [
+    sweep.point_status(p)['status'] for p in sweep.make_points(points, root)
+  ]
+  assert statuses == ['finished', 'interrupted', 'pending']
+  finished = _mtimes(root, names[:1])
+
+  # 2. Rerun, with seed 2's disk broken (a file where its checkpoints go):
+  # seed 0 is not touched, seed 1 resumes from its step, seed 2 fails alone.
+  interrupt = False
+  calls.clear(), resumed.clear()
+  os.makedirs(os.path.join(root, names[2]))
+  with open(os.path.join(root, names[2], 'checkpoints'), 'w') as f:
+    f.write('not a directory')
+  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+  assert calls == names[1:] and resumed == [True, False]
+  assert [r['status'] for r in rows] == ['finished', 'finished', 'failed']
+  assert rows[2]['error'] and os.path.exists(
+    os.path.join(root, names[2], 'error.txt')
+  )
+  assert _mtimes(root, names[:1]) == finished
+  results = json.loads(
+    open(os.path.join(root, names[1], 'results.json')).read()
+  )
+  assert results['completed_steps'] == 2 and results['finished']
+
+  # 3. Disk repaired, rerun: only the failed seed runs.
+  calls.clear()
+  os.remove(os.path.join(root, names[2], 'checkpoints'))
+  finished = _mtimes(root, names[:2])
+  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+  assert calls == names[2:]
+  assert [r['status'] for r in rows] == ['finished'] * 3
+  assert _mtimes(root, names[:2]) == finished
+
+  # The summary pools the three seeds of the one point.
+  with open(os.path.join(root, 'points.csv')) as f:
+    (point,) = list(csv.DictReader(f))
+  assert (point['width'], point['res'], point['n']) == ('0.35', '32', '3')
+  top1 = [r['top1'] for r in rows]
+  assert float(point['top1_mean']) == pytest.approx(sum(top1) / 3)
+  assert float(point['top1_ci_low']) <= min(top1) or len(set(top1)) == 1
   with open(os.path.join(root, 'results.csv')) as f:
     table = list(csv.DictReader(f))
-  assert [(r['width'], r['res'], r['status']) for r in table] == [
-    ('0.35', '32', 'finished'),
-    ('0.35', '40', 'finished'),
-    ('-1', '32', 'failed'),
-  ]
-  for r in table[:2]:
-    assert 0.0 <= float(r['top1']) <= 1.0 and float(r['ema_top5']) >= 0
-    assert int(r['params']) > 0 and int(r['steps']) == 2
-    assert float(r['wall_seconds']) > 0
-  assert float(table[1]['macs']) > float(table[0]['macs'])
+  assert [r['seed'] for r in table] == ['0', '1', '2']
+  for r in table:
+    assert 0.0 <= float(r['top1']) <= 1.0 and int(r['steps']) == 2
+    assert int(r['params']) > 0 and float(r['wall_seconds']) > 0
   markdown = open(os.path.join(root, 'results.md')).read()
-  assert markdown.count('\n') == 5 and '| failed |' in markdown
-  with open(os.path.join(root, 'accuracy_vs_macs.png'), 'rb') as f:
+  assert '| 0.35 | 32 | 3 |' in markdown and '3 finished' in markdown
+  with open(os.path.join(root, 'variants.png'), 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
+  points = ablation.get_sweep('grid,width=0.35,res=32|24')
+  with pytest.raises(ValueError, match="sweep point 'width=0.35,res=24'"):
+    sweep.run(ablation, points, str(tmp_path / 's'), train_fn=None)
+  assert not os.path.exists(tmp_path / 's')
 
 
 def test_config_loads_from_outside_the_repository_root(tmp_path):

@@ -1,0 +1,495 @@
+"""A sweep's summary: seeds pooled per point, points compared seed by seed.
+
+Every (point, seed) is one run, one row. The summary groups a point's seeds
+and gives n, mean, sample standard deviation and a Student-t 95% confidence
+interval of each accuracy (top-1 and top-5, raw and EMA), beside the point's
+cost (parameters, MACs, wall time, images/s). Points are then compared in
+pairs along each key that varies, with the other keys fixed: the per-seed
+differences (same seed: same initialisation where shapes agree, same data
+order and augmentation) get their own mean and interval, and a verdict:
+'better' or 'worse' when the interval excludes 0, otherwise 'not
+distinguishable at 95%'. A key's first value is its baseline: each value is
+compared with the baseline and with the value before it.
+
+Files (in the sweep's root): `results.md` (the tables), `results.csv` (one
+row per run), `points.csv`, `comparisons.csv`, and `accuracy_vs_macs.png`
+or, when all points share width and resolution, `variants.png`.
+"""
+
+import csv
+import dataclasses
+import io
+import math
+import os
+from typing import Any
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+METRICS = ('top1', 'top5', 'ema_top1', 'ema_top5')
+CONFIDENCE = 0.95
+# Per-run columns after the point's keys.
+COLUMNS = (
+  'params',
+  'macs',
+  *METRICS,
+  'wall_seconds',
+  'train_seconds',
+  'images_per_second',
+  'steps',
+  'status',
+  'error',
+)
+NAMES = dict(
+  top1='top-1 %',
+  top5='top-5 %',
+  ema_top1='EMA top-1 %',
+  ema_top5='EMA top-5 %',
+  wall_seconds='wall',
+  train_seconds='train',
+  images_per_second='img/s',
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+  """Mean, sample std and the Student-t interval of `n` values."""
+
+  n: int
+  mean: float
+  std: float  # nan for n = 1
+  low: float  # nan for n = 1
+  high: float
+
+  @property
+  def half(self) -> float:
+    return (self.high - self.low) / 2
+
+
+def interval(values, confidence: float = CONFIDENCE) -> Interval | None:
+  """The `confidence` interval of the mean of `values` (Student t, n-1 dof)."""
+  values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+  n = len(values)
+  if n == 0:
+    return None
+  mean = float(values.mean())
+  if n == 1:
+    return Interval(1, mean, math.nan, math.nan, math.nan)
+  std = float(values.std(ddof=1))
+  half = scipy_stats.t.ppf((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
+  return Interval(n, mean, std, mean - half, mean + half)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """The runs of one point (all its seeds) and their statistics."""
+
+  args: dict[str, str]  # the point's keys, seed excluded
+  runs: tuple[dict[str, Any], ...]
+
+  @property
+  def finished(self) -> list[dict[str, Any]]:
+    return [r for r in self.runs if r['status'] == 'finished']
+
+  def stat(self, metric: str) -> Interval | None:
+    return interval(r[metric] for r in self.finished)
+
+  def cost(self, column: str) -> float | None:
+    values = [r[column] for r in self.finished if r[column] is not None]
+    return float(np.mean(values)) if values else None
+
+  def status(self) -> str:
+    counts = {}
+    for run in self.runs:
+      counts[run['status']] = counts.get(run['status'], 0) + 1
+    return ', '.join(f'{n} {s}' for s, n in counts.items())
+
+
+def group(rows: list[dict], keys: list[str]) -> list[Point]:
+  """Runs grouped by their keys other than `seed`, in order of appearance."""
+  point_keys = [k for k in keys if k != 'seed']
+  points = {}
+  for row in rows:
+    args = {k: row[k] for k in point_keys}
+    points.setdefault(tuple(args.values()), (args, []))[1].append(row)
+  return [Point(args, tuple(runs)) for args, runs in points.values()]
+
+
+def varying(points: list[Point]) -> list[str]:
+  """The keys whose value differs between points."""
+  keys = points[0].args if points else {}
+  return [k for k in keys if len({p.args[k] for p in points}) > 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """Point `other` minus point `base` along `key`, seed by seed."""
+
+  key: str
+  base: str
+  other: str
+  context: dict[str, str]  # the other varying keys, fixed
+  seeds: tuple[str, ...]
+  diffs: dict[str, Interval]  # metric: interval of the differences
+
+  def verdict(self, metric: str = 'top1') -> str:
+    d = self.diffs[metric]
+    if d.n < 2:
+      return 'one seed: no interval'
+    if d.low > 0:
+      return 'better'
+    if d.high < 0:
+      return 'worse'
+    if d.std == 0:  # identical runs
+      return 'identical'
+    return f'not distinguishable at {CONFIDENCE:.0%}'
+
+
+def _pairs(values: list[str]) -> list[tuple[str, str]]:
+  """Each value against the first (the baseline) and the one before it."""
+  pairs = [(values[0], v) for v in values[1:]]
+  return pairs + [(values[i - 1], values[i]) for i in range(2, len(values))]
+
+
+def compare(points: list[Point]) -> list[Comparison]:
+  """Paired comparisons along every varying key (see the module docstring)."""
+  keys = varying(points)
+  comparisons = []
+  for key in keys:
+    values = list(dict.fromkeys(p.args[key] for p in points))
+    others = [k for k in keys if k != key]
+    contexts = list(
+      dict.fromkeys(tuple(p.args[k] for k in others) for p in points)
+    )
+    for context in contexts:
+      fixed = dict(zip(others, context, strict=True))
+      at = {
+        p.args[key]: {r.get('seed', ''): r for r in p.finished}
+        for p in points
+        if all(p.args[k] == v for k, v in fixed.items())
+      }
+      for base, other in _pairs(values):
+        if base not in at or other not in at:
+          continue
+        seeds = tuple(s for s in at[base] if s in at[other])
+        if not seeds:
+          continue
+        diffs = {
+          m: interval(at[other][s][m] - at[base][s][m] for s in seeds)
+          for m in METRICS
+        }
+        comparisons.append(Comparison(key, base, other, fixed, seeds, diffs))
+  return comparisons
+
+
+# ------------------------------------------------------------------ writing
+
+
+def _pct(value: float) -> str:
+  return f'{100 * value:.2f}'
+
+
+def _cell(key: str, value: Any) -> str:
+  """One per-run table cell."""
+  if value is None or value == '':
+    return ''
+  if key in METRICS:
+    return _pct(value)
+  if key == 'macs':
+    return f'{value / 1e6:.2f}M'
+  if key == 'params':
+    return f'{value:,.0f}'
+  if key in ('wall_seconds', 'train_seconds'):
+    return format_duration(value)
+  if key == 'images_per_second':
+    return f'{value:,.0f}'
+  if key == 'error':
+    return str(value).replace('|', '/').replace('\n', ' ')[:80]
+  return str(value)
+
+
+def format_duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  return f'{minutes // 60}:{minutes % 60:02d}:{seconds:02d}'
+
+
+def format_interval(stat: Interval | None, sign: bool = False) -> str:
+  """'81.99 ± 1.20 (0.48)': mean ± half-width (std), in points."""
+  if stat is None:
+    return ''
+  mean = f'{100 * stat.mean:+.2f}' if sign else _pct(stat.mean)
+  if stat.n == 1:
+    return mean
+  return f'{mean} ± {100 * stat.half:.2f} ({100 * stat.std:.2f})'
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
+
+
+def runs_table(rows: list[dict], keys: list[str]) -> str:
+  """The per-run Markdown table."""
+  header = keys + list(COLUMNS)
+  return '\n'.join(
+    _table(
+      [NAMES.get(h, h) for h in header],
+      [[_cell(h, row[h]) for h in header] for row in rows],
+    )
+  )
+
+
+def points_table(points: list[Point]) -> str:
+  keys = list(points[0].args) if points else []
+  header = keys + ['n'] + [NAMES[m] for m in METRICS]
+  header += ['params', 'MACs', 'wall', 'img/s', 'runs']
+  rows = []
+  for p in points:
+    rows.append(
+      [p.args[k] for k in keys]
+      + [str(len(p.finished))]
+      + [format_interval(p.stat(m)) for m in METRICS]
+      + [
+        _cell('params', p.cost('params')),
+        _cell('macs', p.cost('macs')),
+        _cell('wall_seconds', p.cost('wall_seconds')),
+        _cell('images_per_second', p.cost('images_per_second')),
+        p.status(),
+      ]
+    )
+  return '\n'.join(_table(header, rows))
+
+
+def _at(comparison: Comparison) -> str:
+  return ', '.join(f'{k}={v}' for k, v in comparison.context.items()) or 'all'
+
+
+def comparisons_table(comparisons: list[Comparison]) -> str:
+  header = [
+    'key',
+    'base → other',
+    'at',
+    'seeds',
+    'Δ top-1 (points)',
+    'Δ EMA top-1',
+    'verdict (top-1)',
+  ]
+  rows = [
+    [
+      c.key,
+      f'{c.base} → {c.other}',
+      _at(c),
+      str(len(c.seeds)),
+      format_interval(c.diffs['top1'], sign=True),
+      format_interval(c.diffs['ema_top1'], sign=True),
+      c.verdict(),
+    ]
+    for c in comparisons
+  ]
+  return '\n'.join(_table(header, rows))
+
+
+def markdown(rows: list[dict], keys: list[str], title: str) -> str:
+  points = group(rows, keys)
+  comparisons = compare(points)
+  done = sum(r['status'] == 'finished' for r in rows)
+  parts = [
+    f'# {title}: {done} of {len(rows)} runs finished',
+    '',
+    '## Points',
+    '',
+    'Mean ± half-width of the 95% confidence interval (Student t over the '
+    'seeds), sample std in brackets; accuracies in %.',
+    '',
+    points_table(points),
+    '',
+  ]
+  if comparisons:
+    parts += [
+      '## Paired comparisons',
+      '',
+      'Other point minus base point, seed by seed, in accuracy points: '
+      'mean ± 95% half-width (std).',
+      '',
+      comparisons_table(comparisons),
+      '',
+    ]
+  parts += ['## Runs', '', runs_table(rows, keys), '']
+  return '\n'.join(parts)
+
+
+def _csv(header: list[str], rows: list[dict]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, header, lineterminator='\n')
+  writer.writeheader()
+  writer.writerows(rows)
+  return out.getvalue()
+
+
+def _interval_columns(prefix: str, stat: Interval | None) -> dict[str, Any]:
+  fields = ('mean', 'std', 'ci_low', 'ci_high')
+  values = (stat.mean, stat.std, stat.low, stat.high) if stat else (None,) * 4
+  return {f'{prefix}_{f}': v for f, v in zip(fields, values, strict=True)}
+
+
+def csv_files(rows: list[dict], keys: list[str]) -> dict[str, str]:
+  """results.csv (runs), points.csv and comparisons.csv, as text."""
+  points = group(rows, keys)
+  point_rows = []
+  for p in points:
+    row = dict(p.args, n=len(p.finished), runs=p.status())
+    for m in METRICS:
+      row.update(_interval_columns(m, p.stat(m)))
+    for c in ('params', 'macs', 'wall_seconds', 'images_per_second'):
+      row[c] = p.cost(c)
+    point_rows.append(row)
+  comparison_rows = []
+  for c in compare(points):
+    row = dict(
+      key=c.key,
+      base=c.base,
+      other=c.other,
+      at=_at(c),
+      n=len(c.seeds),
+      verdict=c.verdict(),
+    )
+    for m in METRICS:
+      row.update(_interval_columns(f'diff_{m}', c.diffs[m]))
+    comparison_rows.append(row)
+  return {
+    'results.csv': _csv(keys + list(COLUMNS), rows),
+    'points.csv': _csv(list(point_rows[0]) if point_rows else [], point_rows),
+    'comparisons.csv': _csv(
+      list(comparison_rows[0]) if comparison_rows else ['key'],
+      comparison_rows,
+    ),
+  }
+
+
+def plot(
+  rows: list[dict], keys: list[str], title: str, published=None
+) -> tuple[str, bytes]:
+  """Means with 95% interval bars, each seed a faint dot. Returns the file
+  name ('accuracy_vs_macs.png' or, for variants of one size,
+  'variants.png') and the PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
+
+  points = [p for p in group(rows, keys) if p.finished]
+  keys_varying = varying(points)
+  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+  sizes = {(p.args.get('width'), p.args.get('res')) for p in points}
+
+  def bar(stat):
+    return 0 if stat.n < 2 else 100 * stat.half
+
+  if len(sizes) <= 1:  # Fig. 6: variants of one size
+    labels = [
+      ','.join(f'{k}={p.args[k]}' for k in keys_varying) or 'default'
+      for p in points
+    ]
+    stats = [p.stat('top1') for p in points]
+    ax.bar(
+      range(len(points)),
+      [100 * s.mean for s in stats],
+      yerr=[bar(s) for s in stats],
+      capsize=4,
+      alpha=0.7,
+    )
+    for i, p in enumerate(points):
+      seeds = [100 * r['top1'] for r in p.finished]
+      ax.plot([i] * len(seeds), seeds, 'k.', alpha=0.5)
+      ax.annotate(
+        f'{100 * stats[i].mean:.2f}',
+        (i, 100 * stats[i].mean),
+        xytext=(8, 0),
+        textcoords='offset points',
+        fontsize=8,
+      )
+    ax.set_xticks(range(len(points)), labels, rotation=15)
+    if points:
+      low = min(100 * r['top1'] for p in points for r in p.finished)
+      ax.set_ylim(
+        max(0, low - 5),
+        min(
+          100, 100 * max(s.mean + (s.half if s.n > 1 else 0) for s in stats) + 2
+        ),
+      )
+    name = 'variants.png'
+  else:
+    line_keys = [k for k in keys_varying if k != 'res']
+    lines = {}
+    for p in points:
+      lines.setdefault(tuple(p.args[k] for k in line_keys), []).append(p)
+    for values, line in lines.items():
+      line.sort(key=lambda p: p.cost('macs'))
+      stats = [p.stat('top1') for p in line]
+      macs = [p.cost('macs') / 1e6 for p in line]
+      label = ', '.join(
+        f'{"width " if k == "width" else k + "="}{v}'
+        for k, v in zip(line_keys, values, strict=True)
+      )
+      ax.errorbar(
+        macs,
+        [100 * s.mean for s in stats],
+        yerr=[bar(s) for s in stats],
+        fmt='o-',
+        capsize=3,
+        label=label or None,
+      )
+      for x, p in zip(macs, line, strict=True):
+        seeds = [100 * r['top1'] for r in p.finished]
+        ax.plot([x] * len(seeds), seeds, 'k.', alpha=0.3, markersize=3)
+        ax.annotate(
+          p.args.get('res', ''),
+          (x, 100 * p.stat('top1').mean),
+          textcoords='offset points',
+          xytext=(4, -10),
+          fontsize=8,
+        )
+    for width in sorted({w for w, _ in published or {}}):
+      line = sorted(v for (w, _), v in published.items() if w == width)
+      ax.plot(
+        *zip(*line, strict=True),
+        'x--',
+        alpha=0.6,
+        label=f'width {width}, TF-slim published',
+      )
+    ax.set_xscale('log')
+    plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel('MACs (millions, log scale)')
+    if lines:
+      ax.legend(fontsize=8)
+    name = 'accuracy_vs_macs.png'
+  ax.set_ylabel('top-1 accuracy (%): mean, 95% CI, seeds')
+  runs = sum(len(p.finished) for p in points)
+  ax.set_title(f'{title}: {runs} of {len(rows)} runs', fontsize=10)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  out = io.BytesIO()
+  fig.savefig(out, format='png')
+  plt.close(fig)
+  return name, out.getvalue()
+
+
+def write(
+  rows: list[dict], keys: list[str], root: str, published=None
+) -> dict[str, str | bytes]:
+  """All summary files of `rows`, written atomically into `root`."""
+  title = os.path.basename(os.path.abspath(root))
+  files = csv_files(rows, keys)
+  files['results.md'] = markdown(rows, keys, title)
+  name, png = plot(rows, keys, title, published)
+  files[name] = png
+  for name, content in files.items():
+    path = os.path.join(root, name)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb' if isinstance(content, bytes) else 'w') as f:
+      f.write(content)
+    os.replace(tmp, path)
+  return files
