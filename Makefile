@@ -29,7 +29,8 @@ $(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm: $(VENV)/
 	$(PY) -m pip install --quiet -r requirements-$*.txt
 	@touch $@
 
-test: setup
+# submitit too: the sweep's Slurm path is tested with its local executor.
+test: setup-slurm
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup
@@ -69,9 +70,12 @@ data:
 # which needs internet; without it every point fails with a message saying so.
 SWEEP ?= fashion_mnist
 SWEEP_ROOT ?= sweeps/$(SWEEP)
+# Points at once, each on its share of the cores (or one GPU each).
+SWEEP_PARALLEL ?= 2
 sweep: setup data
 	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -f $${TFDS_DATA_DIR:-$$HOME/tensorflow_datasets}/fashion_mnist/3.0.1/dataset_info.json ]; \
 	then download=False; \
 	else download=True; echo "Debian's Fashion-MNIST is not here: tfds will download fashion_mnist (needs internet)."; fi; \
-	$(PY) -m mnv2_flax.sweep --config=configs/ablation.py:$(SWEEP) --root=$(SWEEP_ROOT) --set=data.download=$$download
-	@echo "Table: $(SWEEP_ROOT)/results.md  Figure: $(SWEEP_ROOT)/accuracy_vs_macs.png"
+	$(PY) -m mnv2_flax.sweep --config=configs/ablation.py:$(SWEEP) --root=$(SWEEP_ROOT) \
+	  --parallel=$(SWEEP_PARALLEL) --set=data.download=$$download
+	@echo "Summary: $(SWEEP_ROOT)/results.md, figure: $(SWEEP_ROOT)/*.png"

@@ -463,7 +463,7 @@ def plot(
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel('MACs (millions, log scale)')
-    if lines:
+    if ax.get_legend_handles_labels()[1]:
       ax.legend(fontsize=8)
     name = 'accuracy_vs_macs.png'
   ax.set_ylabel('top-1 accuracy (%): mean, 95% CI, seeds')

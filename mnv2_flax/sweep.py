@@ -398,6 +398,20 @@ class PointTask:
     return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+def _job_alive(submitit, root: str, cluster: str, job_id: str) -> bool:
+  """Whether a job submitted earlier is still queued or running."""
+  if cluster == 'local':  # a local job's id is its process id
+    try:
+      os.kill(int(job_id), 0)
+    except (OSError, ValueError):
+      return False
+    return True
+  job = submitit.SlurmJob(
+    folder=os.path.join(root, 'submitit', '%j'), job_id=job_id
+  )
+  return not job.done()
+
+
 def submit(
   module,
   point_args: list[str],
@@ -412,7 +426,9 @@ def submit(
   `cluster` is 'slurm' or 'local' (submitit's local executor: real
   processes on this host); `params` go to `executor.update_parameters`
   (timeout_min, slurm_partition, gpus_per_node, cpus_per_task,
-  slurm_array_parallelism, ...).
+  slurm_array_parallelism, ...). Job ids are kept in
+  `<root>/submitit/jobs.json`: a rerun submits only points that are
+  neither finished nor still queued or running, and waits for all of them.
   """
   try:
     import submitit  # pylint: disable=g-import-not-at-top
@@ -420,7 +436,22 @@ def submit(
     raise ValueError(f'--submit={cluster}: {SUBMITIT}.') from None
   points = make_points(point_args, root)
   point_configs(module, points, overrides)
-  todo = [p for p in points if point_status(p)['status'] != 'finished']
+  registry = os.path.join(root, 'submitit', 'jobs.json')
+  earlier = _read_json(registry)
+  waiting = {}  # point: a function that says whether its job is done
+  for point in points:
+    job_id = earlier.get(point.arg)
+    if job_id and _job_alive(submitit, root, cluster, job_id):
+      logging.info('Sweep point %s is still job %s.', point.arg, job_id)
+      waiting[point] = lambda j=job_id: (
+        not _job_alive(submitit, root, cluster, j)
+      )
+  todo = [
+    p
+    for p in points
+    if p not in waiting and point_status(p)['status'] != 'finished'
+  ]
+  jobs = []
   if todo:
     executor = submitit.AutoExecutor(
       folder=os.path.join(root, 'submitit', '%j'), cluster=cluster
@@ -430,31 +461,39 @@ def submit(
         name=f'mnv2_sweep_{os.path.basename(os.path.abspath(root))}',
         **params,
       )
-    except (ValueError, TypeError) as e:
-      raise ValueError(f'--submit_params: {e}') from None
+    except (ValueError, TypeError, NameError, AssertionError) as e:
+      raise ValueError(
+        f'--submit_params: {str(e).splitlines()[0]} Shared parameters: '
+        'timeout_min, cpus_per_task, gpus_per_node, mem_gb, nodes, '
+        'tasks_per_node; Slurm ones start with slurm_ (slurm_partition, '
+        'slurm_array_parallelism, ...).'
+      ) from None
     task = PointTask(os.path.abspath(module.__file__), root, overrides)
     jobs = executor.map_array(task, [p.arg for p in todo])
+    earlier.update({p.arg: j.job_id for p, j in zip(todo, jobs, strict=True)})
+    _write_atomically(registry, json.dumps(earlier, indent=2))
     logging.info(
       'Submitted %d runs to %s as array job %s; logs in %s.',
       len(jobs),
       cluster,
       jobs[0].job_id.split('_')[0],
-      os.path.join(root, 'submitit'),
+      os.path.dirname(registry),
     )
-    seen = -1
-    while True:
-      done = sum(job.done() for job in jobs)
-      if done != seen:
-        logging.info('Sweep: %d of %d jobs done.', done, len(jobs))
-        seen = done
-      if done == len(jobs):
-        break
-      time.sleep(poll_seconds)
-    for job, point in zip(jobs, todo, strict=True):
-      if job.exception() is not None and point_status(point)['error'] is None:
-        error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
-        logging.error('Sweep point %s failed: %s', point.arg, error)
-        _record(point, 0.0, error)
+    waiting.update({p: j.done for p, j in zip(todo, jobs, strict=True)})
+  seen = -1
+  while True:
+    done = sum(is_done() for is_done in waiting.values())
+    if done != seen:
+      logging.info('Sweep: %d of %d jobs done.', done, len(waiting))
+      seen = done
+    if done == len(waiting):
+      break
+    time.sleep(poll_seconds)
+  for job, point in zip(jobs, todo, strict=True):
+    if job.exception() is not None and point_status(point)['error'] is None:
+      error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
+      logging.error('Sweep point %s failed: %s', point.arg, error)
+      _record(point, 0.0, error)
   return summarize(module, point_args, root)
 
 

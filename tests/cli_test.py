@@ -143,6 +143,16 @@ CASES = [
     + ['--set=train.no_such=1', '--dry_run'],
     '--set train.no_such=1: the config has no field train.no_such.',
   ),
+  (
+    ['-m', 'mnv2_flax.sweep', f'--config={ABLATION}:grid,width=0.35|wide']
+    + ['--root={tmp}/s'],
+    "ablation argument width='wide' is not a number > 0.",
+  ),
+  (
+    ['-m', 'mnv2_flax.sweep', f'--config={ABLATION}', '--root={tmp}/s']
+    + ['--parallel=4096'],
+    '--parallel=4096: this process may use',
+  ),
   # stats and benchmark.
   (
     ['-m', 'mnv2_flax.stats', '--width_multiplier=0'],

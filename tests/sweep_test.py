@@ -270,6 +270,94 @@ def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
   assert not os.path.exists(tmp_path / 's')
 
 
+# Worker processes compile without XLA's optimisation passes, as this
+# suite's own process does (conftest.py).
+FAST_COMPILES = dict(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+
+
+@pytest.mark.skipif(
+  len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
+)
+def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
+  _, data_dir = data_dirs
+  root = tmp_path / 'sweep'
+  grid = 'grid,width=0.35,res=32,seeds=2'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'mnv2_flax.sweep',
+      f'--config={ROOT}/configs/ablation.py:{grid}',
+      f'--root={root}',
+      '--parallel=2',
+      *(f'--set={k}={v}' for k, v in _tiny(data_dir).items()),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=dict(os.environ, **FAST_COMPILES),
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  # Both ran at once, each pinned to its own core, each with its own log.
+  assert 'running width=0.35,res=32,seed=0, width=0.35,res=32,seed=1' in (
+    result.stderr
+  )
+  assert 'Sweep: 2 of 2 runs done (0 failed)' in result.stderr
+  cores = []
+  for point in ablation.get_sweep(grid):
+    log = (root / sweep.point_name(point) / 'log.txt').read_text()
+    cores.append(re.search(r'CPU cores: ([\d,]+)\.', log).group(1))
+  assert len(set(cores)) == 2
+  assert '| 0.35 | 32 | 2 |' in result.stdout  # the pooled point
+  with open(root / 'results.csv') as f:
+    assert [r['status'] for r in csv.DictReader(f)] == ['finished'] * 2
+
+
+def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
+  data_dirs, tmp_path, monkeypatch
+):
+  _, data_dir = data_dirs
+  for key, value in FAST_COMPILES.items():
+    monkeypatch.setenv(key, value)
+  root = str(tmp_path / 'sweep')
+  points = ablation.get_sweep('grid,width=0.35,res=32,seeds=2')
+  args = (ablation, points, root, _tiny(data_dir), 'local')
+  rows = sweep.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  assert [r['status'] for r in rows] == ['finished'] * 2
+  jobs = os.listdir(os.path.join(root, 'submitit'))
+  registry = json.loads(
+    open(os.path.join(root, 'submitit', 'jobs.json')).read()
+  )
+  assert sorted(registry) == sorted(points)
+  # One job per point, each with its log and result.
+  for job_id in registry.values():
+    for name in ('0_log.out', '0_result.pkl'):
+      assert os.path.exists(
+        os.path.join(root, 'submitit', job_id, f'{job_id}_{name}')
+      )
+  with open(os.path.join(root, 'points.csv')) as f:
+    assert next(csv.DictReader(f))['n'] == '2'
+  # Rerun: nothing is left to submit.
+  rows = sweep.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  assert [r['status'] for r in rows] == ['finished'] * 2
+  assert sorted(os.listdir(os.path.join(root, 'submitit'))) == sorted(jobs)
+  # A rerun leaves a job that is still alive alone: it is waited for.
+  assert sweep._job_alive(None, root, 'local', str(os.getpid()))
+  assert not sweep._job_alive(None, root, 'local', registry[points[0]])
+  # Unknown submitit parameters: one clear error, nothing submitted.
+  with pytest.raises(ValueError, match='--submit_params'):
+    sweep.submit(
+      ablation,
+      ablation.get_sweep('grid,width=0.35,res=40'),
+      root,
+      _tiny(data_dir),
+      'local',
+      dict(no_such_parameter=1),
+    )
+
+
 def test_config_loads_from_outside_the_repository_root(tmp_path):
   """configs/ablation.py imports configs.default: no PYTHONPATH needed."""
   path = os.path.join(ROOT, 'configs', 'ablation.py')
@@ -289,4 +377,4 @@ def test_config_loads_from_outside_the_repository_root(tmp_path):
     check=False,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split()[-1] == '6'
+  assert result.stdout.split()[-1] == '20'

@@ -1,0 +1,159 @@
+"""Tests of the sweep summary's statistics, on rows made here."""
+
+import csv
+import io
+import math
+
+import pytest
+
+from mnv2_flax import summary
+
+# Student t quantiles t(0.975, dof), from printed tables.
+T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}
+
+
+def test_interval_is_the_student_t_interval():
+  stat = summary.interval([0.80, 0.82, 0.84])
+  assert stat.n == 3 and (stat.mean, stat.std) == pytest.approx((0.82, 0.02))
+  assert stat.half == pytest.approx(T975[2] * 0.02 / math.sqrt(3), rel=1e-4)
+  five = summary.interval([1, 2, 3, 4, 5])
+  assert five.half == pytest.approx(
+    T975[4] * math.sqrt(2.5) / math.sqrt(5), rel=1e-4
+  )
+  assert summary.interval([1, 3]).half == pytest.approx(T975[1], rel=1e-4)
+  one = summary.interval([0.5])
+  assert one.mean == 0.5 and math.isnan(one.std) and math.isnan(one.half)
+  assert summary.interval([]) is None
+  assert summary.interval([None, 0.5, None]).n == 1
+  assert summary.format_interval(stat) == '82.00 ± 4.97 (2.00)'
+  assert summary.format_interval(one) == '50.00'
+
+
+def _row(seed, status='finished', top1=None, **point):
+  return dict(
+    point,
+    seed=str(seed),
+    params=100,
+    macs=1e6 * float(point.get('width', 1)) * int(point.get('res', 32)),
+    top1=top1,
+    top5=None if top1 is None else 0.99,
+    ema_top1=top1,
+    ema_top5=None if top1 is None else 0.99,
+    wall_seconds=10.0,
+    train_seconds=5.0,
+    images_per_second=100.0,
+    steps=10,
+    status=status,
+    error=None if status != 'failed' else 'OSError: disk',
+  )
+
+
+# Per-seed noise shared by every point of a seed (data order), plus a
+# little of each run's own: only a paired comparison removes the shared part.
+SEED_NOISE = [0.03, -0.02, 0.01, -0.04, 0.02]
+OWN_NOISE = [0.001, -0.002, 0.0, 0.002, -0.001]
+
+
+def _variant_rows(effects, key='shortcut'):
+  """Fig. 6-like rows: one row per (variant, seed)."""
+  rows = []
+  for seed, (shared, own) in enumerate(zip(SEED_NOISE, OWN_NOISE, strict=True)):
+    for k, (variant, effect) in enumerate(effects.items()):
+      top1 = 0.8 + effect + shared + (own if k else -own)
+      rows.append(_row(seed, top1=top1, **{key: variant}))
+  return rows
+
+
+def test_points_pool_their_seeds_and_count_failures():
+  rows = _variant_rows({'bottleneck': 0.0, 'none': -0.01})
+  rows[-1] = _row(4, 'failed', shortcut='none')
+  (base, other) = summary.group(rows, ['shortcut', 'seed'])
+  assert base.args == {'shortcut': 'bottleneck'} and len(base.finished) == 5
+  assert len(other.finished) == 4 and other.status() == '4 finished, 1 failed'
+  expected = [r['top1'] for r in rows[:-1] if r['shortcut'] == 'none']
+  assert other.stat('top1').mean == pytest.approx(sum(expected) / 4)
+  assert other.cost('wall_seconds') == 10.0
+
+
+def test_paired_comparisons_see_what_unpaired_intervals_cannot():
+  rows = _variant_rows({'bottleneck': 0.0, 'expansion': -0.01, 'none': 0.01})
+  points = summary.group(rows, ['shortcut', 'seed'])
+  # The points' own intervals overlap widely (the seeds' shared noise) ...
+  assert points[0].stat('top1').half > 0.02
+  # ... while the per-seed differences are tight.
+  comparisons = summary.compare(points)
+  pairs = [(c.key, c.base, c.other) for c in comparisons]
+  assert pairs == [  # against the baseline, then against the value before
+    ('shortcut', 'bottleneck', 'expansion'),
+    ('shortcut', 'bottleneck', 'none'),
+    ('shortcut', 'expansion', 'none'),
+  ]
+  worse, better, _ = comparisons
+  assert worse.diffs['top1'].mean == pytest.approx(-0.01, abs=2e-3)
+  assert (worse.verdict(), better.verdict()) == ('worse', 'better')
+  assert worse.seeds == ('0', '1', '2', '3', '4')
+
+
+def test_no_difference_is_not_distinguishable_and_one_seed_has_no_verdict():
+  rows = _variant_rows({'linear': 0.0, 'relu6': 0.0}, 'bottleneck')
+  (comparison,) = summary.compare(summary.group(rows, ['bottleneck', 'seed']))
+  assert comparison.verdict() == 'not distinguishable at 95%'
+  assert comparison.diffs['top1'].low < 0 < comparison.diffs['top1'].high
+  # Seeds are matched: only seed 0 is finished in both.
+  rows = [r for r in rows if r['seed'] == '0' or r['bottleneck'] == 'linear']
+  (comparison,) = summary.compare(summary.group(rows, ['bottleneck', 'seed']))
+  assert comparison.seeds == ('0',) and 'no interval' in comparison.verdict()
+
+
+def test_grid_comparisons_hold_the_other_keys_fixed():
+  rows = [
+    _row(
+      s, top1=0.7 + 0.05 * float(w) + 0.001 * int(r) + 0.001 * s, width=w, res=r
+    )
+    for s in range(3)
+    for w in ('0.35', '0.5', '1.0')
+    for r in ('32', '48')
+  ]
+  points = summary.group(rows, ['width', 'res', 'seed'])
+  assert summary.varying(points) == ['width', 'res']
+  comparisons = summary.compare(points)
+  width = [
+    (c.base, c.other, c.context) for c in comparisons if c.key == 'width'
+  ]
+  assert width == [
+    ('0.35', '0.5', {'res': '32'}),
+    ('0.35', '1.0', {'res': '32'}),
+    ('0.5', '1.0', {'res': '32'}),
+    ('0.35', '0.5', {'res': '48'}),
+    ('0.35', '1.0', {'res': '48'}),
+    ('0.5', '1.0', {'res': '48'}),
+  ]
+  res = [c for c in comparisons if c.key == 'res']
+  assert [c.context for c in res] == [
+    {'width': w} for w in ('0.35', '0.5', '1.0')
+  ]
+  # Identical per-seed differences: a zero-width interval, still 'better'.
+  assert {c.verdict() for c in comparisons} == {'better'}
+  assert res[0].diffs['top1'].mean == pytest.approx(0.016)
+
+
+def test_files(tmp_path):
+  rows = _variant_rows({'linear': 0.0, 'relu6': -0.02}, 'bottleneck')
+  files = summary.write(rows, ['bottleneck', 'seed'], str(tmp_path))
+  assert set(files) == {
+    'results.md',
+    'results.csv',
+    'points.csv',
+    'comparisons.csv',
+    'variants.png',
+  }
+  (comparison,) = csv.DictReader(io.StringIO(files['comparisons.csv']))
+  assert comparison['verdict'] == 'worse' and comparison['n'] == '5'
+  assert float(comparison['diff_top1_ci_high']) < 0
+  points = list(csv.DictReader(io.StringIO(files['points.csv'])))
+  assert [p['bottleneck'] for p in points] == ['linear', 'relu6']
+  markdown = files['results.md']
+  assert '| bottleneck | linear → relu6 | all | 5 |' in markdown
+  # Three headers; 2 points, 1 comparison, 10 runs.
+  assert markdown.count('\n| ') == 3 + 2 + 1 + 10
+  assert (tmp_path / 'variants.png').read_bytes()[:4] == b'\x89PNG'
