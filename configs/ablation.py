@@ -44,10 +44,10 @@ CHOICES = dict(
 )
 
 # `make sweep`: the 2x2 corners of the width x resolution grid, 1 epoch, 5
-# seeds, chosen for cost (about 18 minutes on 2 cores) and interval width
-# before any result was seen: one-epoch points vary by 1-2 points between
-# seeds, and 5 seeds halve the 95% interval of 3 (t / sqrt(n): 1.24 against
-# 2.48 standard deviations).
+# seeds, chosen for cost (20 minutes from a fresh clone on 2 cores, two runs
+# at a time) and interval width before any result of it was seen: one-epoch
+# points vary by 1-2 points between seeds, and 5 seeds halve the 95% interval
+# of 3 (t / sqrt(n): 1.24 against 2.48 standard deviations).
 SEEDS = tuple(str(s) for s in range(5))
 FASHION_MNIST_GRID = dict(width=('0.35', '0.75'), res=('32', '48'))
 IMAGENET_GRID = dict(

@@ -16,6 +16,7 @@ row per run), `points.csv`, `comparisons.csv`, and `accuracy_vs_macs.png`
 or, when all points share width and resolution, `variants.png`.
 """
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -378,10 +379,12 @@ def plot(
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   import matplotlib.ticker  # pylint: disable=g-import-not-at-top
 
-  points = [p for p in group(rows, keys) if p.finished]
+  planned = group(rows, keys)
+  points = [p for p in planned if p.finished]
   keys_varying = varying(points)
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-  sizes = {(p.args.get('width'), p.args.get('res')) for p in points}
+  # The kind of figure follows the planned points, not the finished ones.
+  sizes = {(p.args.get('width'), p.args.get('res')) for p in planned}
 
   def bar(stat):
     return 0 if stat.n < 2 else 100 * stat.half
@@ -486,6 +489,9 @@ def write(
   files['results.md'] = markdown(rows, keys, title)
   name, png = plot(rows, keys, title, published)
   files[name] = png
+  for stale in {'accuracy_vs_macs.png', 'variants.png'} - {name}:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(root, stale))
   for name, content in files.items():
     path = os.path.join(root, name)
     tmp = f'{path}.tmp{os.getpid()}'
