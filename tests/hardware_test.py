@@ -95,3 +95,46 @@ def test_cpu_layers_refuse_another_backend(monkeypatch):
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   with pytest.raises(kernels.NotOnCpuError, match='runs on gpu'):
     jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+
+
+def test_shares_split_gpus_by_visible_devices(monkeypatch):
+  monkeypatch.setattr(hardware, 'expected_platform', lambda: 'gpu')
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '0,1,2,5')
+  assert hardware.visible_gpus() == ['0', '1', '2', '5']
+  shares = hardware.shares(3)
+  assert [s.env for s in shares] == [
+    {'CUDA_VISIBLE_DEVICES': '0,1'},
+    {'CUDA_VISIBLE_DEVICES': '2'},
+    {'CUDA_VISIBLE_DEVICES': '5'},
+  ]
+  assert all(s.cpus == () for s in shares)
+  with pytest.raises(ValueError, match='--parallel=5: 4 GPU'):
+    hardware.shares(5)
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  with pytest.raises(ValueError, match=r'0 GPU\(s\) visible \(none\)'):
+    hardware.shares(1)
+
+
+def test_shares_split_cpu_cores_and_refuse_a_tpu_host(monkeypatch):
+  monkeypatch.setattr(hardware, 'expected_platform', lambda: 'cpu')
+  monkeypatch.setattr(
+    hardware.os, 'sched_getaffinity', lambda _: {0, 1, 2, 3, 4}
+  )
+  shares = hardware.shares(2)
+  assert [s.cpus for s in shares] == [(0, 1, 2), (3, 4)]
+  assert [s.env for s in shares] == [{}, {}]
+  with pytest.raises(ValueError, match='at most one process per core'):
+    hardware.shares(6)
+  monkeypatch.setattr(hardware, 'expected_platform', lambda: 'tpu')
+  with pytest.raises(ValueError, match='--shard=i/n or --submit=slurm'):
+    hardware.shares(2)
+
+
+@pytest.mark.parametrize(
+  'platforms, expected', [('cuda', 'gpu'), ('tpu,cpu', 'tpu'), ('cpu', 'cpu')]
+)
+def test_expected_platform_follows_jax_platforms(
+  monkeypatch, platforms, expected
+):
+  monkeypatch.setenv('JAX_PLATFORMS', platforms)
+  assert hardware.expected_platform() == expected
