@@ -24,6 +24,7 @@ Usage:
 """
 
 from collections.abc import Callable, Sequence
+import dataclasses
 import functools
 from typing import Any
 
@@ -239,6 +240,16 @@ class InvertedResidual(nn.Module):
     return (h, expanded) if return_expanded else h
 
 
+@dataclasses.dataclass(frozen=True)
+class FeatureInfo:
+  """A feature map `MobileNetV2(features=...)` can return (timm's
+  `feature_info`): known from the module's fields, without running it."""
+
+  name: str  # 'stem', 'block_13', 'block_14/expanded', 'head'
+  channels: int
+  reduction: int  # input size / map size (TF 'SAME': ceil division)
+
+
 class MobileNetV2(nn.Module):
   """MobileNetV2 classifier on NHWC images.
 
@@ -383,10 +394,69 @@ class MobileNetV2(nn.Module):
         current *= stride
     return result
 
+  def feature_info(self) -> list[FeatureInfo]:
+    """Every feature map `__call__(features=...)` returns, in network order:
+    the stem, each block's output, the expanded activation (after expansion
+    conv, BN and ReLU6; the input of the depthwise conv) of each block with
+    t != 1, and the head (before pooling). With `output_stride`, reductions
+    stop growing at it (atrous rates take over)."""
+    (stem_stride, _), *block_strides = self.strides_and_rates()
+    reduction = stem_stride
+    info = [FeatureInfo('stem', self.stem_channels, reduction)]
+    in_channels = self.stem_channels
+    blocks = zip(self.block_configs(), block_strides, strict=True)
+    for i, ((t, channels, _), (stride, _)) in enumerate(blocks):
+      name = f'block_{i + 1:02d}'
+      if t != 1:
+        hidden = int(round(in_channels * t))
+        info.append(FeatureInfo(f'{name}/expanded', hidden, reduction))
+      reduction *= stride
+      info.append(FeatureInfo(name, channels, reduction))
+      in_channels = channels
+    info.append(FeatureInfo('head', self.head_channels, reduction))
+    return info
+
+  def feature_aliases(self) -> dict[str, str]:
+    """'stride_N' -> the last block output at reduction N (N = 2, 4, 8, 16,
+    32 up to `output_stride`): timm's `features_only` maps; for width 1.0
+    block_01 / 03 / 06 / 13 / 17 with 16 / 24 / 32 / 96 / 320 channels."""
+    aliases = {}
+    for f in self.feature_info():
+      if f.name.startswith('block_') and '/' not in f.name:
+        aliases[f'stride_{f.reduction}'] = f.name
+    return aliases
+
+  def _resolve_features(
+    self, features: Sequence[str] | None
+  ) -> dict[str, str] | None:
+    """{requested name: feature_info name}; one error naming a bad name."""
+    if features is None:
+      return None
+    if isinstance(features, str):
+      features = (features,)
+    aliases = self.feature_aliases()
+    names = [f.name for f in self.feature_info()]
+    wanted = {}
+    for name in features:
+      resolved = aliases.get(name, name)
+      if resolved not in names:
+        raise ValueError(
+          f'features: {name!r} is not a feature map of this model; valid '
+          f'are {", ".join(aliases)}, stem, block_01 ... '
+          f'block_{len(self.block_configs()):02d}, block_NN/expanded (blocks '
+          'with t != 1) and head (see feature_info()).'
+        )
+      wanted[name] = resolved
+    return wanted
+
   @nn.compact
   def __call__(
-    self, x: jax.Array, train: bool = False, features_only: bool = False
-  ) -> jax.Array:
+    self,
+    x: jax.Array,
+    train: bool = False,
+    features_only: bool = False,
+    features: Sequence[str] | None = None,
+  ) -> jax.Array | dict[str, jax.Array]:
     """Runs the network.
 
     Args:
@@ -395,11 +465,18 @@ class MobileNetV2(nn.Module):
         statistics, and dropout is active, when True.
       features_only: return the globally pooled features (N, head_channels)
         instead of the logits, for fine-tuning and linear probes.
+      features: names from `feature_info()` or `feature_aliases()` (e.g.
+        ('stride_4', 'block_14/expanded', 'head')): return a dict of those
+        maps (N, H', W', C) instead, for detection and segmentation heads.
+        The whole network runs (its variables are the same); under jit, XLA
+        drops what no returned map needs.
 
     Returns:
-      float32 logits (N, num_classes), or the pooled features.
+      float32 logits (N, num_classes), the pooled features, or the dict.
     """
     _check_images(x)
+    wanted = self._resolve_features(features)
+    taps = {}
     conv_init, dense_init = _kernel_inits(self.init_scheme)
     conv = functools.partial(
       self.conv,
@@ -434,6 +511,7 @@ class MobileNetV2(nn.Module):
     x = norm_act(
       name='stem_bn', use_running_average=not train, activation=nn.relu6
     )(x)
+    taps['stem'] = x
 
     skip = None
     blocks = zip(self.block_configs(), block_strides, strict=True)
@@ -452,6 +530,9 @@ class MobileNetV2(nn.Module):
       )
       in_channels = x.shape[-1]
       x, expanded = block(x, train, expansion_skip=skip, return_expanded=True)
+      taps[block.name] = x
+      if t != 1:
+        taps[f'{block.name}/expanded'] = expanded
       # The expanded activation feeds the next block's only where the paper's
       # design has a bottleneck residual (stride 1, equal channels).
       skip = (
@@ -468,6 +549,9 @@ class MobileNetV2(nn.Module):
     x = norm_act(
       name='head_bn', use_running_average=not train, activation=nn.relu6
     )(x)
+    taps['head'] = x
+    if wanted is not None:
+      return {alias: taps[name] for alias, name in wanted.items()}
     x = jnp.mean(x, axis=(1, 2))
     if features_only or self.num_classes == 0:
       return x.astype(jnp.float32)

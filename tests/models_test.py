@@ -571,3 +571,69 @@ def test_output_stride_32_is_the_plain_network():
     plain.strides_and_rates()
   )
   assert [s for s, _ in plain.strides_and_rates()].count(2) == 5
+
+
+@pytest.mark.parametrize(
+  'width, resolution, output_stride',
+  [(0.35, 32, None), (1.0, 64, None), (0.5, 48, 16), (0.75, 40, 8)],
+)
+def test_feature_maps_match_feature_info(width, resolution, output_stride):
+  model = models.MobileNetV2(
+    num_classes=10, width_multiplier=width, output_stride=output_stride
+  )
+  info = model.feature_info()
+  aliases = model.feature_aliases()
+  names = [f.name for f in info] + list(aliases)
+  x = jax.ShapeDtypeStruct((2, resolution, resolution, 3), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+  # Shapes only (jax.eval_shape): nothing is compiled or computed.
+  maps = jax.eval_shape(
+    lambda v, x: model.apply(v, x, features=names), variables, x
+  )
+  assert sorted(maps) == sorted(names)  # a pytree: keys come back sorted
+  for f in info:
+    size = -(-resolution // f.reduction)  # TF 'SAME': ceil
+    assert maps[f.name].shape == (2, size, size, f.channels), f
+  reductions = [2, 4, 8, 16, 32]
+  expected = [r for r in reductions if r <= (output_stride or 32)]
+  assert list(aliases) == [f'stride_{r}' for r in expected]
+  for alias, name in aliases.items():
+    assert maps[alias].shape == maps[name].shape
+  assert maps['head'].shape[-1] == model.head_channels
+
+
+def test_feature_maps_of_the_published_network():
+  model = models.MobileNetV2()
+  by_name = {f.name: f for f in model.feature_info()}
+  # timm's features_only channels, and the maps SSDLite heads read.
+  assert [by_name[n].channels for n in model.feature_aliases().values()] == [
+    16,
+    24,
+    32,
+    96,
+    320,
+  ]
+  assert (by_name['block_14/expanded'].channels, by_name['head'].channels) == (
+    576,
+    1280,
+  )
+  assert by_name['block_14/expanded'].reduction == 16
+  assert 'block_01/expanded' not in by_name  # t = 1: no expansion
+  with pytest.raises(ValueError, match="'stride_64' is not a feature map"):
+    model.apply({}, jnp.zeros((1, 32, 32, 3)), features=['stride_64'])
+
+
+def test_feature_maps_are_the_networks_own_activations():
+  model = models.MobileNetV2(num_classes=10, width_multiplier=0.35)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  maps = model.apply(variables, x, features=['head', 'stride_8'])
+  pooled = model.apply(variables, x, features_only=True)
+  np.testing.assert_allclose(
+    maps['head'].mean(axis=(1, 2)), pooled, rtol=1e-5, atol=1e-6
+  )
+  _, state = model.apply(
+    variables, x, capture_intermediates=True, mutable=['intermediates']
+  )
+  block_06 = state['intermediates']['block_06']['__call__'][0][0]
+  np.testing.assert_array_equal(maps['stride_8'], block_06)
