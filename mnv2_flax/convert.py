@@ -1,4 +1,4 @@
-"""Loads torchvision-layout MobileNetV2 weights into the Flax model.
+"""Loads torchvision- and Keras-layout MobileNetV2 weights into the Flax model.
 
 torchvision's module tree (`features.0` stem, `features.1`..`features.17`
 blocks, `features.18` head, `classifier.1`) maps one to one onto
@@ -13,9 +13,19 @@ work, through `np.asarray`).
   logits = model.apply(variables, images_nhwc)  # == torch_model(images_nchw)
 
 Inputs follow torchvision's preprocessing (ImageNet mean/std), laid out NHWC.
+
+`keras.applications.MobileNetV2` (any alpha; a live model or a `.keras` /
+`.h5` file) maps the same way, with Keras's numerics (TF 'SAME' padding,
+which its stride-2 `correct_pad` equals; BN epsilon 1e-3):
+
+  variables = convert.from_keras(keras_model)   # or 'mobilenet_v2.h5'
+  model = convert.keras_model(num_classes=1000, width_multiplier=1.0)
+  logits = model.apply(variables, images)  # == keras_model(images), inputs in
+                                           # [-1, 1] (Inception scaling)
 """
 
 from collections.abc import Iterator, Mapping
+import os
 from typing import Any
 
 import jax
@@ -176,3 +186,165 @@ def from_torchvision(
       + '; '.join(problems)
     )
   return variables
+
+
+# ------------------------------------------------------------------ Keras
+
+# keras.applications.MobileNetV2's numerics: TF 'SAME' padding, BN epsilon
+# 1e-3 and momentum 0.999, no dropout before the classifier.
+KERAS_KWARGS: dict[str, Any] = dict(
+  padding='tf', bn_epsilon=1e-3, bn_momentum=0.999, dropout_rate=0.0
+)
+
+
+def keras_model(**kwargs: Any) -> models.MobileNetV2:
+  """A MobileNetV2 with Keras's numerics (`KERAS_KWARGS`)."""
+  return models.MobileNetV2(**{**KERAS_KWARGS, **kwargs})
+
+
+def _keras_layers(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+  """Yields (flax layer path, Keras layer name) for every layer."""
+  yield 'stem_conv', 'Conv1'
+  yield 'stem_bn', 'bn_Conv1'
+  blocks = sorted(k for k in params if k.startswith('block_'))
+  for i, block in enumerate(blocks):
+    prefix = f'block_{i}_' if i else 'expanded_conv_'
+    for layer in ('expand', 'depthwise', 'project'):
+      if f'{layer}_conv' in params[block]:
+        yield f'{block}/{layer}_conv', f'{prefix}{layer}'
+        yield f'{block}/{layer}_bn', f'{prefix}{layer}_BN'
+  yield 'head_conv', 'Conv_1'
+  yield 'head_bn', 'Conv_1_bn'
+  if 'classifier' in params:
+    yield 'classifier', 'predictions'
+
+
+def _load_keras(model_or_path: Any, model_kwargs: dict[str, Any]) -> Any:
+  """A Keras model from a live model, a `.keras` file or a `.h5` file (a
+  whole model, or Keras's weights-only files: built from `model_kwargs`)."""
+  if not isinstance(model_or_path, str):
+    return model_or_path
+  import keras  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(model_or_path):
+    raise FileNotFoundError(f'no Keras file at {model_or_path!r}.')
+  try:
+    return keras.models.load_model(model_or_path, compile=False)
+  except (ValueError, OSError, KeyError, TypeError):
+    if not model_or_path.endswith('.h5'):
+      raise
+  # Weights only (keras.applications' downloads): build, then load.
+  num_classes = model_kwargs.get('num_classes', 1000)
+  model = keras.applications.MobileNetV2(
+    alpha=model_kwargs.get('width_multiplier', 1.0),
+    include_top=num_classes > 0,
+    weights=None,
+    classes=num_classes or 1000,
+    classifier_activation=None,
+  )
+  model.load_weights(model_or_path)
+  return model
+
+
+def from_keras(model_or_path: Any, **model_kwargs: Any) -> dict[str, Any]:
+  """Converts a `keras.applications.MobileNetV2` to Flax variables.
+
+  Args:
+    model_or_path: the Keras model, or a `.keras` / `.h5` file of one.
+    **model_kwargs: `MobileNetV2` fields; `width_multiplier` and
+      `num_classes` default to the Keras model's (its alpha, and 0 without
+      a top), Keras's numerics (`KERAS_KWARGS`) to the rest.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` of float32 numpy arrays for
+    `keras_model(**model_kwargs)`.
+
+  Raises:
+    ValueError: naming every missing, unexpected or mis-shaped layer.
+  """
+  keras_net = _load_keras(model_or_path, model_kwargs)
+  weights = {
+    layer.name: [np.asarray(w, np.float32) for w in layer.get_weights()]
+    for layer in keras_net.layers
+    if layer.get_weights()
+  }
+  if 'predictions' in weights:
+    model_kwargs.setdefault('num_classes', weights['predictions'][1].shape[0])
+  else:
+    model_kwargs.setdefault('num_classes', 0)
+  if 'width_multiplier' not in model_kwargs and 'Conv1' in weights:
+    model_kwargs['width_multiplier'] = _keras_alpha(weights)
+  model = keras_model(**model_kwargs)
+  shapes = jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+    )
+  )
+  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
+  problems, used = [], set()
+  for path, name in _keras_layers(shapes['params']):
+    keys = path.split('/')
+    if name not in weights:
+      problems.append(f'missing layer {name!r} (for {path})')
+      continue
+    used.add(name)
+    if path.endswith('_bn'):
+      gamma, beta, mean, var = weights[name]
+      entries = [
+        ('params', 'scale', gamma),
+        ('params', 'bias', beta),
+        ('batch_stats', 'mean', mean),
+        ('batch_stats', 'var', var),
+      ]
+    elif path == 'classifier':
+      kernel, bias = weights[name]
+      entries = [('params', 'kernel', kernel), ('params', 'bias', bias)]
+    else:
+      (kernel,) = weights[name]
+      if 'depthwise' in path:  # (3, 3, C, 1) -> (3, 3, 1, C)
+        kernel = kernel.transpose(0, 1, 3, 2)
+      entries = [('params', 'kernel', kernel)]
+    for collection, leaf, value in entries:
+      expected = tuple(_get(shapes[collection], (*keys, leaf)).shape)
+      if value.shape != expected:
+        problems.append(
+          f'layer {name!r} {leaf} has shape {value.shape}, expected '
+          f'{expected} for {path} of width_multiplier='
+          f'{model.width_multiplier}, num_classes={model.num_classes}'
+        )
+        continue
+      _set(variables[collection], (*keys, leaf), value)
+  problems += [f'unexpected layer {n!r}' for n in sorted(set(weights) - used)]
+  if problems:
+    raise ValueError(
+      'Keras model does not match keras.applications.MobileNetV2: '
+      + '; '.join(problems)
+    )
+  return variables
+
+
+def _keras_alpha(weights: Mapping[str, list[np.ndarray]]) -> float:
+  """The published alpha whose channel counts match the Keras weights:
+  Keras stores no alpha, but the stem, each block's projection and the head
+  tell them apart."""
+
+  def channels(name, default):
+    return weights[name][0].shape[-1] if name in weights else default
+
+  projects = [channels('expanded_conv_project', None)] + [
+    channels(f'block_{i}_project', None) for i in range(1, 17)
+  ]
+  found = (channels('Conv1', None), projects, channels('Conv_1', None))
+  for alpha in (0.35, 0.5, 0.75, 1.0, 1.3, 1.4):
+    model = models.MobileNetV2(width_multiplier=alpha)
+    expected = (
+      model.stem_channels,
+      [c for _, c, _ in model.block_configs()],
+      model.head_channels,
+    )
+    if found == expected:
+      return alpha
+  raise ValueError(
+    f'Keras model: stem, block and head channels {found} match no published '
+    'alpha (0.35, 0.5, 0.75, 1.0, 1.3, 1.4); pass width_multiplier=.'
+  )
