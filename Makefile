@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm aot clean data sweep compiler
+.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm setup-export aot clean data sweep compiler
 
 setup: $(VENV)/.installed
 
@@ -20,17 +20,20 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@touch $@
 
 # The same venv with JAX's CUDA 12 plugin or libtpu added (same versions),
-# or submitit for `mnv2_flax.sweep --submit=slurm`.
+# submitit for `mnv2_flax.sweep --submit=slurm`, or the LiteRT interpreter
+# that checks `mnv2_flax.export`'s files.
 setup-gpu: $(VENV)/.installed-gpu
 setup-tpu: $(VENV)/.installed-tpu
 setup-slurm: $(VENV)/.installed-slurm
+setup-export: $(VENV)/.installed-export
 
-$(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
+$(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm $(VENV)/.installed-export: $(VENV)/.installed-%: $(VENV)/.installed requirements-%.txt
 	$(PY) -m pip install --quiet -r requirements-$*.txt
 	@touch $@
 
-# submitit too: the sweep's Slurm path is tested with its local executor.
-test: setup-slurm
+# The optional extras the tests exercise: submitit (the sweep's Slurm path,
+# through its local executor) and the LiteRT interpreter (exports).
+test: setup-slurm setup-export
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 lint: setup

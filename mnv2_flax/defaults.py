@@ -9,6 +9,7 @@ TensorFlow, so `train.py` checks a config before loading them.
 
 import difflib
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
 
@@ -251,3 +252,24 @@ def check_schema(
         else f'a {type(default).__name__}'
       )
       raise ValueError(f'{where}={value!r} is not valid; expected {expected}.')
+
+
+def _merge(default: dict, saved: dict, prefix: str = 'config') -> dict:
+  merged = dict(default)
+  for key, value in saved.items():
+    if key not in default:  # a field this version no longer has
+      logging.info('Ignoring %s.%s=%r of the saved config.', prefix, key, value)
+      continue
+    if isinstance(value, dict) and isinstance(default[key], dict):
+      value = _merge(default[key], value, f'{prefix}.{key}')
+    merged[key] = value
+  return merged
+
+
+def with_defaults(
+  saved: ml_collections.ConfigDict,
+) -> ml_collections.ConfigDict:
+  """`saved` over the default config: fields it lacks get their defaults."""
+  return ml_collections.ConfigDict(
+    _merge(get_config().to_dict(), saved.to_dict())
+  )

@@ -11,8 +11,6 @@ fields can be overridden (for example `--data_dir`).
 import json
 
 from absl import flags
-from absl import logging
-import ml_collections
 
 from mnv2_flax import checkpointing
 from mnv2_flax import cli
@@ -26,33 +24,12 @@ _STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Override tfds data_dir.')
 
 
-def _merge(defaults: dict, saved: dict, prefix: str = 'config') -> dict:
-  merged = dict(defaults)
-  for key, value in saved.items():
-    if key not in defaults:  # a field this version no longer has
-      logging.info('Ignoring %s.%s=%r of the saved config.', prefix, key, value)
-      continue
-    if isinstance(value, dict) and isinstance(defaults[key], dict):
-      value = _merge(defaults[key], value, f'{prefix}.{key}')
-    merged[key] = value
-  return merged
-
-
-def with_defaults(
-  saved: ml_collections.ConfigDict,
-) -> ml_collections.ConfigDict:
-  """`saved` over the default config: fields it lacks get their defaults."""
-  return ml_collections.ConfigDict(
-    _merge(defaults.get_config().to_dict(), saved.to_dict())
-  )
-
-
 def evaluate_checkpoint(
   path: str, step: int | None = None, data_dir: str | None = None
 ) -> dict[str, float]:
   """Restores `path` (a workdir or checkpoint dir) and evaluates it."""
   config, variables = checkpointing.restore(path, step)
-  config = with_defaults(config)
+  config = defaults.with_defaults(config)
   if data_dir:
     config.data.data_dir = data_dir
   builder = input_pipeline.get_builder(config)
