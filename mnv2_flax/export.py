@@ -111,7 +111,7 @@ def _images(ds: tf.data.Dataset, size: int, count: int) -> Iterator[dict]:
       return
 
 
-def load_runner(path: str, fmt: str, batch_size: int):
+def load_runner(path: str, fmt: str):
   """A function pixels -> logits that runs the exported file."""
   if fmt == 'saved_model':
     serve = tf.saved_model.load(path).signatures['serving_default']
@@ -135,7 +135,6 @@ def load_runner(path: str, fmt: str, batch_size: int):
     interpreter.invoke()
     return interpreter.get_tensor(out['index']).copy()
 
-  del batch_size
   return run
 
 
@@ -201,7 +200,7 @@ def export(
 
   # The check: the exported model beside Flax on real eval images.
   config.data.eval_batch_size = max(batch_size, 100 // batch_size * batch_size)
-  run = load_runner(output, fmt, batch_size)
+  run = load_runner(output, fmt)
   flax_logits = jax.jit(serve)
   diffs, agree, correct, flax_correct, n = [], 0, 0, 0, 0
   eval_ds = input_pipeline.create_eval_dataset(builder, config)
