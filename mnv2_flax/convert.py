@@ -1,4 +1,4 @@
-"""Loads torchvision- and Keras-layout MobileNetV2 weights into the Flax model.
+"""Loads torchvision, timm and Keras MobileNetV2 weights into the Flax model.
 
 torchvision's module tree (`features.0` stem, `features.1`..`features.17`
 blocks, `features.18` head, `classifier.1`) maps one to one onto
@@ -14,6 +14,13 @@ work, through `np.asarray`).
 
 Inputs follow torchvision's preprocessing (ImageNet mean/std), laid out NHWC.
 
+timm's `mobilenetv2_035` ... `_140` have torchvision's numerics and their own
+names; state dicts come as `.safetensors` files (pickled `.pth` files are
+refused):
+
+  variables = convert.from_timm('mobilenetv2_100.safetensors')
+  model = convert.torchvision_model(num_classes=1000)
+
 `keras.applications.MobileNetV2` (any alpha; a live model or a `.keras` /
 `.h5` file) maps the same way, with Keras's numerics (TF 'SAME' padding,
 which its stride-2 `correct_pad` equals; BN epsilon 1e-3):
@@ -24,7 +31,7 @@ which its stride-2 `correct_pad` equals; BN epsilon 1e-3):
                                            # [-1, 1] (Inception scaling)
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 import os
 from typing import Any
 
@@ -130,24 +137,83 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
-def from_torchvision(
-  state_dict: Mapping[str, Any], **model_kwargs: Any
-) -> dict[str, Any]:
-  """Converts a torchvision-layout MobileNetV2 state dict to Flax variables.
+# ------------------------------------------------------------------ timm
 
-  Args:
-    state_dict: torchvision parameter and buffer names mapped to arrays.
-    **model_kwargs: `MobileNetV2` fields (at least `num_classes` and
-      `width_multiplier` when they differ from 1000 and 1.0); torchvision's
-      numerics (`TORCHVISION_KWARGS`) are the defaults.
+# Blocks per stage of timm's mobilenetv2_035 ... _140 (the paper's n column);
+# its deeper `_110d` / `_120d` variants are another architecture.
+TIMM_STAGE_DEPTHS = (1, 2, 3, 4, 3, 3, 1)
 
-  Returns:
-    `{'params': ..., 'batch_stats': ...}` of float32 numpy arrays for
-    `torchvision_model(**model_kwargs)`.
 
-  Raises:
-    ValueError: naming every missing, unexpected or mis-shaped entry.
+def _timm_prefixes(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+  """Yields (flax layer path, timm module prefix) for every layer.
+
+  timm's `mobilenetv2_*` (its EfficientNet builder): `conv_stem`/`bn1`,
+  stages `blocks.S.J`, `conv_head`/`bn2`, `classifier`. The first block is a
+  DepthwiseSeparableConv (`conv_dw`, `bn1`, `conv_pw`, `bn2`); the others are
+  InvertedResiduals (`conv_pw`, `bn1`, `conv_dw`, `bn2`, `conv_pwl`, `bn3`).
   """
+  yield 'stem_conv', 'conv_stem'
+  yield 'stem_bn', 'bn1'
+  blocks = sorted(k for k in params if k.startswith('block_'))
+  stage_block = [
+    (s, j) for s, n in enumerate(TIMM_STAGE_DEPTHS) for j in range(n)
+  ]
+  for block, (stage, j) in zip(blocks, stage_block, strict=True):
+    if 'expand_conv' in params[block]:
+      layers = (
+        ('expand', 'conv_pw', 'bn1'),
+        ('depthwise', 'conv_dw', 'bn2'),
+        ('project', 'conv_pwl', 'bn3'),
+      )
+    else:
+      layers = (('depthwise', 'conv_dw', 'bn1'), ('project', 'conv_pw', 'bn2'))
+    for layer, conv, bn in layers:
+      yield f'{block}/{layer}_conv', f'blocks.{stage}.{j}.{conv}'
+      yield f'{block}/{layer}_bn', f'blocks.{stage}.{j}.{bn}'
+  yield 'head_conv', 'conv_head'
+  yield 'head_bn', 'bn2'
+  if 'classifier' in params:
+    yield 'classifier', 'classifier'
+
+
+# ------------------------------------------------------- torch state dicts
+
+PICKLE_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.pkl')
+
+
+def load_state_dict(state_dict_or_path: Any) -> Mapping[str, Any]:
+  """A `{name: array}` mapping from a mapping, a `.safetensors` or an `.npz`
+  file. Pickled files (`.pth`) are refused: unpickling can run code."""
+  if not isinstance(state_dict_or_path, (str, os.PathLike)):
+    return state_dict_or_path
+  path = os.fspath(state_dict_or_path)
+  if path.endswith(PICKLE_SUFFIXES):
+    raise ValueError(
+      f'{path!r} is a pickle file, which is not read here (unpickling can run '
+      'code). Save the state dict as safetensors in PyTorch: '
+      "safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')."
+    )
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'no state dict file at {path!r}.')
+  if path.endswith('.safetensors'):
+    from safetensors import numpy as safetensors_np  # pylint: disable=g-import-not-at-top
+
+    return safetensors_np.load_file(path)
+  if path.endswith('.npz'):
+    with np.load(path) as data:
+      return dict(data)
+  raise ValueError(
+    f'{path!r} is not a state dict file; expected .safetensors or .npz.'
+  )
+
+
+def _from_torch_layout(
+  state_dict: Mapping[str, Any],
+  prefixes: Callable[[Mapping[str, Any]], Iterator[tuple[str, str]]],
+  source: str,
+  model_kwargs: dict[str, Any],
+) -> dict[str, Any]:
+  """Converts a torch state dict whose module names `prefixes` gives."""
   model = torchvision_model(**model_kwargs)
   shapes = jax.eval_shape(
     lambda: model.init(
@@ -156,7 +222,7 @@ def from_torchvision(
   )
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   problems, used = [], set()
-  for path, prefix in _torch_prefixes(shapes['params']):
+  for path, prefix in prefixes(shapes['params']):
     for collection, flax_path, key, to_flax in _layer_entries(path, prefix):
       expected = tuple(_get(shapes[collection], flax_path).shape)
       if key not in state_dict:
@@ -182,10 +248,65 @@ def from_torchvision(
   problems += [f'unexpected {k!r}' for k in unexpected]
   if problems:
     raise ValueError(
-      'state dict does not match a torchvision MobileNetV2: '
+      f'state dict does not match a {source} MobileNetV2: '
       + '; '.join(problems)
     )
   return variables
+
+
+def _default_classes(state_dict, key: str, model_kwargs) -> None:
+  """`num_classes` defaults to the classifier's rows (0 without one)."""
+  rows = int(np.shape(state_dict[key])[0]) if key in state_dict else 0
+  model_kwargs.setdefault('num_classes', rows)
+
+
+def from_torchvision(state_dict: Any, **model_kwargs: Any) -> dict[str, Any]:
+  """Converts a torchvision-layout MobileNetV2 state dict to Flax variables.
+
+  Args:
+    state_dict: torchvision parameter and buffer names mapped to arrays, or
+      a `.safetensors` / `.npz` file of them.
+    **model_kwargs: `MobileNetV2` fields (at least `width_multiplier` when it
+      differs from 1.0; `num_classes` defaults to the classifier's);
+      torchvision's numerics (`TORCHVISION_KWARGS`) are the defaults.
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` of float32 numpy arrays for
+    `torchvision_model(**model_kwargs)`.
+
+  Raises:
+    ValueError: naming every missing, unexpected or mis-shaped entry.
+  """
+  state_dict = load_state_dict(state_dict)
+  _default_classes(state_dict, 'classifier.1.weight', model_kwargs)
+  return _from_torch_layout(
+    state_dict, _torch_prefixes, 'torchvision', model_kwargs
+  )
+
+
+def from_timm(state_dict: Any, **model_kwargs: Any) -> dict[str, Any]:
+  """Converts a timm `mobilenetv2_035` ... `_140` state dict to Flax variables.
+
+  timm's numerics are torchvision's (symmetric padding, BN epsilon 1e-5):
+  the model is `torchvision_model(**model_kwargs)`, and inputs follow timm's
+  preprocessing (ImageNet mean/std), laid out NHWC.
+
+  Args:
+    state_dict: timm parameter and buffer names mapped to arrays, or a
+      `.safetensors` (timm's and the Hugging Face Hub's format) or `.npz`
+      file of them.
+    **model_kwargs: `MobileNetV2` fields (at least `width_multiplier` when it
+      differs from 1.0; `num_classes` defaults to the classifier's).
+
+  Returns:
+    `{'params': ..., 'batch_stats': ...}` of float32 numpy arrays.
+
+  Raises:
+    ValueError: naming every missing, unexpected or mis-shaped entry.
+  """
+  state_dict = load_state_dict(state_dict)
+  _default_classes(state_dict, 'classifier.weight', model_kwargs)
+  return _from_torch_layout(state_dict, _timm_prefixes, 'timm', model_kwargs)
 
 
 # ------------------------------------------------------------------ Keras

@@ -1,4 +1,4 @@
-"""torchvision weights in the Flax model: same logits as PyTorch."""
+"""torchvision and timm weights in the Flax model: same logits as PyTorch."""
 
 import json
 import os
@@ -11,17 +11,16 @@ import pytest
 
 from mnv2_flax import convert
 
-FIXTURE = os.path.join(
-  os.path.dirname(__file__), 'testdata', 'torch_mobilenet_v2.npz'
-)
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 
 
-def _load_fixture():
+def _load_fixture(filename):
   """{model name: (meta, state dict, {input name: (images, logits)})}.
 
-  Written by tools/make_torch_fixtures.py from torchvision's mobilenet_v2.
+  Written by tools/make_torch_fixtures.py from torchvision's mobilenet_v2,
+  and by tools/make_timm_fixture.py from timm's mobilenetv2_*.
   """
-  data = np.load(FIXTURE)
+  data = np.load(os.path.join(TESTDATA, filename))
   out = {}
   for meta in json.loads(str(data['meta']))['models']:
     name = meta['name']
@@ -43,7 +42,8 @@ def _load_fixture():
   return out
 
 
-FIXTURES = _load_fixture()
+FIXTURES = _load_fixture('torch_mobilenet_v2.npz')
+TIMM_FIXTURES = _load_fixture('timm_mobilenet_v2.npz')
 CASES = [
   (name, case) for name, (_, _, cases) in FIXTURES.items() for case in cases
 ]
@@ -128,3 +128,44 @@ def test_wrong_width_is_reported_not_loaded():
   meta, state_dict, _ = FIXTURES['w035']
   with pytest.raises(ValueError, match='width_multiplier=1.0'):
     convert.from_torchvision(state_dict, num_classes=meta['num_classes'])
+
+
+@pytest.mark.parametrize(
+  'name, case',
+  [(n, c) for n, (_, _, cases) in TIMM_FIXTURES.items() for c in cases],
+)
+def test_timm_safetensors_logits_match_timm(name, case, tmp_path):
+  from safetensors import numpy as safetensors_np
+
+  meta, state_dict, cases = TIMM_FIXTURES[name]
+  path = str(tmp_path / f'{name}.safetensors')
+  safetensors_np.save_file(state_dict, path)
+  images, expected = cases[case]
+  # Width and classes as a user passes them; classes from the classifier.
+  variables = convert.from_timm(path, width_multiplier=meta['width_multiplier'])
+  model = convert.torchvision_model(**_kwargs(meta))
+  logits = jax.jit(model.apply)(variables, images)
+  assert np.abs(expected).std() > 0.1  # non-degenerate reference
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
+
+
+def test_timm_mismatches_are_named():
+  meta, state_dict, _ = TIMM_FIXTURES['mobilenetv2_035']
+  with pytest.raises(ValueError, match='width_multiplier=1.0') as error:
+    convert.from_timm(state_dict)
+  assert 'timm MobileNetV2' in str(error.value)
+  deeper = dict(state_dict)  # a block of timm's deeper _110d variant
+  deeper['blocks.1.2.conv_pw.weight'] = np.zeros((96, 24, 1, 1), np.float32)
+  with pytest.raises(ValueError, match="unexpected 'blocks.1.2.conv_pw"):
+    convert.from_timm(deeper, width_multiplier=0.35)
+  # torchvision names are not timm's: every layer is named missing.
+  _, torchvision_sd, _ = FIXTURES['w035']
+  with pytest.raises(ValueError, match="missing 'conv_stem.weight'"):
+    convert.from_timm(torchvision_sd, width_multiplier=0.35)
+
+
+def test_pickled_state_dicts_are_refused(tmp_path):
+  path = tmp_path / 'weights.pth'
+  path.write_bytes(b'not read')
+  with pytest.raises(ValueError, match='pickle file.*safetensors'):
+    convert.from_timm(str(path))
