@@ -8,6 +8,8 @@ TensorFlow, so `train.py` checks a config before loading them.
 """
 
 import difflib
+import os
+import re
 
 from absl import logging
 import ml_collections
@@ -17,12 +19,25 @@ OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
 SCHEDULES = ('exponential', 'cosine', 'constant')
 WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
 NORMALIZATIONS = ('inception', 'imagenet')
+INIT_FROM_KINDS = (
+  'a workdir or step directory of this project, a Keras .keras / .h5 file, '
+  'or a torchvision / timm .safetensors (or .npz) state dict'
+)
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Every field of a run's config, at TF-slim's ImageNet recipe."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # Fine-tuning (mnv2_flax/finetune.py): start a fresh run from a workdir or
+  # step directory of this project, a Keras .keras/.h5 file or a torchvision
+  # / timm .safetensors state dict; '' trains from scratch. The classifier
+  # is re-initialised when the class count differs.
+  config.init_from = ''
+  config.init_from_ema = True  # a project checkpoint's EMA (else raw) params
+  # Regex of parameter paths (e.g. 'classifier/') kept at their fresh
+  # initialisation although init_from has them.
+  config.init_reset = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.width_multiplier = 1.0  # the single source of width
@@ -42,6 +57,9 @@ def get_config() -> ml_collections.ConfigDict:
   # None: 32, the classifier. 8 or 16: later strides become atrous rates
   # (TF-slim's output_stride), denser final feature maps.
   config.model.output_stride = config_dict.placeholder(int)
+  # BatchNorm in inference mode during training too: running statistics
+  # used and not updated (fine-tuning, linear probes).
+  config.model.bn_frozen = False
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'imagenet2012'  # any tfds image-classification dataset
@@ -94,6 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.weight_decay_mask = 'tf_slim'  # or 'no_norm'
   config.optim.label_smoothing = 0.1
   config.optim.ema_decay = 0.9999  # TF-style warm-up min(d, (1+n)/(10+n))
+  # Train the classifier only, every other parameter fixed (a linear probe).
+  config.optim.freeze_backbone = False
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 420.0
@@ -139,6 +159,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     )
 
   check_schema(config, get_config())
+  check_init(config)
   optim, train = config.optim, config.train
   if optim.optimizer not in OPTIMIZERS:
     fail('optim.optimizer', optim.optimizer, ' or '.join(OPTIMIZERS))
@@ -172,6 +193,24 @@ def check(config: ml_collections.ConfigDict) -> None:
   if not (isinstance(ckpt.keep, int) and ckpt.keep > 0):
     fail('checkpoint.keep', ckpt.keep, 'an integer > 0')
   check_data(config)
+
+
+def check_init(config: ml_collections.ConfigDict) -> None:
+  """`init_from` exists and `init_reset` is a regex; one clear error."""
+  if config.init_from and not os.path.exists(
+    os.path.expanduser(config.init_from)
+  ):
+    raise ValueError(
+      f'config.init_from={config.init_from!r} does not exist; expected '
+      f'{INIT_FROM_KINDS}.'
+    )
+  try:
+    re.compile(config.init_reset)
+  except re.error as e:
+    raise ValueError(
+      f'config.init_reset={config.init_reset!r} is not a valid regex ({e}); '
+      "expected e.g. 'classifier/'."
+    ) from None
 
 
 def check_data(config: ml_collections.ConfigDict) -> None:

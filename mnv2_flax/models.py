@@ -268,6 +268,10 @@ class MobileNetV2(nn.Module):
       dwarfs its spread; XLA fuses the sums into the convs, so a TPU train
       step moves fewer bytes (docs/accelerators.md).
     bn_axis_name: pmap axis name over which batch statistics are averaged.
+    bn_frozen: BatchNorm normalises with its running statistics and leaves
+      them unchanged in training too (fine-tuning with frozen BN, as
+      detection backbones and linear probes do); dropout still follows
+      `train`.
     dtype: computation dtype (for example jnp.bfloat16); logits are float32.
     param_dtype: parameter dtype.
     padding: 'tf' (TF 'SAME') or 'torch' (symmetric 1) for the 3x3 convs.
@@ -303,6 +307,7 @@ class MobileNetV2(nn.Module):
   bn_epsilon: float = 1e-3
   bn_fast_variance: bool = False
   bn_axis_name: str | None = None
+  bn_frozen: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   padding: str = 'tf'
@@ -476,6 +481,7 @@ class MobileNetV2(nn.Module):
     """
     _check_images(x)
     wanted = self._resolve_features(features)
+    use_batch_stats = train and not self.bn_frozen
     taps = {}
     conv_init, dense_init = _kernel_inits(self.init_scheme)
     conv = functools.partial(
@@ -509,7 +515,9 @@ class MobileNetV2(nn.Module):
       name='stem_conv',
     )(x)
     x = norm_act(
-      name='stem_bn', use_running_average=not train, activation=nn.relu6
+      name='stem_bn',
+      use_running_average=not use_batch_stats,
+      activation=nn.relu6,
     )(x)
     taps['stem'] = x
 
@@ -529,7 +537,9 @@ class MobileNetV2(nn.Module):
         name=f'block_{i + 1:02d}',
       )
       in_channels = x.shape[-1]
-      x, expanded = block(x, train, expansion_skip=skip, return_expanded=True)
+      x, expanded = block(
+        x, use_batch_stats, expansion_skip=skip, return_expanded=True
+      )
       taps[block.name] = x
       if t != 1:
         taps[f'{block.name}/expanded'] = expanded
@@ -547,7 +557,9 @@ class MobileNetV2(nn.Module):
 
     x = conv(self.head_channels, (1, 1), name='head_conv')(x)
     x = norm_act(
-      name='head_bn', use_running_average=not train, activation=nn.relu6
+      name='head_bn',
+      use_running_average=not use_batch_stats,
+      activation=nn.relu6,
     )(x)
     taps['head'] = x
     if wanted is not None:

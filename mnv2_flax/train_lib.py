@@ -32,6 +32,7 @@ from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
 from mnv2_flax import cpu
 from mnv2_flax import defaults
+from mnv2_flax import finetune
 from mnv2_flax import hardware
 from mnv2_flax import input_pipeline
 from mnv2_flax import models
@@ -134,6 +135,23 @@ def create_optimizer(
   config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
 ) -> optax.GradientTransformation:
   optim = config.optim
+  tx = _optimizer(optim, learning_rate_fn)
+  if not optim.freeze_backbone:
+    return tx
+  # A linear probe: the classifier trains, every other parameter gets a zero
+  # update (and XLA drops the backbone's gradients, which nothing reads).
+  return optax.multi_transform(
+    {'trained': tx, 'frozen': optax.set_to_zero()},
+    lambda params: {
+      k: jax.tree.map(
+        lambda _, k=k: 'trained' if k == 'classifier' else 'frozen', v
+      )
+      for k, v in params.items()
+    },
+  )
+
+
+def _optimizer(optim, learning_rate_fn) -> optax.GradientTransformation:
   mask = functools.partial(weight_decay_mask, mode=optim.weight_decay_mask)
   if optim.optimizer == 'rmsprop_tf':
     # TF1 RMSProp: epsilon inside the square root, accumulator starting at 1.
@@ -841,6 +859,10 @@ def train_and_evaluate(
   )
   if start_step:
     logging.info('Resuming from step %d of %d.', start_step, num_steps)
+  elif config.init_from:
+    state = finetune.load(
+      initial_train_state(config, model, learning_rate_fn), config
+    )
   model_stats = _write_model_stats(config, model, meta.num_classes, workdir)
   train_ds = input_pipeline.create_train_dataset(
     builder, config, start_step=start_step

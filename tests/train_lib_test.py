@@ -439,3 +439,35 @@ def test_a_disk_full_mid_save_then_the_same_command_finishes_as_before(
     )
   finally:
     subprocess.run(['umount', '-l', str(disk)], check=False)
+
+
+def test_a_linear_probe_from_a_finished_run(full_run, tmp_path, caplog):
+  """init_from a workdir, the classifier reset, backbone and BN frozen: the
+  run trains the classifier alone, from the source's EMA weights."""
+  config, _, source, _ = full_run
+  config = config.copy_and_resolve_references()
+  config.update(init_from=str(source), init_reset='^classifier/')
+  config.train.num_epochs = 1.0
+  config.optim.freeze_backbone = True
+  config.model.bn_frozen = True
+  caplog.set_level(logging.INFO)
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert result['finished'] and 'Initialised from config.init_from=' in (
+    caplog.text
+  )
+  pretrained, tuned = _final_params(source), _final_params(tmp_path)
+
+  def backbone(params):
+    return {k: v for k, v in params.items() if k != 'classifier'}
+
+  expected = backbone(pretrained['ema_params'])
+  chex.assert_trees_all_equal(backbone(tuned['params']), expected)
+  # The EMA of a constant moves by float rounding only.
+  chex.assert_trees_all_close(
+    backbone(tuned['ema_params']), expected, rtol=1e-6, atol=1e-7
+  )
+  chex.assert_trees_all_equal(tuned['batch_stats'], pretrained['batch_stats'])
+  assert not np.allclose(
+    tuned['params']['classifier']['kernel'],
+    pretrained['ema_params']['classifier']['kernel'],
+  )
