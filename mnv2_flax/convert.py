@@ -125,6 +125,15 @@ def _layer_entries(path: str, prefix: str):
     )
 
 
+def _variable_shapes(model: models.MobileNetV2) -> dict[str, Any]:
+  """The model's variables as shapes, computing nothing."""
+  return jax.eval_shape(
+    lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
+    )
+  )
+
+
 def _get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
   for key in path:
     tree = tree[key]
@@ -215,11 +224,7 @@ def _from_torch_layout(
 ) -> dict[str, Any]:
   """Converts a torch state dict whose module names `prefixes` gives."""
   model = torchvision_model(**model_kwargs)
-  shapes = jax.eval_shape(
-    lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
-    )
-  )
+  shapes = _variable_shapes(model)
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   problems, used = [], set()
   for path, prefix in prefixes(shapes['params']):
@@ -396,11 +401,7 @@ def from_keras(model_or_path: Any, **model_kwargs: Any) -> dict[str, Any]:
   if 'width_multiplier' not in model_kwargs and 'Conv1' in weights:
     model_kwargs['width_multiplier'] = _keras_alpha(weights)
   model = keras_model(**model_kwargs)
-  shapes = jax.eval_shape(
-    lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 224, 224, 3)), train=False
-    )
-  )
+  shapes = _variable_shapes(model)
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   problems, used = [], set()
   for path, name in _keras_layers(shapes['params']):

@@ -1,8 +1,8 @@
-"""Exports a run's eval model to a SavedModel or LiteRT (TFLite), checked.
+"""Exports a run's eval model to a SavedModel, LiteRT (TFLite) or ONNX, checked.
 
   python -m mnv2_flax.export --workdir=workdirs/quickstart [--step=N] \
-      --format=tflite --quantize=none|float16|int8 [--resolution=R] \
-      [--batch_size=1] [--raw] --output=quickstart.tflite
+      --format=tflite|saved_model|onnx --quantize=none|float16|int8 \
+      [--resolution=R] [--batch_size=1] [--raw] --output=quickstart.tflite
 
 The exported model takes float32 pixels in [0, 255], NHWC, at a fixed batch
 size and resolution, and normalises them itself; it returns logits. It holds
@@ -14,7 +14,10 @@ int8 is calibrated on the run's own training images (its input pipeline,
 Flax on real eval images and the largest logit difference and top-1
 agreement are printed, then the median latency of one call beside Flax's
 (jitted, this host's CPU). `make setup-export` installs the LiteRT interpreter
-(ai-edge-litert) that checks .tflite files; TensorFlow writes them.
+(ai-edge-litert) that checks .tflite files; TensorFlow writes them. ONNX
+(float32) is the float32 LiteRT graph converted by tf2onnx and checked with
+onnxruntime (both in requirements-export.txt): tf2onnx cannot read the
+SavedModel's StableHLO (XlaCallModule) ops, but reads LiteRT's builtin ones.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -36,7 +39,8 @@ from mnv2_flax import input_pipeline
 from mnv2_flax import models
 from mnv2_flax import preprocessing
 
-FORMATS = ('tflite', 'saved_model')
+FORMATS = ('tflite', 'saved_model', 'onnx')
+ONNX_OPSET = 17
 QUANTIZE = ('none', 'float16', 'int8')
 
 
@@ -97,6 +101,24 @@ def to_tflite(
   return converter.convert()
 
 
+def to_onnx(tflite_path: str, output: str) -> None:
+  """The float32 LiteRT file as ONNX (tf2onnx; builtin ops map one to one:
+  Conv, Clip, Add, ReduceSum, Gemm, Transpose)."""
+  try:
+    import tf2onnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+      '--format=onnx needs tf2onnx and onnxruntime: make setup-export (pip '
+      'install -r requirements-export.txt).'
+    ) from None
+  try:
+    tf2onnx.convert.from_tflite(
+      tflite_path, opset=ONNX_OPSET, output_path=output
+    )
+  finally:
+    os.remove(tflite_path)
+
+
 def _images(ds: tf.data.Dataset, size: int, count: int) -> Iterator[dict]:
   """Batches of a project dataset as numpy (images float32, flat batch)."""
   seen = 0
@@ -116,6 +138,14 @@ def load_runner(path: str, fmt: str):
   if fmt == 'saved_model':
     serve = tf.saved_model.load(path).signatures['serving_default']
     return lambda x: next(iter(serve(pixels=tf.constant(x)).values())).numpy()
+  if fmt == 'onnx':
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+
+    session = onnxruntime.InferenceSession(
+      path, providers=['CPUExecutionProvider']
+    )
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
   try:
     from ai_edge_litert import interpreter as litert  # pylint: disable=g-import-not-at-top
 
@@ -158,10 +188,10 @@ def export(
     raise ValueError(
       f'--quantize={quantize!r}: valid are {", ".join(QUANTIZE)}.'
     )
-  if fmt == 'saved_model' and quantize != 'none':
+  if fmt != 'tflite' and quantize != 'none':
     raise ValueError(
       f'--quantize={quantize}: quantisation is a LiteRT step; use '
-      '--format=tflite.'
+      '--format=tflite (--format={fmt} is float32).'
     )
   if batch_size < 1:
     raise ValueError(f'--batch_size={batch_size}: expected 1 or more.')
@@ -183,7 +213,7 @@ def export(
     output if fmt == 'saved_model' else f'{output}.saved_model.tmp'
   )
   save_model(serve, shape, saved_model_dir)
-  if fmt == 'tflite':
+  if fmt != 'saved_model':
 
     def calibration():
       config.data.batch_size = batch_size
@@ -196,6 +226,9 @@ def export(
     tf.io.gfile.rmtree(saved_model_dir)
     with open(f'{output}.tmp', 'wb') as f:
       f.write(content)
+    if fmt == 'onnx':
+      to_onnx(f'{output}.tmp', f'{output}.onnx.tmp')
+      os.replace(f'{output}.onnx.tmp', f'{output}.tmp')
     os.replace(f'{output}.tmp', output)
 
   # The check: the exported model beside Flax on real eval images.
@@ -279,7 +312,9 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory or step dir.')
-  _OUTPUT = flags.DEFINE_string('output', None, 'File (.tflite) or directory.')
+  _OUTPUT = flags.DEFINE_string(
+    'output', None, 'File (.tflite, .onnx) or directory.'
+  )
   _FORMAT = flags.DEFINE_string('format', 'tflite', ' or '.join(FORMATS))
   _QUANTIZE = flags.DEFINE_string('quantize', 'none', ', '.join(QUANTIZE))
   _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (latest).')

@@ -35,6 +35,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mnv2_flax import defaults
+from mnv2_flax import digits  # registers the tfds dataset sklearn_digits
 from mnv2_flax import fashion_mnist
 
 IMAGENET_HOW_TO = (
@@ -98,6 +99,9 @@ def get_builder(config: ml_collections.ConfigDict):
           'config.data.manual_dir to the four idx files, or set '
           'config.data.download=True on a machine with internet access.'
         ) from None
+  if name == digits.SklearnDigits.name:  # scikit-learn ships the data
+    builder.download_and_prepare()
+    return builder
   if name.startswith('imagenet2012') and not os.path.exists(
     os.path.join(manual_dir, 'ILSVRC2012_img_train.tar')
   ):

@@ -104,6 +104,10 @@ CASES = [
     "config.optim.optimizer='adam' is not valid; expected rmsprop_tf or sgd",
   ),
   (_train('--config.data.batch_size=0'), 'config.data.batch_size=0'),
+  (
+    _train('--config.init_from={tmp}/no_run'),
+    "no_run' does not exist; expected a workdir or step directory of this",
+  ),
   # train.py: the workdir and the data, before anything is written.
   (
     ['train.py', f'--config={QUICKSTART}', '--workdir={tmp}/a_file'],

@@ -15,3 +15,29 @@ def test_shipped_configs_are_valid(name):
   config = importlib.import_module(f'configs.{name}').get_config()
   train_lib.check_config(config)
   assert config.optim.optimizer in defaults.OPTIMIZERS
+
+
+@pytest.mark.parametrize('mode', ['finetune', 'scratch', 'probe'])
+def test_finetune_digits_modes(mode, tmp_path):
+  from configs import finetune_digits
+
+  config = finetune_digits.get_config(mode)
+  assert config.data.name == 'sklearn_digits'
+  if mode == 'scratch':
+    assert not config.init_from
+    train_lib.check_config(config)
+    return
+  assert config.init_from == 'workdirs/quickstart'
+  assert config.optim.freeze_backbone == (mode == 'probe')
+  config.init_from = str(tmp_path / 'absent')
+  with pytest.raises(ValueError, match='config.init_from=.*does not exist'):
+    train_lib.check_config(config)
+  config.init_from = str(tmp_path)
+  train_lib.check_config(config)
+
+
+def test_finetune_digits_names_a_bad_mode():
+  from configs import finetune_digits
+
+  with pytest.raises(ValueError, match='not a mode; expected one of finetune'):
+    finetune_digits.get_config('linear')

@@ -1,6 +1,7 @@
 """`mnv2_flax.evaluate`: a checkpoint's own metrics, defaults, CLI errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,7 @@ def test_export_to_litert_runs_beside_flax(trained, tmp_path):
     export.export(
       str(workdir), str(tmp_path / 'sm'), 'saved_model', quantize='float16'
     )
+  # ONNX: the float32 LiteRT graph through tf2onnx, run by onnxruntime.
+  onnx = export.export(str(workdir), str(tmp_path / 'm.onnx'), 'onnx')
+  assert onnx['max_logit_diff'] <= 1e-4 and onnx['top1_agreement'] == 1.0
+  assert sorted(os.listdir(tmp_path)) == ['f32.tflite', 'int8.tflite', 'm.onnx']

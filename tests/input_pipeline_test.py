@@ -442,3 +442,17 @@ def test_random_crops_are_augmented_per_example(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir, crop_area_range=(0.5, 1.0))
   assert not ip._augments_per_batch(ip.get_builder(config), config, False)
+
+
+def test_sklearn_digits_is_prepared_offline_with_a_fixed_split(tmp_path):
+  config = tiny_config(str(tmp_path))
+  config.data.update(name='sklearn_digits', eval_split='test')
+  builder = ip.get_builder(config)
+  splits = builder.info.splits
+  assert (splits['train'].num_examples, splits['test'].num_examples) == (
+    1297,
+    500,
+  )
+  test = tfds.as_numpy(builder.as_dataset(split='test', batch_size=-1))
+  assert np.bincount(test['label']).tolist() == [50] * 10
+  assert test['image'].shape == (500, 8, 8, 1) and test['image'].max() == 255

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 
+from make_torch_fixtures import add_model
 from make_torch_fixtures import randomise
 import numpy as np
 import timm
@@ -53,22 +54,7 @@ def main():
   for name, width, classes, inputs in MODELS:
     model = timm.create_model(name, pretrained=False, num_classes=classes)
     scales = randomise(model, generator)
-    for key, value in model.state_dict().items():
-      value = value.numpy()
-      if key in scales:
-        arrays[f'{name}/q/{key}'] = np.round(value / scales[key]).astype(
-          np.int8
-        )
-        arrays[f'{name}/scale/{key}'] = np.float32(scales[key])
-      else:
-        arrays[f'{name}/sd/{key}'] = value
-    for input_name, n, h, w in inputs:
-      x_nchw = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
-      with torch.no_grad():
-        logits = model(x_nchw).numpy()
-      arrays[f'{name}/input/{input_name}'] = x_nchw.permute(0, 2, 3, 1).numpy()
-      arrays[f'{name}/logits/{input_name}'] = logits
-      print(name, input_name, 'logit std', float(np.std(logits)))
+    add_model(arrays, name, model, scales, inputs, generator)
     meta['models'].append(
       dict(
         name=name,

@@ -154,6 +154,24 @@ def randomise(model, generator):
   return scales
 
 
+def add_model(arrays, name, model, scales, inputs, generator):
+  """Adds the state dict (8-bit weights as int8 and a scale), and each input
+  (NHWC) with the model's eval-mode logits, under `name/`."""
+  for key, value in model.state_dict().items():
+    value = value.numpy()
+    if key in scales:
+      arrays[f'{name}/q/{key}'] = np.round(value / scales[key]).astype(np.int8)
+      arrays[f'{name}/scale/{key}'] = np.float32(scales[key])
+    else:
+      arrays[f'{name}/sd/{key}'] = value
+  for input_name, n, h, w in inputs:
+    x_nchw = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
+    with torch.no_grad():
+      logits = model(x_nchw).numpy()
+    arrays[f'{name}/input/{input_name}'] = x_nchw.permute(0, 2, 3, 1).numpy()
+    arrays[f'{name}/logits/{input_name}'] = logits
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument(
@@ -185,22 +203,8 @@ def main():
       built_with='torchvision' if is_torchvision else 'replica',
       inputs=[],
     )
-    for key, value in model.state_dict().items():
-      value = value.numpy()
-      if key in scales:
-        arrays[f'{name}/q/{key}'] = np.round(value / scales[key]).astype(
-          np.int8
-        )
-        arrays[f'{name}/scale/{key}'] = np.float32(scales[key])
-      else:
-        arrays[f'{name}/sd/{key}'] = value
-    for input_name, n, h, w in inputs:
-      x_nchw = torch.rand(n, 3, h, w, generator=generator) * 2 - 1
-      with torch.no_grad():
-        logits = model(x_nchw).numpy()
-      arrays[f'{name}/input/{input_name}'] = x_nchw.permute(0, 2, 3, 1).numpy()
-      arrays[f'{name}/logits/{input_name}'] = logits
-      entry['inputs'].append(input_name)
+    add_model(arrays, name, model, scales, inputs, generator)
+    entry['inputs'] = [i[0] for i in inputs]
     if args.check_against_torchvision:
       import torchvision  # pylint: disable=g-import-not-at-top
 
