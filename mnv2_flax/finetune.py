@@ -171,15 +171,19 @@ def load(state: Any, config: ml_collections.ConfigDict) -> Any:
   merged, fresh = merge(target, source, config.init_reset, where, differs)
   loaded = sum(len(_flat(tree)) for tree in merged.values()) - len(fresh)
   logging.info('Initialised from %s: %d arrays loaded.', where, loaded)
-  if any(p.startswith('classifier/') for p in fresh):
-    kernel = _flat(source['params']).get('classifier/kernel')
+  kernel = _flat(source['params']).get('classifier/kernel')
+  classes = state.params.get('classifier', {}).get('bias')
+  swapped = classes is not None and (
+    kernel is None or kernel.shape[-1] != classes.shape[-1]
+  )
+  if swapped:
     logging.info(
       'Re-initialised the classifier: %s has %s, this run %d classes.',
       what,
       f'{kernel.shape[-1]} classes' if kernel is not None else 'none',
-      state.params['classifier']['bias'].shape[-1],
+      classes.shape[-1],
     )
-  others = [p for p in fresh if not p.startswith('classifier/')]
+  others = [p for p in fresh if not (swapped and p.startswith('classifier/'))]
   if others:
     logging.info('Kept fresh (config.init_reset): %s', ', '.join(others))
   if (config.model.padding, config.model.bn_epsilon) != (padding, epsilon):

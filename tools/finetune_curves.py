@@ -21,6 +21,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.util import tensor_util  # noqa: E402
 
 
 def read_curve(workdir: str, tag: str) -> dict[int, float]:
@@ -34,9 +35,7 @@ def read_curve(workdir: str, tag: str) -> dict[int, float]:
     if tag in acc.Tags()['tensors']:
       for event in acc.Tensors(tag):
         curve[event.step] = float(
-          np.asarray(
-            event_accumulator.tensor_util.make_ndarray(event.tensor_proto)
-          )
+          np.asarray(tensor_util.make_ndarray(event.tensor_proto))
         )
   return curve
 
