@@ -21,9 +21,10 @@ from absl import logging
 from flax import traverse_util
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from mnv2_flax import tree_diff
 
 ITEMS = ('state', 'config')
 
@@ -197,63 +198,39 @@ def _save_failed(manager, error: Exception) -> CheckpointSaveError:
   )
 
 
-def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{'params/block_01/.../kernel': (shape, dtype)} of arrays or metadata."""
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/block_01/.../kernel': shape} of arrays or metadata."""
   if hasattr(tree, 'params'):  # a TrainState: compare its array fields only
     tree = {
       k: getattr(tree, k)
       for k in ('step', 'params', 'batch_stats', 'opt_state', 'ema_params')
     }
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    key = '/'.join(
-      str(getattr(p, 'key', getattr(p, 'idx', getattr(p, 'name', p))))
-      for p in path
-    )
-    flat[key] = (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
-  return flat
+  return tree_diff.shapes(tree)
 
 
 _ORDER = ('params', 'batch_stats', 'ema_params', 'opt_state', 'step')
 
 
-def _ordered(keys):
+def _rank(path: str) -> tuple[int, str]:
   """Parameters first: they name the layers that differ most readably."""
-
-  def rank(key):
-    head = key.split('/')[0]
-    return (_ORDER.index(head) if head in _ORDER else len(_ORDER), key)
-
-  return sorted(keys, key=rank)
+  head = path.split('/')[0]
+  return (_ORDER.index(head) if head in _ORDER else len(_ORDER), path)
 
 
 def check_compatible(saved: Any, target: Any, where: str) -> None:
   """Raises naming every entry whose presence or shape differs."""
-  saved_flat, target_flat = _flat_shapes(saved), _flat_shapes(target)
-
-  problems = [
-    f'{k}: checkpoint has {saved_flat[k][0]}, model expects {target_flat[k][0]}'
-    for k in _ordered(saved_flat)
-    if k in target_flat and saved_flat[k][0] != target_flat[k][0]
-  ]
-  problems += [
-    f'{k}: only in the checkpoint'
-    for k in _ordered(saved_flat)
-    if k not in target_flat
-  ]
-  problems += [
-    f'{k}: missing from the checkpoint'
-    for k in _ordered(target_flat)
-    if k not in saved_flat
-  ]
+  problems = tree_diff.diff(_shapes(target), _shapes(saved), key=_rank)
   if problems:
-    shown = problems[:12] + (
-      [f'... and {len(problems) - 12} more'] if len(problems) > 12 else []
-    )
     raise CheckpointMismatchError(
       f'{where} does not match the model ({len(problems)} entries differ; '
       'check width_multiplier, num_classes and the ablation knobs): '
-      + '; '.join(shown)
+      + tree_diff.summarize(
+        problems,
+        12,
+        missing='{path}: missing from the checkpoint',
+        unexpected='{path}: only in the checkpoint',
+        shape='{path}: checkpoint has {actual}, model expects {expected}',
+      )
     )
 
 

@@ -32,6 +32,7 @@ which its stride-2 `correct_pad` equals; BN epsilon 1e-3):
 """
 
 from collections.abc import Callable, Iterator, Mapping
+import functools
 import os
 from typing import Any
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnv2_flax import models
+from mnv2_flax import tree_diff
 
 # The MobileNetV2 fields that reproduce torchvision's numerics: symmetric
 # padding, BN epsilon 1e-5 and torch momentum 0.1 (Flax 0.9), its initialisers.
@@ -146,6 +148,42 @@ def _set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
   tree[path[-1]] = value
 
 
+def _assemble(
+  entries: Mapping[str, tuple[str, tuple[str, ...], tuple[int, ...], Any]],
+  found: Mapping[str, Any],
+  what: str,
+  model: models.MobileNetV2,
+) -> dict[str, Any]:
+  """`model`'s variables from `found` ({source name: array}), checked first.
+
+  `entries` maps each source name the model needs (a torch key,
+  'Conv1/kernel') to (collection, Flax path, shape in the source's layout,
+  to_flax). Raises a ValueError starting with `what` and naming every
+  missing, unexpected or mis-shaped name.
+  """
+  problems = tree_diff.diff(
+    {key: entry[2] for key, entry in entries.items()},
+    {key: np.shape(value) for key, value in found.items()},
+  )
+  if problems:
+    raise ValueError(
+      f'{what} of width_multiplier={model.width_multiplier}, '
+      f'num_classes={model.num_classes}: '
+      + tree_diff.summarize(
+        problems,
+        missing='missing {path!r} (for {name}, expected shape {expected})',
+        unexpected='unexpected {path!r}',
+        shape='{path!r} has shape {actual}, expected {expected} for {name}',
+        names={key: '/'.join(entry[1]) for key, entry in entries.items()},
+      )
+    )
+  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
+  for key, (collection, flax_path, _, to_flax) in entries.items():
+    value = to_flax(np.asarray(found[key], dtype=np.float32))
+    _set(variables[collection], flax_path, value)
+  return variables
+
+
 # ------------------------------------------------------------------ timm
 
 # Blocks per stage of timm's mobilenetv2_035 ... _140 (the paper's n column);
@@ -225,38 +263,16 @@ def _from_torch_layout(
   """Converts a torch state dict whose module names `prefixes` gives."""
   model = torchvision_model(**model_kwargs)
   shapes = _variable_shapes(model)
-  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
-  problems, used = [], set()
+  entries = {}  # torch key: (collection, Flax path, torch shape, to_flax)
   for path, prefix in prefixes(shapes['params']):
     for collection, flax_path, key, to_flax in _layer_entries(path, prefix):
-      expected = tuple(_get(shapes[collection], flax_path).shape)
-      if key not in state_dict:
-        problems.append(
-          f'missing {key!r} (for {"/".join(flax_path)}, '
-          f'expected shape {_torch_shape(expected)})'
-        )
-        continue
-      used.add(key)
-      value = to_flax(np.asarray(state_dict[key], dtype=np.float32))
-      if value.shape != expected:
-        problems.append(
-          f'{key!r} has shape {tuple(np.shape(state_dict[key]))}, expected '
-          f'{_torch_shape(expected)} for {"/".join(flax_path)} '
-          f'of width_multiplier={model.width_multiplier}, '
-          f'num_classes={model.num_classes}'
-        )
-        continue
-      _set(variables[collection], flax_path, value)
-  unexpected = sorted(
-    k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES)
-  )
-  problems += [f'unexpected {k!r}' for k in unexpected]
-  if problems:
-    raise ValueError(
-      f'state dict does not match a {source} MobileNetV2: '
-      + '; '.join(problems)
-    )
-  return variables
+      shape = _torch_shape(_get(shapes[collection], flax_path).shape)
+      entries[key] = (collection, flax_path, shape, to_flax)
+  found = {
+    k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)
+  }
+  what = f'state dict does not match a {source} MobileNetV2'
+  return _assemble(entries, found, what, model)
 
 
 def _default_classes(state_dict, key: str, model_kwargs) -> None:
@@ -326,6 +342,20 @@ KERAS_KWARGS: dict[str, Any] = dict(
 def keras_model(**kwargs: Any) -> models.MobileNetV2:
   """A MobileNetV2 with Keras's numerics (`KERAS_KWARGS`)."""
   return models.MobileNetV2(**{**KERAS_KWARGS, **kwargs})
+
+
+# Keras's weights of each kind of layer (the Flax name's last word), in order:
+# (Keras name, collection, Flax leaf).
+_KERAS_WEIGHTS = {
+  'conv': (('kernel', 'params', 'kernel'),),
+  'bn': (
+    ('gamma', 'params', 'scale'),
+    ('beta', 'params', 'bias'),
+    ('moving_mean', 'batch_stats', 'mean'),
+    ('moving_variance', 'batch_stats', 'var'),
+  ),
+  'classifier': (('kernel', 'params', 'kernel'), ('bias', 'params', 'bias')),
+}
 
 
 def _keras_layers(params: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -402,47 +432,24 @@ def from_keras(model_or_path: Any, **model_kwargs: Any) -> dict[str, Any]:
     model_kwargs['width_multiplier'] = _keras_alpha(weights)
   model = keras_model(**model_kwargs)
   shapes = _variable_shapes(model)
-  variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
-  problems, used = [], set()
-  for path, name in _keras_layers(shapes['params']):
-    keys = path.split('/')
-    if name not in weights:
-      problems.append(f'missing layer {name!r} (for {path})')
-      continue
-    used.add(name)
-    if path.endswith('_bn'):
-      gamma, beta, mean, var = weights[name]
-      entries = [
-        ('params', 'scale', gamma),
-        ('params', 'bias', beta),
-        ('batch_stats', 'mean', mean),
-        ('batch_stats', 'var', var),
-      ]
-    elif path == 'classifier':
-      kernel, bias = weights[name]
-      entries = [('params', 'kernel', kernel), ('params', 'bias', bias)]
-    else:
-      (kernel,) = weights[name]
-      if 'depthwise' in path:  # (3, 3, C, 1) -> (3, 3, 1, C)
-        kernel = kernel.transpose(0, 1, 3, 2)
-      entries = [('params', 'kernel', kernel)]
-    for collection, leaf, value in entries:
-      expected = tuple(_get(shapes[collection], (*keys, leaf)).shape)
-      if value.shape != expected:
-        problems.append(
-          f'layer {name!r} {leaf} has shape {value.shape}, expected '
-          f'{expected} for {path} of width_multiplier='
-          f'{model.width_multiplier}, num_classes={model.num_classes}'
-        )
-        continue
-      _set(variables[collection], (*keys, leaf), value)
-  problems += [f'unexpected layer {n!r}' for n in sorted(set(weights) - used)]
-  if problems:
-    raise ValueError(
-      'Keras model does not match keras.applications.MobileNetV2: '
-      + '; '.join(problems)
-    )
-  return variables
+  entries, names = {}, {}  # names: Keras layer -> its weights' names
+  for path, layer in _keras_layers(shapes['params']):
+    kind = _KERAS_WEIGHTS[path.rsplit('_')[-1]]
+    names[layer] = [name for name, _, _ in kind]
+    for name, collection, leaf in kind:
+      flax_path = (*path.split('/'), leaf)
+      shape, to_flax = _get(shapes[collection], flax_path).shape, np.asarray
+      if path.endswith('depthwise_conv'):  # Keras (3, 3, C, 1)
+        shape = (*shape[:2], shape[3], shape[2])
+        to_flax = functools.partial(np.swapaxes, axis1=2, axis2=3)
+      entries[f'{layer}/{name}'] = (collection, flax_path, shape, to_flax)
+  found = {}
+  for layer, values in weights.items():
+    known = names.get(layer, [])
+    for i, value in enumerate(values):  # other weights by their index
+      found[f'{layer}/{known[i] if i < len(known) else i}'] = value
+  what = 'Keras model does not match keras.applications.MobileNetV2'
+  return _assemble(entries, found, what, model)
 
 
 def _keras_alpha(weights: Mapping[str, list[np.ndarray]]) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 from mnv2_flax import checkpointing
 from mnv2_flax import convert
 from mnv2_flax import defaults
+from mnv2_flax import tree_diff
 
 # (padding, bn_epsilon) each source was trained with.
 _NUMERICS = {
@@ -130,33 +131,31 @@ def merge(
   swap_head = target_classes is not None and (
     source_classes is None or source_classes.shape != target_classes.shape
   )
-  merged, fresh, problems = {}, [], []
+  merged, fresh, want, have = {}, [], {}, {}
   for collection in ('params', 'batch_stats'):
-    have = _flat(source[collection])
+    found = _flat(source[collection])
     out = {}
     for path, value in _flat(target[collection]).items():
       if (swap_head and path.startswith('classifier/')) or (
         pattern and pattern.search(path)
       ):
         out[path], _ = value, fresh.append(path)
-      elif path not in have:
-        problems.append(f'{collection}/{path} is missing')
-      elif tuple(np.shape(have[path])) != tuple(value.shape):
-        problems.append(
-          f'{collection}/{path} has shape {tuple(np.shape(have[path]))}, '
-          f'this run {tuple(value.shape)}'
-        )
-      else:
-        out[path] = jnp.asarray(have[path], value.dtype)
+        continue
+      want[f'{collection}/{path}'] = value.shape
+      if path in found:
+        have[f'{collection}/{path}'] = np.shape(found[path])
+        out[path] = jnp.asarray(found[path], value.dtype)
     merged[collection] = traverse_util.unflatten_dict(
       {tuple(k.split('/')): v for k, v in out.items()}
     )
+  problems = tree_diff.diff(want, have)
   if problems:
-    shown = '; '.join(problems[:6])
-    more = f'; and {len(problems) - 6} more' if len(problems) > 6 else ''
+    shown = tree_diff.summarize(
+      problems, 6, shape='{path} has shape {actual}, this run {expected}'
+    )
     hint = f' Its config.model differs: {hint}.' if hint else ''
     raise InitFromError(
-      f"{where} does not fit this run's model: {shown}{more}.{hint} Set "
+      f"{where} does not fit this run's model: {shown}.{hint} Set "
       'config.model (width_multiplier, expand_ratio, ...) to the '
       "pretrained model's."
     )

@@ -66,7 +66,43 @@ def test_a_keras_file_converts_and_a_mismatch_names_the_layers(tmp_path):
     weights, width_multiplier=0.35, num_classes=5
   )
   jax.tree.map(np.testing.assert_array_equal, from_weights, from_live)
-  with pytest.raises(ValueError, match="layer 'predictions' kernel has shape"):
+  with pytest.raises(ValueError) as error:
     convert.from_keras(net, num_classes=10)
+  assert (
+    "'predictions/kernel' has shape (1280, 5), expected (1280, 10) for "
+    'classifier/kernel' in str(error.value)
+  )
   with pytest.raises(FileNotFoundError, match='no Keras file'):
     convert.from_keras(str(tmp_path / 'missing.keras'))
+
+
+class _Layer:
+  def __init__(self, name, weights):
+    self.name, self._weights = name, weights
+
+  def get_weights(self):
+    return self._weights
+
+
+def test_missing_and_unexpected_weights_are_named():
+  net = _random_keras(0.35, 32, classes=5, seed=2)
+  layers = [
+    _Layer(layer.name, layer.get_weights())
+    for layer in net.layers
+    if layer.name != 'block_3_project_BN'
+  ]
+  layers.append(_Layer('extra_conv', [np.zeros((1, 1, 8, 8), np.float32)]))
+  fake = type('Net', (), {'layers': layers})()
+  with pytest.raises(ValueError) as error:
+    convert.from_keras(fake)
+  message = str(error.value)
+  assert message.startswith(
+    'Keras model does not match keras.applications.MobileNetV2 of '
+    'width_multiplier=0.35, num_classes=5: '
+  )
+  assert (
+    "missing 'block_3_project_BN/gamma' (for block_04/project_bn/scale, "
+    'expected shape (16,))' in message
+  )
+  assert "missing 'block_3_project_BN/moving_variance'" in message
+  assert "unexpected 'extra_conv/0'" in message
