@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm setup-export aot clean data sweep compiler
+.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm setup-export aot clean data sweep compiler check-bare
 
 setup: $(VENV)/.installed
 
@@ -50,8 +50,21 @@ AOT_TOPOLOGY ?= v5e:1x1
 aot: setup-tpu
 	$(PY) -m mnv2_flax.benchmark --config=$(AOT_CONFIG) --aot_topology=$(AOT_TOPOLOGY)
 
+# The benchmark on what a bare accelerator image holds, at the lowest JAX
+# pyproject.toml admits (requirements-bare.txt: JAX 0.11.2, no TensorFlow),
+# with no C++ compiler on PATH: on this host, its CPU.
+BARE_VENV ?= .venv-bare
+check-bare:
+	@test -n "$(PYTHON312)" || { echo "error: Python 3.12 not found" >&2; exit 1; }
+	@test -x $(BARE_VENV)/bin/python || $(PYTHON312) -m venv $(BARE_VENV)
+	$(BARE_VENV)/bin/python -m pip install --quiet -r requirements-bare.txt
+	env -u CXX PATH=$(abspath $(BARE_VENV))/bin PYTHONPATH=$(CURDIR) \
+	  $(BARE_VENV)/bin/python -m mnv2_flax.benchmark --width_multiplier=0.35 \
+	  --resolution=32 --batch_size=16 --num_classes=10 --steps=3 \
+	  --compilation_cache_dir=
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(BARE_VENV) build *.egg-info
 
 # A C++ compiler for the CPU kernels (mnv2_flax/cpu/csrc, built on first use);
 # without one the slower pure-JAX layers run and the kernel tests skip.

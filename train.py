@@ -11,7 +11,6 @@ multi-host").
 """
 
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from mnv2_flax import cli
@@ -45,28 +44,15 @@ def main(argv):
     )
   # A config mistake ends here, before the seconds TensorFlow and JAX take.
   defaults.check(_CONFIG.value)
-  # Before JAX starts its CPU client: step buffers are reused, not re-mapped.
-  from mnv2_flax import cpu  # pylint: disable=g-import-not-at-top
-
-  cpu.configure_host()
-  # TensorFlow only feeds the input pipeline: keep it off the accelerators.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  tf.config.set_visible_devices([], 'GPU')
-  from mnv2_flax import hardware  # pylint: disable=g-import-not-at-top
-
-  hardware.initialize_distributed(
-    _MULTIPROCESS.value,
-    _COORDINATOR.value,
-    _NUM_PROCESSES.value,
-    _PROCESS_ID.value,
+  cli.start_jax(
+    _CONFIG.value.train.compilation_cache_dir,
+    multiprocess=_MULTIPROCESS.value,
+    coordinator=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
   )
-  logging.info('%s', hardware.describe())
-  hardware.check_accelerator(_CONFIG.value.train.require_accelerator)
-  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
 
-  compilation_cache.enable(_CONFIG.value)
   train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

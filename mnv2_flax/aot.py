@@ -26,7 +26,9 @@ import ml_collections
 import numpy as np
 
 from mnv2_flax import hardware
-from mnv2_flax import train_lib
+from mnv2_flax import placement
+from mnv2_flax import steps
+from mnv2_flax import training_state
 
 # Classes of the datasets the configs name; others: `num_classes=`.
 NUM_CLASSES = {'imagenet2012': 1000, 'fashion_mnist': 10}
@@ -52,21 +54,18 @@ def sharded_programs(
   num_classes: int | None = None,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
   """((train step, its args), (eval step, its args)): the steps of
-  `train_lib.sharded_steps` as a GPU or TPU host builds them (no CPU
+  `steps.sharded_steps` as a GPU or TPU host builds them (no CPU
   layers), with their arguments as shapes on `mesh`
   (`config.data.batch_size`, global, split over the mesh's devices)."""
   num_classes = _num_classes(config, num_classes)
   config = _off_cpu(config)
-  model = train_lib.create_model(config, num_classes)
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=1000)
-  train, evaluate = train_lib.sharded_steps(config, lr, mesh)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  split = jax.sharding.NamedSharding(
-    mesh, jax.sharding.PartitionSpec(train_lib.AXIS)
-  )
+  model = training_state.create_model(config, num_classes)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
+  train, evaluate = steps.sharded_steps(config, lr, mesh)
+  replicated = placement.replicated(mesh)
   state = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    train_lib.abstract_train_state(config, model, lr),
+    training_state.abstract_train_state(config, model, lr),
   )
   devices = mesh.devices.size
   size = config.data.image_size
@@ -83,10 +82,10 @@ def sharded_programs(
       'label': (shape, np.int32),
     }
     spec.update(extra(shape))
-    return {
-      k: jax.ShapeDtypeStruct(s, d, sharding=split)
-      for k, (s, d) in spec.items()
-    }
+    return placement.placed(
+      {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()},
+      placement.split(mesh),
+    )
 
   rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
   train_args = (state, batch(config.data.batch_size, lambda s: {}), rng)
@@ -113,7 +112,7 @@ def lower(
   """The train and eval steps, traced once on this host's devices (or
   `mesh`) and lowered for each of `platforms` ('cuda', 'rocm', 'tpu',
   'cpu'); keys (platform, 'train step' or 'eval step')."""
-  mesh = mesh or train_lib.device_mesh()
+  mesh = mesh or placement.device_mesh()
   (train, train_args), (evaluate, eval_args) = sharded_programs(
     config, mesh, num_classes
   )
@@ -187,7 +186,7 @@ def tpu_cost(
       f'--aot_topology={topology!r}: no TPU compiler for it ({e}); a '
       "topology such as 'v5e:2x2' and libtpu (`make setup-tpu`) are needed."
     ) from None
-  mesh = jax.sharding.Mesh(np.array(desc.devices), (train_lib.AXIS,))
+  mesh = placement.device_mesh(desc.devices)
   (train, train_args), _ = sharded_programs(config, mesh, num_classes)
   start = time.perf_counter()
   compiled = train.trace(*train_args).lower().compile()

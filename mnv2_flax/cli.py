@@ -1,9 +1,14 @@
-"""What the command-line programs share: user mistakes end in one line.
+"""What the command-line programs share: user mistakes end in one line,
+and one start-up sequence.
 
 `run(main)` is `absl.app.run(main)` where a bad flag or config file, a value
 the library rejects, a file that is not there, a full disk or a diverged run
 ends as `error: <what, the value, what is valid>` on stderr with exit status
 1 and no traceback. Bugs keep their traceback.
+
+This module imports absl only, and the programs import JAX, TensorFlow and
+the library inside `main`: a bad flag or config is refused before any of
+them loads (in well under a second). `start_jax` then sets JAX up.
 """
 
 from collections.abc import Callable
@@ -124,6 +129,37 @@ def _quiet_background_failures() -> None:
   logging.getLogger('asyncio').setLevel(logging.CRITICAL)
 
 
+def start_jax(
+  cache_dir: str | None = None,
+  *,
+  multiprocess: bool | None = False,
+  coordinator: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """The command-line programs' start-up, in this order: the host's malloc
+  settings (before JAX starts its CPU client), `jax.distributed` where the
+  job has several processes (`hardware.initialize_distributed`; by default
+  not), the hardware line in the log, the persistent compilation cache in
+  `cache_dir` (None or '': left as it is). The accelerator check is the
+  library's (`train_and_evaluate` runs it once per run)."""
+  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging
+
+  from mnv2_flax import compilation_cache
+  from mnv2_flax import hardware
+  from mnv2_flax.cpu import fast_path
+  # pylint: enable=g-import-not-at-top
+
+  fast_path.configure_host()
+  hardware.initialize_distributed(
+    multiprocess, coordinator, num_processes, process_id
+  )
+  absl_logging.info('%s', hardware.describe())
+  if cache_dir:
+    compilation_cache.enable_dir(cache_dir)
+
+
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, with `EXPECTED` errors as one line."""
 
@@ -133,5 +169,13 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except EXPECTED as e:
       fail(str(e))
+    except ModuleNotFoundError as e:
+      if (e.name or '').startswith('mnv2_flax'):
+        raise  # a bug, not a missing install
+      fail(
+        f'{e.name} is not installed here ({e}); training and data '
+        'preparation need requirements.txt (pip install -r '
+        'requirements.txt, or the package with its `data` extra).'
+      )
 
   app.run(guarded, flags_parser=_parse_flags)

@@ -7,7 +7,9 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import ml_collections
 
-DEFAULT_DIR = os.path.expanduser('~/.cache/mnv2_flax/jax')
+from mnv2_flax import defaults
+
+DEFAULT_DIR = os.path.expanduser(defaults.COMPILATION_CACHE_DIR)
 
 
 def enable(config: ml_collections.ConfigDict) -> None:

@@ -25,6 +25,13 @@ INIT_FROM_KINDS = (
 )
 
 
+# JAX's persistent compilation cache of training runs and benchmarks.
+COMPILATION_CACHE_DIR = '~/.cache/mnv2_flax/jax'
+# python -m mnv2_flax.export --format, --quantize.
+EXPORT_FORMATS = ('tflite', 'saved_model', 'onnx')
+EXPORT_QUANTIZE = ('none', 'float16', 'int8')
+
+
 def get_config() -> ml_collections.ConfigDict:
   """Every field of a run's config, at TF-slim's ImageNet recipe."""
   config = ml_collections.ConfigDict()
@@ -127,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   # small models. Log, eval and save steps are reached exactly.
   config.train.steps_per_call = 1
   # JAX persistent compilation cache; '' disables it.
-  config.train.compilation_cache_dir = '~/.cache/mnv2_flax/jax'
+  config.train.compilation_cache_dir = COMPILATION_CACHE_DIR
   # On the CPU backend, plug mnv2_flax.cpu's layers (C++ kernels, fused
   # BatchNorm) into the model: same variables, faster steps. Ignored
   # elsewhere.
@@ -312,3 +319,26 @@ def with_defaults(
   return ml_collections.ConfigDict(
     _merge(get_config().to_dict(), saved.to_dict())
   )
+
+
+def check_export(output: str, fmt: str, quantize: str, batch_size: int) -> None:
+  """The export's arguments (`mnv2_flax.export`), before anything loads."""
+  if fmt not in EXPORT_FORMATS:
+    raise ValueError(
+      f'--format={fmt!r}: valid are {" or ".join(EXPORT_FORMATS)}.'
+    )
+  if quantize not in EXPORT_QUANTIZE:
+    raise ValueError(
+      f'--quantize={quantize!r}: valid are {", ".join(EXPORT_QUANTIZE)}.'
+    )
+  if fmt != 'tflite' and quantize != 'none':
+    raise ValueError(
+      f'--quantize={quantize}: quantisation is a LiteRT step; use '
+      f'--format=tflite (--format={fmt} is float32).'
+    )
+  if batch_size < 1:
+    raise ValueError(f'--batch_size={batch_size}: expected 1 or more.')
+  if os.path.exists(output):
+    raise FileExistsError(
+      f'--output={output!r} exists; choose a new path (nothing is overwritten).'
+    )

@@ -9,15 +9,11 @@ fields can be overridden (for example `--data_dir`).
 """
 
 import json
+import os
 
 from absl import flags
 
-from mnv2_flax import checkpointing
 from mnv2_flax import cli
-from mnv2_flax import cpu
-from mnv2_flax import defaults
-from mnv2_flax import input_pipeline
-from mnv2_flax import train_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir or checkpoints.')
 _STEP = flags.DEFINE_integer('step', None, 'Step; default: the latest.')
@@ -28,31 +24,39 @@ def evaluate_checkpoint(
   path: str, step: int | None = None, data_dir: str | None = None
 ) -> dict[str, float]:
   """Restores `path` (a workdir or checkpoint dir) and evaluates it."""
+  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import checkpointing
+  from mnv2_flax import defaults
+  from mnv2_flax import input_pipeline
+  from mnv2_flax import steps
+  from mnv2_flax import train_lib
+  from mnv2_flax import training_state
+  # pylint: enable=g-import-not-at-top
+
   config, variables = checkpointing.restore(path, step)
   config = defaults.with_defaults(config)
   if data_dir:
     config.data.data_dir = data_dir
   builder = input_pipeline.get_builder(config)
   meta = input_pipeline.dataset_meta(builder, config)
-  model = train_lib.create_model(config, meta.num_classes)
-  state = train_lib.TrainState(
-    step=0,
-    apply_fn=model.apply,
-    params=variables['params'],
-    tx=None,
-    opt_state=None,
-    batch_stats=variables['batch_stats'],
-    ema_params=variables['ema_params'],
-  )
-  p_eval_step = train_lib.make_p_eval_step(config)
+  model = training_state.create_model(config, meta.num_classes)
   return train_lib.evaluate(
-    p_eval_step, state, input_pipeline.create_eval_dataset(builder, config)
+    steps.make_p_eval_step(config),
+    training_state.eval_state(model, variables),
+    input_pipeline.create_eval_dataset(builder, config),
   )
 
 
 def main(argv):
-  del argv
-  cpu.configure_host()  # before JAX starts its CPU client
+  if len(argv) > 1:
+    cli.fail(
+      f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
+    )
+  if not os.path.exists(_WORKDIR.value):
+    raise FileNotFoundError(
+      f'No checkpoint directory at {_WORKDIR.value} (--workdir).'
+    )
+  cli.start_jax()
   metrics = evaluate_checkpoint(_WORKDIR.value, _STEP.value, _DATA_DIR.value)
   print(json.dumps(metrics, indent=2))
 

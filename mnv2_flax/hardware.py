@@ -17,7 +17,9 @@ import importlib.util
 import os
 
 from absl import logging
-import jax
+
+# JAX loads in the functions that start it: deciding where to run, and
+# splitting the devices between processes, must not start it.
 
 INSTALL = (
   'install the accelerator build of JAX into the venv: `make setup-gpu` '
@@ -33,6 +35,8 @@ class AcceleratorMissingError(ValueError):
 
 def describe() -> str:
   """One line: JAX version, platform, device count and kind, processes."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   kinds = sorted({d.device_kind for d in jax.local_devices()})
   return (
     f'JAX {jax.__version__} on {jax.default_backend()}: '
@@ -44,6 +48,8 @@ def describe() -> str:
 
 def check_accelerator(required: bool) -> None:
   """Raises AcceleratorMissingError if `required` and JAX runs on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   if required and jax.default_backend() == 'cpu':
     raise AcceleratorMissingError(
       'config.train.require_accelerator=True, but JAX found only CPU devices '
@@ -187,6 +193,8 @@ def initialize_distributed(
   Must run before JAX creates its backends (any device query). Returns
   whether it did. Orbax's multi-process checkpointing needs it too.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+
   reason = multiprocess_reason(explicit, coordinator)
   if not reason or jax.distributed.is_initialized():
     return False

@@ -37,6 +37,10 @@ import tensorflow_datasets as tfds
 from mnv2_flax import defaults
 from mnv2_flax import digits  # registers the tfds dataset sklearn_digits
 from mnv2_flax import fashion_mnist
+from mnv2_flax import placement
+
+# TensorFlow only feeds the input pipeline: keep it off the accelerators.
+tf.config.set_visible_devices([], 'GPU')
 
 IMAGENET_HOW_TO = (
   'ImageNet cannot be downloaded automatically: put ILSVRC2012_img_train.tar '
@@ -152,20 +156,6 @@ def dataset_meta(builder, config: ml_collections.ConfigDict) -> DatasetMeta:
     ].num_examples,
     num_eval_examples=builder.info.splits[config.data.eval_split].num_examples,
   )
-
-
-def per_process_batch_size(
-  global_batch: int, field: str, process_count: int
-) -> int:
-  """Checks `global_batch` against the devices; returns this process's."""
-  devices = jax.local_device_count() * process_count
-  if global_batch <= 0 or global_batch % devices:
-    raise ValueError(
-      f'{field}={global_batch} must be a positive multiple of '
-      f'the global device count {devices} (for example '
-      f'{devices * max(1, round(global_batch / devices))}).'
-    )
-  return global_batch // process_count
 
 
 # ---------------------------------------------------------------- transforms
@@ -348,7 +338,7 @@ def create_train_dataset(
   skipped before decoding and augmentation, which is what costs).
   """
   process_index, process_count = _topology(process_index, process_count)
-  batch = per_process_batch_size(
+  batch = placement.per_process_batch_size(
     config.data.batch_size, 'config.data.batch_size', process_count
   )
   by_batch = config.data.process_sharding == 'batch'
@@ -413,7 +403,7 @@ def create_eval_dataset(
   `mask == 0`, so summing `mask` over all processes gives the split size.
   """
   process_index, process_count = _topology(process_index, process_count)
-  batch = per_process_batch_size(
+  batch = placement.per_process_batch_size(
     config.data.eval_batch_size, 'config.data.eval_batch_size', process_count
   )
   _check_split(builder, config.data.eval_split, 'config.data.eval_split')
@@ -454,7 +444,7 @@ def prefetch_to_device(
   """Batches of `ds` (or of a numpy iterator), placed `size` steps ahead.
 
   `sharding` places every array of a batch (for pmap: the leading axis over
-  the local devices, as the step expects it; see train_lib.batch_sharding).
+  the local devices, as the step expects it; see placement.split).
   """
   it = iter(tfds.as_numpy(ds)) if isinstance(ds, tf.data.Dataset) else ds
   queue = collections.deque()

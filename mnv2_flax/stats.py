@@ -19,19 +19,23 @@ Command line:
       --num_classes=1001 --json
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 import dataclasses
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from absl import flags
 from absl import logging
-import flax.linen as nn
-import jax
 
 from mnv2_flax import cli
-from mnv2_flax import models
+
+# JAX and Flax load when something is counted: the command line checks its
+# flags first.
+if TYPE_CHECKING:
+  from mnv2_flax import models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,8 @@ class ModelStats:
 
 
 def _size(tree: Any) -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
@@ -87,6 +93,8 @@ def count(
   Returns:
     The totals and the per-layer rows.
   """
+  import jax  # pylint: disable=g-import-not-at-top
+
   height, width = (
     (resolution, resolution) if isinstance(resolution, int) else resolution
   )
@@ -100,7 +108,7 @@ def count(
   # which the returned (key-sorted) pytree does not keep.
   call_order = []
 
-  def is_counted(module: nn.Module, method_name: str) -> bool:
+  def is_counted(module, method_name: str) -> bool:
     # The layers: modules that hold parameters themselves (any conv or norm
     # implementation the model was built with), not through submodules.
     params = module.variables.get('params', {})
@@ -184,8 +192,22 @@ def main(argv: Sequence[str]) -> None:
     cli.fail(
       f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
     )
-  model = models.MobileNetV2(
-    num_classes=_NUM_CLASSES.value, width_multiplier=_WIDTH.value
+  for flag in (_WIDTH, _RESOLUTION, _NUM_CLASSES):
+    if not flag.value > 0:
+      raise ValueError(
+        f'--{flag.name}: {flag.name}={flag.value} is not valid; expected a '
+        'number > 0.'
+      )
+  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import defaults
+  from mnv2_flax import training_state
+  # pylint: enable=g-import-not-at-top
+
+  config = defaults.get_config()
+  config.model.width_multiplier = _WIDTH.value
+  config.train.cpu_fast_path = False
+  model = training_state.create_model(
+    config, _NUM_CLASSES.value, axis_name=None
   )
   stats = count(model, _RESOLUTION.value)
   if _JSON.value:

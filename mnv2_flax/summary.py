@@ -36,6 +36,8 @@ COLUMNS = (
   *METRICS,
   'wall_seconds',
   'train_seconds',
+  'eval_seconds',
+  'fixed_seconds',
   'images_per_second',
   'steps',
   'status',
@@ -48,6 +50,8 @@ NAMES = dict(
   ema_top5='EMA top-5 %',
   wall_seconds='wall',
   train_seconds='train',
+  eval_seconds='eval',
+  fixed_seconds='fixed',
   images_per_second='img/s',
 )
 
@@ -200,8 +204,10 @@ def _cell(key: str, value: Any) -> str:
     return f'{value / 1e6:.2f}M'
   if key == 'params':
     return f'{value:,.0f}'
-  if key in ('wall_seconds', 'train_seconds'):
+  if key in ('wall_seconds', 'train_seconds', 'eval_seconds'):
     return format_duration(value)
+  if key == 'fixed_seconds':
+    return f'{value:.1f} s'
   if key == 'images_per_second':
     return f'{value:,.0f}'
   if key == 'error':
@@ -235,7 +241,7 @@ def runs_table(rows: list[dict], keys: list[str]) -> str:
   return '\n'.join(
     _table(
       [NAMES.get(h, h) for h in header],
-      [[_cell(h, row[h]) for h in header] for row in rows],
+      [[_cell(h, row.get(h)) for h in header] for row in rows],
     )
   )
 

@@ -14,13 +14,17 @@ trains in `<root>/<point name>` through the same
 - a point whose `results.json` says `finished` is skipped; one with
   checkpoints resumes from them; a point that fails has its error recorded
   (`<workdir>/error.txt` and the summary) and the sweep goes on;
-- `--parallel=N` runs N points at once in separate processes, each on its
-  share of the devices (GPUs through CUDA_VISIBLE_DEVICES, on the CPU a
-  share of the cores); each writes `<workdir>/log.txt`;
+- `--parallel=N` runs N worker processes, each on its share of the devices
+  (GPUs through CUDA_VISIBLE_DEVICES, on the CPU a share of the cores); a
+  worker trains one point after another in the same process (imports, JAX
+  start-up and the compilation cache paid once) and writes each point's
+  log to `<workdir>/log.txt`; a worker that crashes has its point recorded
+  as failed (retried by the next run) and is replaced;
 - `--shard=i/n` runs points i, i+n, i+2n, ... so n machines split a sweep;
 - `--submit=slurm` submits the unfinished points as one Slurm array job
-  (submitit; `--submit=local` runs them as local processes), waits for it
-  and summarises; rerunning the command resubmits what is not finished;
+  (submitit; `--submit=local` runs them as local processes), one task per
+  point and its seeds, waits for it and summarises; rerunning the command
+  resubmits what is not finished;
 - after every point, and with `--summarize_only`, the root gets the summary
   of `mnv2_flax.summary`: seeds pooled into means and 95% intervals, paired
   comparisons, tables and a figure.
@@ -29,8 +33,8 @@ trains in `<root>/<point name>` through the same
 from collections.abc import Callable
 import dataclasses
 import importlib.util
-import json
 import os
+import select
 import shlex
 import subprocess
 import sys
@@ -43,14 +47,13 @@ from absl import logging
 import ml_collections
 
 from mnv2_flax import cli
-from mnv2_flax import compilation_cache
-from mnv2_flax import cpu
 from mnv2_flax import defaults
+from mnv2_flax import files
 from mnv2_flax import hardware
-from mnv2_flax import summary
-from mnv2_flax import train_lib
 
-COLUMNS = summary.COLUMNS
+# JAX, TensorFlow and the training code load in the processes that train
+# (`_train`), SciPy with the summary: the sweep's flags and every point's
+# config are checked before either.
 SUBMITIT = (
   'submitit is not installed: `make setup-slurm` '
   '(pip install -r requirements-slurm.txt)'
@@ -148,27 +151,20 @@ def apply_overrides(
   return config
 
 
-def _write_atomically(path: str, text: str | bytes) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb' if isinstance(text, bytes) else 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
-def _read_json(path: str) -> dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return {}
-
-
 def point_status(point: Point) -> dict[str, Any]:
   """The point's results, wall time and status from its workdir."""
-  results = _read_json(os.path.join(point.workdir, 'results.json'))
-  sweep = _read_json(os.path.join(point.workdir, 'sweep.json'))
-  row = {k: results.get(k) for k in COLUMNS}
+  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
+  results = files.read_json(os.path.join(point.workdir, 'results.json'))
+  sweep = files.read_json(os.path.join(point.workdir, 'sweep.json'))
+  row = {k: results.get(k) for k in summary.COLUMNS}
   row['wall_seconds'] = sweep.get('wall_seconds')
+  if row['wall_seconds'] is not None and row['train_seconds'] is not None:
+    # The point's whole cost (its wall time over every attempt) minus
+    # training and evaluation.
+    row['fixed_seconds'] = (
+      row['wall_seconds'] - row['train_seconds'] - (row['eval_seconds'] or 0)
+    )
   if results.get('finished'):
     row['status'] = 'finished'
   elif sweep.get('error'):
@@ -182,13 +178,15 @@ def point_status(point: Point) -> dict[str, Any]:
 
 def _record(point: Point, wall_seconds: float, error: str | None) -> None:
   path = os.path.join(point.workdir, 'sweep.json')
-  previous = _read_json(path)
-  record = dict(
-    arg=point.arg,
-    wall_seconds=previous.get('wall_seconds', 0.0) + wall_seconds,
-    error=error,
+  previous = files.read_json(path)
+  files.write_json(
+    path,
+    dict(
+      arg=point.arg,
+      wall_seconds=previous.get('wall_seconds', 0.0) + wall_seconds,
+      error=error,
+    ),
   )
-  _write_atomically(path, json.dumps(record, indent=2))
 
 
 def point_configs(
@@ -207,16 +205,27 @@ def point_configs(
   return configs
 
 
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train_lib.train_and_evaluate`, imported when a point first trains."""
+  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+
+  return train_lib.train_and_evaluate(config, workdir)
+
+
 def run_point(
   point: Point,
   config: ml_collections.ConfigDict,
-  train_fn: Callable[..., dict] = train_lib.train_and_evaluate,
+  train_fn: Callable[..., dict] = _train,
 ) -> str | None:
   """Trains (or resumes) one point; records and returns its error, if any."""
   os.makedirs(point.workdir, exist_ok=True)
   start = time.perf_counter()
   error = None
   try:
+    if config.train.compilation_cache_dir:
+      from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+
+      compilation_cache.enable(config)
     train_fn(config, point.workdir)
   except Exception as e:  # pylint: disable=broad-except
     error = f'{type(e).__name__}: {e}'
@@ -243,6 +252,8 @@ class _Progress:
     left = self.total - len(self.durations)
     eta = '?'
     if self.durations:
+      from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
       mean = sum(self.durations) / len(self.durations)
       eta = summary.format_duration(mean * left / self.parallel)
     logging.info(
@@ -261,14 +272,16 @@ def run(
   root: str,
   overrides: dict[str, str] | None = None,
   shard: tuple[int, int] = (0, 1),
-  train_fn: Callable[..., dict] = train_lib.train_and_evaluate,
+  train_fn: Callable[..., dict] = _train,
   parallel: int = 1,
 ) -> list[dict[str, Any]]:
   """Runs this shard's unfinished points; returns the summary's run rows.
 
-  With `parallel` > 1 the points run as `python -m mnv2_flax.sweep
-  --point=...` processes (train_fn is not used) on `hardware.shares`.
+  With `parallel` > 1 the points run in `parallel` worker processes
+  (`python -m mnv2_flax.sweep --worker`, train_fn is not used) on
+  `hardware.shares`, each training one point after another.
   """
+  start = time.perf_counter()
   points = make_points(point_args, root)
   configs = point_configs(module, points[shard[0] :: shard[1]], overrides)
   todo = [p for p in configs if point_status(p)['status'] != 'finished']
@@ -280,7 +293,7 @@ def run(
     f', {parallel} at a time' if parallel > 1 else '',
   )
   if parallel > 1:
-    _run_processes(module, todo, root, overrides or {}, parallel, point_args)
+    _run_workers(module, todo, root, overrides or {}, parallel, point_args)
   else:
     progress = _Progress(len(todo))
     for point in todo:
@@ -297,20 +310,38 @@ def run(
     sum(r['status'] in ('pending', 'interrupted') for r in rows),
     os.path.join(root, 'results.md'),
   )
+  _log_fixed_cost(rows, todo, time.perf_counter() - start, parallel)
   return rows
 
 
-def worker_command(
-  module, point: Point, root: str, overrides: dict[str, str]
-) -> list[str]:
-  """The command that runs one point in its own process."""
+def _log_fixed_cost(rows, todo, wall: float, parallel: int) -> None:
+  """How much of this invocation's time went to training and evaluation."""
+  del rows
+  ran = [point_status(p) for p in todo]
+  ran = [r for r in ran if r['status'] == 'finished' and r['train_seconds']]
+  if not ran or not wall:
+    return
+  worked = sum(r['train_seconds'] + (r['eval_seconds'] or 0) for r in ran)
+  logging.info(
+    'Sweep wall %.0f s with %d worker(s): %.0f s of training and '
+    'evaluation in %d runs, %.0f%% of the worker time outside them.',
+    wall,
+    parallel,
+    worked,
+    len(ran),
+    100 * (1 - worked / (wall * parallel)),
+  )
+
+
+def worker_command(module, root: str, overrides: dict[str, str]) -> list[str]:
+  """The command of a worker: it trains the points it is sent."""
   return [
     sys.executable,
     '-m',
     'mnv2_flax.sweep',
     f'--config={os.path.abspath(module.__file__)}',
     f'--root={root}',
-    f'--point={point.arg}',
+    '--worker',
     *(f'--set={k}={v}' for k, v in overrides.items()),
   ]
 
@@ -326,71 +357,168 @@ def _last_error(log_path: str) -> str:
   return (errors or lines or [''])[-1]
 
 
-def _run_processes(module, todo, root, overrides, parallel, point_args):
-  """Runs `todo` as worker processes, `parallel` at a time."""
-  free = hardware.shares(parallel)
-  for share in free:
+class _Worker:
+  """A worker process on one share of the devices, and its current point.
+
+  It reads point arguments from its stdin, one per line, and answers each
+  with a line on its stdout once the point has ended (its record is then
+  in the point's workdir); it exits at the end of its stdin.
+  """
+
+  def __init__(self, module, root, overrides, share, log_path):
+    self.share, self.point, self.started = share, None, 0.0
+    with open(log_path, 'a') as log:
+      self.process = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
+        worker_command(module, root, overrides),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env={**os.environ, **share.env},
+        preexec_fn=share.pin,
+        text=True,
+        bufsize=1,
+      )
+
+  def send(self, point: Point) -> None:
+    self.point, self.started = point, time.perf_counter()
+    self.process.stdin.write(point.arg + '\n')
+    self.process.stdin.flush()
+
+  def stop(self) -> None:
+    self.process.stdin.close()
+
+
+def _run_workers(module, todo, root, overrides, parallel, point_args):
+  """Runs `todo` on `parallel` worker processes, one point each at a time.
+
+  A worker that dies with a point in hand gets that point recorded as
+  failed (the next run retries it) and is replaced while points are left.
+  """
+  shares = hardware.shares(parallel)
+  for share in shares:
     logging.info('Sweep worker slot: %s', share.label)
-  queue, running = list(todo), {}
+  logs = os.path.join(root, 'workers')
+  os.makedirs(logs, exist_ok=True)
+  queue, workers = list(todo), []
   progress = _Progress(len(todo), parallel)
+
+  def start(i):
+    worker = _Worker(
+      module, root, overrides, shares[i], f'{logs}/worker-{i}.txt'
+    )
+    worker.slot = i
+    return worker
+
+  def feed(worker):
+    if queue:
+      worker.send(queue.pop(0))
+    else:
+      worker.point = None
+      worker.stop()
+
   try:
-    while queue or running:
-      while queue and free:
-        point, share = queue.pop(0), free.pop(0)
-        os.makedirs(point.workdir, exist_ok=True)
-        log_path = os.path.join(point.workdir, 'log.txt')
-        with open(log_path, 'a') as log:
-          process = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
-            worker_command(module, point, root, overrides),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **share.env},
-            preexec_fn=share.pin,
-          )
-        running[process] = (point, share, time.perf_counter(), log_path)
-        progress.log([p for p, *_ in running.values()])
-      time.sleep(0.2)
-      for process in [p for p in running if p.poll() is not None]:
-        point, share, start, log_path = running.pop(process)
-        free.append(share)
-        error = None
-        if process.returncode != 0:  # it could not record its own end
+    for i in range(min(parallel, len(queue))):
+      workers.append(start(i))
+      feed(workers[-1])
+    progress.log([w.point for w in workers if w.point])
+    while any(w.point for w in workers):
+      busy = {w.process.stdout: w for w in workers if w.point}
+      ready, _, _ = select.select(list(busy), [], [], 1.0)
+      for pipe in ready:
+        worker = busy[pipe]
+        line = pipe.readline()
+        point = worker.point
+        if line:  # the point has ended and recorded itself
+          error = point_status(point)['error']
+        else:  # the worker died with the point in hand
+          code = worker.process.wait()
+          log_path = os.path.join(point.workdir, 'log.txt')
           error = (
-            f'worker exited with status {process.returncode}: '
+            f'worker exited with status {code}: '
             f'{_last_error(log_path)} (log: {log_path})'
           )
           logging.error('Sweep point %s failed: %s', point.arg, error)
-          _record(point, 0.0, error)
-        else:
-          error = point_status(point)['error']
-        progress.done(error, time.perf_counter() - start)
-        progress.log([p for p, *_ in running.values()])
+          _record(point, time.perf_counter() - worker.started, error)
+          workers[workers.index(worker)] = worker = start(worker.slot)
+        progress.done(error, time.perf_counter() - worker.started)
+        feed(worker)
+        progress.log([w.point for w in workers if w.point])
         summarize(module, point_args, root)
+    for worker in workers:
+      worker.process.wait()
   finally:  # interrupted: stop the workers; their checkpoints stay
-    for process in running:
-      process.terminate()
-    for process in running:
-      process.wait()
+    for worker in workers:
+      if worker.process.poll() is None:
+        worker.process.terminate()
+    for worker in workers:
+      worker.process.wait()
+
+
+def work(module, root: str, overrides: dict[str, str]) -> None:
+  """A worker's loop: trains each point argument read from stdin in this
+  process, its log in `<workdir>/log.txt`, and answers on stdout."""
+  answer = os.fdopen(os.dup(1), 'w', buffering=1)
+  os.dup2(2, 1)  # what anything prints goes to the log, not the answers
+  cli.start_jax()
+  cores = ','.join(map(str, sorted(os.sched_getaffinity(0))))
+  for line in sys.stdin:
+    point = Point(line.strip(), os.path.join(root, point_name(line.strip())))
+    os.makedirs(point.workdir, exist_ok=True)
+    _log_to(os.path.join(point.workdir, 'log.txt'))
+    from mnv2_flax import hardware as hw  # pylint: disable=g-import-not-at-top
+
+    logging.info(
+      '%s CPU cores: %s; worker process %d.', hw.describe(), cores, os.getpid()
+    )
+    try:
+      config = point_configs(module, [point], overrides)[point]
+    except ValueError as e:
+      _record(point, 0.0, str(e))
+    else:
+      run_point(point, config)
+    _after_point()
+    answer.write(f'{point.arg}\n')
+
+
+def _log_to(path: str) -> None:
+  """This process's stderr (absl's log, TensorFlow's and XLA's) to `path`."""
+  sys.stderr.flush()
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+  os.dup2(fd, 2)
+  os.close(fd)
+
+
+def _after_point() -> None:
+  """Frees what a finished point's programs held (the next has others)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.clear_caches()
 
 
 class PointTask:
-  """One point as a submitit job: picklable (the config file's path, not
-  the module) and requeued where Slurm preempts or times it out
-  (`checkpoint`); the rerun resumes from the point's checkpoints."""
+  """Points as one submitit job, trained one after another in its process:
+  picklable (the config file's path, not the module) and requeued where
+  Slurm preempts or times it out (`checkpoint`); the rerun skips finished
+  points and resumes the others from their checkpoints."""
 
   def __init__(self, config_path: str, root: str, overrides: dict[str, str]):
     self.config_path, self.root, self.overrides = config_path, root, overrides
 
-  def __call__(self, point_arg: str) -> str | None:
-    cpu.configure_host()
+  def __call__(self, point_args: list[str]) -> list[str | None]:
     module = load_config_module(self.config_path)
-    point = Point(point_arg, os.path.join(self.root, point_name(point_arg)))
-    config = point_configs(module, [point], self.overrides)[point]
-    if point_status(point)['status'] == 'finished':
-      return None
-    compilation_cache.enable(config)
-    logging.info('%s', hardware.describe())
-    return run_point(point, config)
+    points = [
+      Point(a, os.path.join(self.root, point_name(a))) for a in point_args
+    ]
+    configs = point_configs(module, points, self.overrides)
+    cli.start_jax()
+    errors = []
+    for point in points:
+      if point_status(point)['status'] == 'finished':
+        errors.append(None)
+        continue
+      errors.append(run_point(point, configs[point]))
+      _after_point()
+    return errors
 
   def checkpoint(self, *args, **kwargs):
     import submitit  # pylint: disable=g-import-not-at-top
@@ -437,7 +565,7 @@ def submit(
   points = make_points(point_args, root)
   point_configs(module, points, overrides)
   registry = os.path.join(root, 'submitit', 'jobs.json')
-  earlier = _read_json(registry)
+  earlier = files.read_json(registry)
   waiting = {}  # point: a function that says whether its job is done
   for point in points:
     job_id = earlier.get(point.arg)
@@ -469,17 +597,20 @@ def submit(
         'slurm_array_parallelism, ...).'
       ) from None
     task = PointTask(os.path.abspath(module.__file__), root, overrides)
-    jobs = executor.map_array(task, [p.arg for p in todo])
-    earlier.update({p.arg: j.job_id for p, j in zip(todo, jobs, strict=True)})
-    _write_atomically(registry, json.dumps(earlier, indent=2))
+    groups = _seed_groups(todo)
+    jobs = executor.map_array(task, [[p.arg for p in g] for g in groups])
+    for group, job in zip(groups, jobs, strict=True):
+      earlier.update({p.arg: job.job_id for p in group})
+      waiting.update({p: job.done for p in group})
+    files.write_json(registry, earlier)
     logging.info(
-      'Submitted %d runs to %s as array job %s; logs in %s.',
-      len(jobs),
+      'Submitted %d runs to %s as array job %s of %d tasks; logs in %s.',
+      len(todo),
       cluster,
       jobs[0].job_id.split('_')[0],
+      len(jobs),
       os.path.dirname(registry),
     )
-    waiting.update({p: j.done for p, j in zip(todo, jobs, strict=True)})
   seen = -1
   while True:
     done = sum(is_done() for is_done in waiting.values())
@@ -489,12 +620,25 @@ def submit(
     if done == len(waiting):
       break
     time.sleep(poll_seconds)
-  for job, point in zip(jobs, todo, strict=True):
-    if job.exception() is not None and point_status(point)['error'] is None:
-      error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
-      logging.error('Sweep point %s failed: %s', point.arg, error)
-      _record(point, 0.0, error)
+  for job, group in zip(jobs, groups if jobs else [], strict=True):
+    if job.exception() is None:
+      continue
+    for point in group:  # what the task could not record itself
+      if point_status(point)['status'] in ('pending', 'interrupted'):
+        error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
+        logging.error('Sweep point %s failed: %s', point.arg, error)
+        _record(point, 0.0, error)
   return summarize(module, point_args, root)
+
+
+def _seed_groups(points: list[Point]) -> list[list[Point]]:
+  """`points` grouped by their argument without its seed, in order: a
+  point's seeds share a task's process (and its compiled programs)."""
+  groups = {}
+  for point in points:
+    key = ','.join(k for k in point.arg.split(',') if not k.startswith('seed='))
+    groups.setdefault(key, []).append(point)
+  return list(groups.values())
 
 
 def make_points(point_args: list[str], root: str) -> list[Point]:
@@ -532,6 +676,8 @@ def _args(arg: str) -> dict[str, str]:
 
 def summarize(module, point_args: list[str], root: str) -> list[dict]:
   """Writes the summary files (mnv2_flax.summary); returns the run rows."""
+  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
   os.makedirs(root, exist_ok=True)
   points = make_points(point_args, root)
   keys = []
@@ -574,26 +720,13 @@ def main(argv):
   del argv
   if _PARALLEL.value < 1:
     raise ValueError(f'--parallel={_PARALLEL.value}: expected 1 or more.')
-  if _PARALLEL.value > 1 and (_SUBMIT.value or _POINT.value):
-    raise ValueError('--parallel runs points here; not with --submit/--point.')
-  if _PARALLEL.value == 1 or hardware.expected_platform() == 'cpu':
-    cpu.configure_host()  # before JAX starts its CPU client
+  if _PARALLEL.value > 1 and (_SUBMIT.value or _WORKER.value):
+    raise ValueError('--parallel runs points here; not with --submit/--worker.')
   path, _, sweep_arg = _CONFIG.value.partition(':')
   module = load_config_module(path)
   overrides = dict(s.split('=', 1) if '=' in s else (s, '') for s in _SET.value)
-  if _POINT.value:  # one point, in this process (a --parallel worker)
-    point = Point(
-      _POINT.value, os.path.join(_ROOT.value, point_name(_POINT.value))
-    )
-    config = point_configs(module, [point], overrides)[point]
-    logging.info(
-      '%s CPU cores: %s.',
-      hardware.describe(),
-      ','.join(map(str, sorted(os.sched_getaffinity(0)))),
-    )
-    hardware.check_accelerator(config.train.require_accelerator)
-    compilation_cache.enable(config)
-    run_point(point, config)
+  if _WORKER.value:  # a --parallel worker: the points come on stdin
+    work(module, _ROOT.value, overrides)
     return
   point_args = module.get_sweep(sweep_arg or None)
   shard = parse_shard(_SHARD.value)
@@ -622,7 +755,7 @@ def main(argv):
     )
   else:
     if _PARALLEL.value > 1:
-      # This process leaves the devices to its workers: no JAX backend here.
+      # This process leaves the devices to its workers: no JAX here.
       hardware.shares(_PARALLEL.value)  # checked before anything runs
       if required and not hardware.accelerator_expected():
         raise hardware.AcceleratorMissingError(
@@ -630,10 +763,8 @@ def main(argv):
           f'expected here; {hardware.INSTALL}.'
         )
     else:
-      logging.info('%s', hardware.describe())
+      cli.start_jax()
       hardware.check_accelerator(required)
-      # The cache directory is the points' own, `--set` overrides included.
-      compilation_cache.enable(next(iter(configs.values())))
     rows = run(
       module,
       point_args,
@@ -642,7 +773,9 @@ def main(argv):
       shard,
       parallel=_PARALLEL.value,
     )
-  keys = [k for k in rows[0] if k not in COLUMNS] if rows else []
+  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
+  keys = [k for k in rows[0] if k not in summary.COLUMNS] if rows else []
   print(f'{len(rows)} runs; summary: {os.path.join(_ROOT.value, "results.md")}')
   if rows:
     print(summary.points_table(summary.group(rows, keys)))
@@ -657,7 +790,7 @@ if __name__ == '__main__':
   )
   _SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
   _PARALLEL = flags.DEFINE_integer(
-    'parallel', 1, 'Points run at once, each in its own process.'
+    'parallel', 1, 'Worker processes, each training one point at a time.'
   )
   _SUBMIT = flags.DEFINE_string(
     'submit', '', "'slurm' (one array job via submitit) or 'local'."
@@ -668,8 +801,11 @@ if __name__ == '__main__':
     'submitit parameters, e.g. timeout_min=240,slurm_partition=gpu,'
     'gpus_per_node=1,cpus_per_task=8,slurm_array_parallelism=16.',
   )
-  _POINT = flags.DEFINE_string(
-    'point', '', 'Run only this point argument here (used by --parallel).'
+  _WORKER = flags.DEFINE_bool(
+    'worker',
+    False,
+    'Train the point arguments read from stdin, one per line, in this '
+    'process (how --parallel runs its workers).',
   )
   _DRY_RUN = flags.DEFINE_bool(
     'dry_run', False, 'Print one train.py command per point.'

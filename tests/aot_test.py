@@ -12,8 +12,9 @@ import pytest
 from configs import default
 from configs import quickstart
 from mnv2_flax import aot
-from mnv2_flax import cpu
 from mnv2_flax import models
+from mnv2_flax.cpu import fast_path
+from mnv2_flax.cpu import kernels
 
 
 @pytest.mark.parametrize(
@@ -57,8 +58,8 @@ def test_the_check_finds_what_would_not_run_on_an_accelerator():
     f64 = lowered(lambda x: x.astype(jnp.float64).sum(), x)
   assert aot.problems(f64) == ['float64 values']
   # The CPU layers' kernels, traced on this host.
-  layers = cpu.layers()
-  if layers and cpu.kernels.available():
+  layers = fast_path.layers()
+  if layers and kernels.available():
     model = models.MobileNetV2(num_classes=10, width_multiplier=0.35, **layers)
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
     found = aot.problems(

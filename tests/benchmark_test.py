@@ -2,12 +2,12 @@
 
 import pytest
 
-from mnv2_flax import benchmark
+from mnv2_flax import benchmark_lib
 
 
 @pytest.mark.parametrize('mode', ['train', 'infer'])
 def test_benchmark_times_the_library_step(mode):
-  r = benchmark.run(
+  r = benchmark_lib.run(
     width_multiplier=0.35,
     resolution=32,
     batch_size=4,
@@ -34,7 +34,7 @@ def test_benchmark_times_the_library_step(mode):
     (op['ms_per_step'] for op in ops), reverse=True
   )
   assert any('depthwise_conv' in op['source'] for op in ops)
-  assert 'op time per step' in benchmark.format_ops(ops, top=5)
+  assert 'op time per step' in benchmark_lib.format_ops(ops, top=5)
 
 
 @pytest.mark.parametrize(
@@ -47,12 +47,12 @@ def test_benchmark_times_the_library_step(mode):
 )
 def test_benchmark_rejects_bad_flags(field, value, words):
   with pytest.raises(ValueError, match=words):
-    benchmark.run(resolution=32, batch_size=4, **{field: value})
+    benchmark_lib.run(resolution=32, batch_size=4, **{field: value})
 
 
 def test_the_profile_reads_device_op_lines_and_cpu_runtime_threads():
-  assert benchmark._is_op_line('/device:GPU:0', 'XLA Ops')
-  assert benchmark._is_op_line('/device:TPU:3', 'XLA Ops')
-  assert not benchmark._is_op_line('/device:GPU:0', 'XLA Modules')
-  assert benchmark._is_op_line('/host:CPU', 'tf_XLACpuWorker/1234')
-  assert not benchmark._is_op_line('/host:CPU', 'python3')
+  assert benchmark_lib._is_op_line('/device:GPU:0', 'XLA Ops')
+  assert benchmark_lib._is_op_line('/device:TPU:3', 'XLA Ops')
+  assert not benchmark_lib._is_op_line('/device:GPU:0', 'XLA Modules')
+  assert benchmark_lib._is_op_line('/host:CPU', 'tf_XLACpuWorker/1234')
+  assert not benchmark_lib._is_op_line('/host:CPU', 'python3')

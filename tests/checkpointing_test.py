@@ -19,6 +19,7 @@ import pytest
 
 from mnv2_flax import checkpointing
 from mnv2_flax import train_lib
+from mnv2_flax import training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -149,7 +150,7 @@ def test_mismatched_model_is_refused_naming_entries(trained_on_4):
   workdir, _ = trained_on_4
 
   config = tiny_config()
-  model = train_lib.create_model(config, num_classes=7, axis_name=None)
+  model = training_state.create_model(config, num_classes=7, axis_name=None)
   target = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   )
@@ -164,9 +165,9 @@ def test_mismatched_model_is_refused_naming_entries(trained_on_4):
 
   # Resuming training into another width is refused the same way.
   config.model.width_multiplier = 0.5
-  model = train_lib.create_model(config, num_classes=10, axis_name=None)
-  lr = train_lib.create_learning_rate_fn(config, 10)
-  state = train_lib.abstract_train_state(config, model, lr)
+  model = training_state.create_model(config, num_classes=10, axis_name=None)
+  lr = training_state.create_learning_rate_fn(config, 10)
+  state = training_state.abstract_train_state(config, model, lr)
   manager = checkpointing.create_manager(str(workdir), config, read_only=True)
   with pytest.raises(
     checkpointing.CheckpointMismatchError,

@@ -6,6 +6,7 @@ programs under test run fast enough unoptimised.
 """
 
 import atexit
+import os
 import shutil
 import tempfile
 
@@ -31,3 +32,43 @@ def data_dirs(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   fashion_mnist.prepare(data_dir, idx_dir)
   return idx_dir, data_dir
+
+
+# `.ci/run` names the groups of tests that must run in CI
+# (MNV2_FLAX_REQUIRE=compiler,libtpu,dataset,root): a skip for one of these
+# reasons fails the run there instead of leaving it green.
+SKIP_REASONS = {
+  'compiler': ('C++ kernels', 'C++ compiler'),
+  'libtpu': ('libtpu',),
+  'dataset': ('dataset-fashion-mnist',),
+  'root': ('needs root',),
+}
+
+
+def pytest_sessionfinish(session, exitstatus):
+  required = [
+    g for g in os.environ.get('MNV2_FLAX_REQUIRE', '').split(',') if g
+  ]
+  reporter = session.config.pluginmanager.get_plugin('terminalreporter')
+  if not required or reporter is None or hasattr(session.config, 'workerinput'):
+    return
+  unknown = set(required) - set(SKIP_REASONS)
+  if unknown:
+    raise ValueError(f'MNV2_FLAX_REQUIRE: unknown groups {sorted(unknown)}.')
+  missed = []
+  for report in reporter.stats.get('skipped', []):
+    reason = str(
+      report.longrepr[-1]
+      if isinstance(report.longrepr, tuple)
+      else report.longrepr
+    )
+    for group in required:
+      if any(key in reason for key in SKIP_REASONS[group]):
+        missed.append(f'{report.nodeid} ({group}: {reason})')
+  if missed:
+    reporter.write_line(
+      f'error: {len(missed)} test(s) skipped that CI requires '
+      f'(MNV2_FLAX_REQUIRE={",".join(required)}): ' + '; '.join(missed[:5]),
+      red=True,
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

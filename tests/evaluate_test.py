@@ -83,26 +83,26 @@ def test_main_names_a_missing_checkpoint(tmp_path):
 def test_export_to_litert_runs_beside_flax(trained, tmp_path):
   """A run's EMA model as LiteRT float32 and int8 (calibrated on the run's
   training images), each checked on the eval images right after writing."""
-  from mnv2_flax import export  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import export_lib  # pylint: disable=g-import-not-at-top
 
   workdir, result = trained
-  f32 = export.export(str(workdir), str(tmp_path / 'f32.tflite'))
+  f32 = export_lib.export(str(workdir), str(tmp_path / 'f32.tflite'))
   assert f32['images'] == result['num_examples']
   assert f32['max_logit_diff'] <= 1e-4 and f32['top1_agreement'] == 1.0
   assert f32['flax_top1'] == result['ema_top1']
-  int8 = export.export(
+  int8 = export_lib.export(
     str(workdir), str(tmp_path / 'int8.tflite'), quantize='int8', batch_size=2
   )
   assert int8['bytes'] < f32['bytes'] / 2  # int8 weights
   assert int8['images'] == 2 * (result['num_examples'] // 2)
   # Nothing is overwritten; quantising a SavedModel is refused.
   with pytest.raises(FileExistsError, match='nothing is overwritten'):
-    export.export(str(workdir), str(tmp_path / 'f32.tflite'))
+    export_lib.export(str(workdir), str(tmp_path / 'f32.tflite'))
   with pytest.raises(ValueError, match='--format=tflite'):
-    export.export(
+    export_lib.export(
       str(workdir), str(tmp_path / 'sm'), 'saved_model', quantize='float16'
     )
   # ONNX: the float32 LiteRT graph through tf2onnx, run by onnxruntime.
-  onnx = export.export(str(workdir), str(tmp_path / 'm.onnx'), 'onnx')
+  onnx = export_lib.export(str(workdir), str(tmp_path / 'm.onnx'), 'onnx')
   assert onnx['max_logit_diff'] <= 1e-4 and onnx['top1_agreement'] == 1.0
   assert sorted(os.listdir(tmp_path)) == ['f32.tflite', 'int8.tflite', 'm.onnx']

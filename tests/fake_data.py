@@ -4,6 +4,7 @@ tests' run config."""
 import gzip
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -152,7 +153,10 @@ def truncate_largest_array(step_dir) -> None:
 
 def count_compiles(run):
   """Runs `run()`; returns its result and the programs it asked to compile
-  (pmap's are named after its inner function, jit(_fun))."""
+  (pmap's are named after its inner function, jit(_fun)). JAX's in-memory
+  caches are cleared first: the count does not depend on what ran before
+  in this process."""
+  jax.clear_caches()
   compiled = []
 
   def on_compile(event, seconds, fun_name=None, **kwargs):
@@ -175,3 +179,19 @@ def mount_tmpfs(path, size: str) -> bool:
     capture_output=True,
     check=False,
   ).returncode
+
+
+def logged(run):
+  """Runs `run()`; returns (its result, the absl log lines it wrote)."""
+  logger = logging.getLogger('absl')
+  records = []
+  handler = logging.Handler()
+  handler.emit = lambda record: records.append(record.getMessage())
+  logger.addHandler(handler)
+  level = logger.level
+  logger.setLevel(logging.INFO)
+  try:
+    return run(), '\n'.join(records)
+  finally:
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
+from mnv2_flax import divergence
 from mnv2_flax import evaluate
 from mnv2_flax import input_pipeline
+from mnv2_flax import steps
 from mnv2_flax import train_lib
+from mnv2_flax import training_state
 
 
 @pytest.fixture(scope='module')
@@ -32,9 +35,9 @@ def trained(data_dirs, tmp_path_factory):
   and the run's model_stats.json."""
   config = tiny_config(data_dirs[1], num_epochs=1.0)
   workdir = tmp_path_factory.mktemp('trained')
-  model = train_lib.create_model(config, 10)
-  abstract = train_lib.abstract_train_state(
-    config, model, train_lib.create_learning_rate_fn(config, 5)
+  model = training_state.create_model(config, 10)
+  abstract = training_state.abstract_train_state(
+    config, model, training_state.create_learning_rate_fn(config, 5)
   )
   manager = checkpointing.create_manager(str(workdir), config)
   rng = np.random.default_rng(0)
@@ -215,9 +218,9 @@ def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
   config, workdir, _ = copy
   truncate_largest_array(workdir / 'checkpoints' / '5')
   manager = checkpointing.create_manager(str(workdir), config)
-  model = train_lib.create_model(config, 10)
-  lr = train_lib.create_learning_rate_fn(config, 5)
-  abstract = train_lib.abstract_train_state(config, model, lr)
+  model = training_state.create_model(config, 10)
+  lr = training_state.create_learning_rate_fn(config, 5)
+  abstract = training_state.abstract_train_state(config, model, lr)
   state, step = checkpointing.restore_latest(
     manager, abstract, config, skip_corrupt=True
   )
@@ -266,7 +269,7 @@ def diverged(data_dirs, tmp_path_factory):
   config.optim.learning_rate = 1e6
   config.checkpoint.update(every_steps=1, keep=2)
   workdir = tmp_path_factory.mktemp('diverged')
-  with pytest.raises(train_lib.TrainingDivergedError) as info:
+  with pytest.raises(divergence.TrainingDivergedError) as info:
     train_lib.train_and_evaluate(config, str(workdir))
   return config, workdir, str(info.value)
 
@@ -292,7 +295,7 @@ def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
   _refused(
     config,
     workdir,
-    train_lib.TrainingDivergedError,
+    divergence.TrainingDivergedError,
     ['this run diverged at step', 'it would diverge again', 'diverged.json'],
   )
   assert snapshot(workdir) == before
@@ -302,18 +305,18 @@ def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
   config, workdir, _ = diverged
   config = config.copy_and_resolve_references()
   config.optim.learning_rate = 0.01
-  train_lib._check_not_diverged(str(workdir), config)  # no error
+  divergence.check_resumable(str(workdir), config)  # no error
   assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in caplog.text
 
 
 def test_the_finite_flag_sees_a_single_inf_anywhere():
   config = tiny_config()
-  model = train_lib.create_model(config, 10, axis_name=None)
-  abstract = train_lib.abstract_train_state(
-    config, model, train_lib.create_learning_rate_fn(config, 10)
+  model = training_state.create_model(config, 10, axis_name=None)
+  abstract = training_state.abstract_train_state(
+    config, model, training_state.create_learning_rate_fn(config, 10)
   )
   state = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract)
-  flag = jax.jit(train_lib._all_finite)  # what train_step returns as 'finite'
+  flag = jax.jit(steps.all_finite)  # what train_step returns as 'finite'
   assert bool(flag(np.float32(2.3), state))
   assert not bool(flag(np.float32(np.nan), state))
   assert bool(flag(np.float32(3e38), state))  # large is still finite

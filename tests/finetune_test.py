@@ -16,13 +16,16 @@ from mnv2_flax import checkpointing
 from mnv2_flax import convert
 from mnv2_flax import defaults
 from mnv2_flax import finetune
-from mnv2_flax import train_lib
+from mnv2_flax import steps
+from mnv2_flax import training_state
 
 
 def _fresh_state(config, num_classes, seed):
-  model = train_lib.create_model(config, num_classes, axis_name=None)
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  return train_lib.create_train_state(config, model, lr, jax.random.key(seed))
+  model = training_state.create_model(config, num_classes, axis_name=None)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
+  return training_state.create_train_state(
+    config, model, lr, jax.random.key(seed)
+  )
 
 
 def _flat(tree):
@@ -186,9 +189,9 @@ def test_frozen_backbone_and_batch_norm_train_only_the_classifier():
     'image': jnp.asarray(rng.uniform(0, 255, (8, 32, 32, 3)), jnp.float32),
     'label': jnp.asarray(rng.integers(0, 10, 8), jnp.int32),
   }
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
   step = jax.jit(
-    lambda s, b: train_lib.train_step(
+    lambda s, b: steps.train_step(
       s,
       b,
       jax.random.key(0),
@@ -208,7 +211,7 @@ def test_frozen_backbone_and_batch_norm_train_only_the_classifier():
   )
   # Frozen BN normalises with the running statistics in training too.
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  model = train_lib.create_model(config, 10, axis_name=None)
+  model = training_state.create_model(config, 10, axis_name=None)
   train_logits, _ = model.apply(
     variables, batch['image'], train=True, mutable=['batch_stats']
   )

@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mnv2_flax import cpu
 from mnv2_flax import hardware
 from mnv2_flax import models
+from mnv2_flax.cpu import fast_path
+from mnv2_flax.cpu import host_malloc
 from mnv2_flax.cpu import kernels
 
 
@@ -80,13 +81,13 @@ def test_cpu_host_settings_only_for_the_cpu_backend(
   assert hardware.accelerator_expected() == expected
   if expected:  # the allocator is left alone on a GPU or TPU host
     monkeypatch.setattr(
-      cpu.host_malloc, 'configure', lambda: pytest.fail('configured')
+      host_malloc, 'configure', lambda: pytest.fail('configured')
     )
-    assert cpu.configure_host() is False
+    assert fast_path.configure_host() is False
 
 
 def test_cpu_layers_refuse_another_backend(monkeypatch):
-  layers = cpu.layers()
+  layers = fast_path.layers()
   if not layers:
     pytest.skip('the CPU layers are switched off (MNV2_FLAX_CPU=0)')
   model = models.MobileNetV2(num_classes=10, width_multiplier=0.35, **layers)

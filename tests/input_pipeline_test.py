@@ -18,8 +18,8 @@ import tensorflow_datasets as tfds
 from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
 from mnv2_flax import input_pipeline as ip
+from mnv2_flax import placement
 from mnv2_flax import preprocessing
-from mnv2_flax import train_lib
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,12 +236,12 @@ def test_prefetch_to_device(data_dirs):
   batch = next(
     ip.prefetch_to_device(
       ip.create_train_dataset(ip.get_builder(config), config),
-      train_lib.batch_sharding(),
+      placement.split(),
     )
   )
   assert isinstance(batch['image'], jax.Array)
   assert batch['image'].shape == (1, 8, 32, 32, 3)
-  assert batch['image'].sharding == train_lib.batch_sharding()
+  assert batch['image'].sharding == placement.split()
 
 
 def test_imagenet_under_mock_data():

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mnv2_flax import steps
 from mnv2_flax import train_lib
+from mnv2_flax import training_state
 
 
 def test_a_program_of_3_steps_equals_3_single_steps():
@@ -14,9 +16,11 @@ def test_a_program_of_3_steps_equals_3_single_steps():
   # A small step size: at 0.1 this tiny model on random data turns the two
   # programs' different float rounding into 1e-4 differences within 3 steps.
   config.optim.learning_rate = 1e-3
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  model = train_lib.create_model(config, 10)
-  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
+  model = training_state.create_model(config, 10)
+  state = training_state.create_train_state(
+    config, model, lr, jax.random.key(0)
+  )
   rng = np.random.default_rng(0)
   batches = [
     {
@@ -25,13 +29,13 @@ def test_a_program_of_3_steps_equals_3_single_steps():
     }
     for _ in range(3)
   ]
-  single = train_lib.make_p_train_step(config, lr)
+  single = steps.make_p_train_step(config, lr)
   # Copies: the steps donate (free) the state they are given.
   one_by_one, losses = jax.tree.map(jnp.copy, state), []
   for batch in batches:
     one_by_one, metrics = single(one_by_one, batch, jax.random.key(1))
     losses.append(float(metrics['loss']))
-  three = train_lib.make_p_train_step(config, lr, steps=3)
+  three = steps.make_p_train_step(config, lr, steps=3)
   together, metrics = three(state, tuple(batches), jax.random.key(1))
   assert metrics['loss'].shape == (3,)
   np.testing.assert_allclose(metrics['loss'], losses, rtol=1e-4)

@@ -315,6 +315,88 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
     assert [r['status'] for r in csv.DictReader(f)] == ['finished'] * 2
 
 
+_CRASHING_CONFIG = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from configs import ablation
+
+CRASH = 'width=0.35,res=32,seed=crash'
+
+
+def get_sweep(arg):
+  return ablation.get_sweep('grid,width=0.35,res=32,seeds=3') + [CRASH]
+
+
+def get_config(arg):
+  if arg != CRASH:
+    return ablation.get_config(arg)
+  if '--worker' in sys.argv:  # the process that trains it dies at once
+    os.kill(os.getpid(), signal.SIGKILL)
+  return ablation.get_config('width=0.35,res=32,seed=9')
+"""
+
+
+@pytest.mark.skipif(
+  len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
+)
+def test_workers_train_many_points_and_a_crash_is_recorded_alone(
+  data_dirs, tmp_path
+):
+  _, data_dir = data_dirs
+  config = tmp_path / 'crashing.py'
+  config.write_text(_CRASHING_CONFIG.format(root=ROOT))
+  root = tmp_path / 'sweep'
+  command = [
+    sys.executable,
+    '-m',
+    'mnv2_flax.sweep',
+    f'--config={config}',
+    f'--root={root}',
+    '--parallel=2',
+    *(f'--set={k}={v}' for k, v in _tiny(data_dir).items()),
+  ]
+
+  def sweep_once():
+    return subprocess.run(
+      command,
+      capture_output=True,
+      text=True,
+      cwd=tmp_path,
+      env=dict(os.environ, **FAST_COMPILES),
+      timeout=600,
+      check=False,
+    )
+
+  result = sweep_once()
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Sweep: 4 of 4 runs done (1 failed)' in result.stderr
+  with open(root / 'results.csv') as f:
+    status = {r['seed']: r['status'] for r in csv.DictReader(f)}
+  assert status == dict.fromkeys('012', 'finished') | {'crash': 'failed'}
+  crash = sweep.point_name('width=0.35,res=32,seed=crash')
+  record = json.loads((root / crash / 'sweep.json').read_text())
+  assert record['error'].startswith('worker exited with status -9')
+  # Two workers (plus the one that replaced the crashed one, if any points
+  # were left) trained the 3 points: one of them trained two in turn.
+  pids = [
+    re.search(
+      r'worker process (\d+)\.', (root / name / 'log.txt').read_text()
+    ).group(1)
+    for name in (sweep.point_name(f'width=0.35,res=32,seed={i}') for i in '012')
+  ]
+  assert len(set(pids)) < 3, pids
+  # Every finished point's cost is split: training, evaluation, the rest.
+  result = json.loads(
+    (
+      root / sweep.point_name('width=0.35,res=32,seed=0') / 'results.json'
+    ).read_text()
+  )
+  assert result['eval_seconds'] > 0 and result['fixed_seconds'] > 0
+  # A rerun retries the failed point alone (and it fails again, alone).
+  again = sweep_once()
+  assert 'Sweep: 4 runs, 4 in this shard, 1 to run' in again.stderr
+
+
 def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   data_dirs, tmp_path, monkeypatch
 ):
@@ -331,8 +413,9 @@ def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
     open(os.path.join(root, 'submitit', 'jobs.json')).read()
   )
   assert sorted(registry) == sorted(points)
-  # One job per point, each with its log and result.
-  for job_id in registry.values():
+  # One task for the point's two seeds (one process), with its log and result.
+  assert len(set(registry.values())) == 1
+  for job_id in set(registry.values()):
     for name in ('0_log.out', '0_result.pkl'):
       assert os.path.exists(
         os.path.join(root, 'submitit', job_id, f'{job_id}_{name}')

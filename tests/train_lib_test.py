@@ -5,12 +5,14 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import textwrap
 
 import chex
 from fake_data import count_compiles
+from fake_data import logged
 from fake_data import mount_tmpfs
 from fake_data import run_on_fake_devices
 from fake_data import tiny_config
@@ -22,7 +24,9 @@ import pytest
 
 from mnv2_flax import checkpointing
 from mnv2_flax import preprocessing
+from mnv2_flax import steps
 from mnv2_flax import train_lib
+from mnv2_flax import training_state
 
 # First-step loss for seed 0 (TF-slim init, width 0.35, res 32, float32, CPU).
 GOLDEN_FIRST_LOSS = 4.347808
@@ -30,11 +34,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _state_and_step(config, axis_name=None):
-  model = train_lib.create_model(config, 10, axis_name=axis_name)
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-  state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
+  model = training_state.create_model(config, 10, axis_name=axis_name)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
+  state = training_state.create_train_state(
+    config, model, lr, jax.random.key(0)
+  )
   step = functools.partial(
-    train_lib.train_step,
+    steps.train_step,
     config=config,
     learning_rate_fn=lr,
     axis_name=axis_name,
@@ -76,12 +82,13 @@ _PMAP_SCRIPT = textwrap.dedent("""
     jax.config.update('jax_disable_most_optimizations', True)
     from fake_data import tiny_config
     from train_lib_test import _fixed_batch
-    from mnv2_flax import train_lib
+    from mnv2_flax import steps, training_state
     config = tiny_config()
-    model = train_lib.create_model(config, 10)
-    lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=10)
-    state = train_lib.create_train_state(config, model, lr, jax.random.key(0))
-    step = functools.partial(train_lib.train_step, config=config,
+    model = training_state.create_model(config, 10)
+    lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
+    state = training_state.create_train_state(
+        config, model, lr, jax.random.key(0))
+    step = functools.partial(steps.train_step, config=config,
                              learning_rate_fn=lr)
     batch = _fixed_batch()
     out = {{}}
@@ -142,8 +149,8 @@ def test_eval_step_flip_average():
   config = tiny_config()
   state, _ = _state_and_step(config)
   batch = dict(_fixed_batch(), mask=jnp.array([1.0] * 7 + [0.0]))
-  plain = train_lib.eval_step(state, batch, axis_name=None)
-  both = train_lib.eval_step(state, batch, flip_average=True, axis_name=None)
+  plain = steps.eval_step(state, batch, axis_name=None)
+  both = steps.eval_step(state, batch, flip_average=True, axis_name=None)
   assert set(both) == set(plain) | {
     f'{p}flip_{m}' for p in ('', 'ema_') for m in ('loss', 'top1', 'top5')
   }
@@ -171,7 +178,7 @@ def test_eval_step_flip_average():
   symmetric = dict(
     batch, image=(batch['image'] + batch['image'][:, :, ::-1]) / 2
   )
-  out = train_lib.eval_step(state, symmetric, flip_average=True, axis_name=None)
+  out = steps.eval_step(state, symmetric, flip_average=True, axis_name=None)
   for m in ('loss', 'top1', 'top5'):
     np.testing.assert_allclose(out[f'flip_{m}'], out[m], rtol=1e-5)
 
@@ -179,13 +186,13 @@ def test_eval_step_flip_average():
 def test_weight_decay_masks():
   config = tiny_config()
   state, _ = _state_and_step(config)
-  slim = train_lib.weight_decay_mask(state.params, 'tf_slim')
+  slim = training_state.weight_decay_mask(state.params, 'tf_slim')
   assert slim['block_05']['expand_conv']['kernel']
   assert slim['classifier']['kernel']
   assert not slim['block_05']['depthwise_conv']['kernel']
   assert not slim['block_05']['expand_bn']['scale']
   assert not slim['classifier']['bias']
-  no_norm = train_lib.weight_decay_mask(state.params, 'no_norm')
+  no_norm = training_state.weight_decay_mask(state.params, 'no_norm')
   assert no_norm['block_05']['depthwise_conv']['kernel']
   assert no_norm['classifier']['bias']
   assert not no_norm['head_bn']['bias']
@@ -202,14 +209,14 @@ def test_learning_rate_schedules():
     decay_epochs=2.5,
     warmup_epochs=0.0,
   )
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=100)
   np.testing.assert_allclose(lr(0), 0.09, rtol=1e-6)  # scaled with batch
   np.testing.assert_allclose(lr(249), 0.09, rtol=1e-6)  # staircase
   np.testing.assert_allclose(lr(250), 0.09 * 0.98, rtol=1e-6)
   np.testing.assert_allclose(lr(1000), 0.09 * 0.98**4, rtol=1e-6)
   config.optim.update(schedule='cosine', warmup_epochs=1.0)
   config.train.num_epochs = 3
-  lr = train_lib.create_learning_rate_fn(config, steps_per_epoch=100)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=100)
   np.testing.assert_allclose(lr(50), 0.045, rtol=1e-6)  # half-way warm-up
   np.testing.assert_allclose(lr(100), 0.09, rtol=1e-6)
   np.testing.assert_allclose(lr(200), 0.045, rtol=1e-5)  # cosine midpoint
@@ -226,7 +233,7 @@ def test_rmsprop_has_tf1_semantics():
     lr_reference_batch=8,
     warmup_epochs=0.0,
   )
-  tx = train_lib.create_optimizer(config, lambda _: 0.1)
+  tx = training_state.create_optimizer(config, lambda _: 0.1)
   params = {'w': jnp.array([1.0])}
   grads = {'w': jnp.array([2.0])}
   state = tx.init(params)
@@ -247,7 +254,7 @@ def test_adamw_decay_is_decoupled_and_masked():
   config.optim.update(
     optimizer='adamw', weight_decay=0.5, weight_decay_mask='tf_slim'
   )
-  tx = train_lib.create_optimizer(config, lambda _: 0.1)
+  tx = training_state.create_optimizer(config, lambda _: 0.1)
   params = {
     'expand_conv': {'kernel': jnp.array([2.0])},
     'depthwise_conv': {'kernel': jnp.array([2.0])},
@@ -307,6 +314,11 @@ def test_a_run_writes_results_stats_events_and_checkpoints(full_run):
   assert 0.0 <= result['top1'] <= 1.0 and 'ema_flip_top5' in result
   assert result['steps'] == result['completed_steps'] == 10
   assert result['macs'] > 0 and result['images_per_second'] > 0
+  # The run's wall time: training, evaluation (twice here) and the rest.
+  assert result['eval_seconds'] > 0 and result['fixed_seconds'] > 0
+  assert result['wall_seconds'] == pytest.approx(
+    result['train_seconds'] + result['eval_seconds'] + result['fixed_seconds']
+  )
   assert json.loads((workdir / 'results.json').read_text()) == result
   assert glob.glob(str(workdir / 'events.out.tfevents.*'))
   stats = json.loads((workdir / 'model_stats.json').read_text())
@@ -333,51 +345,44 @@ def test_a_finished_run_is_not_run_again(full_run, caplog):
 def resumed_run(data_dirs, full_run, tmp_path_factory):
   """The full run's config stopped after step 6, then run again.
 
-  Returns (workdir, log of the second run).
+  Returns (workdir, log of the second run, log of the first).
   """
   config = full_run[0].copy_and_resolve_references()
   config.train.eval_every_steps = 1000
   workdir = tmp_path_factory.mktemp('interrupted')
   config.train.stop_after_step = 6
-  partial = train_lib.train_and_evaluate(config, str(workdir))
+  partial, first_log = logged(
+    lambda: train_lib.train_and_evaluate(config, str(workdir))
+  )
   assert partial['completed_steps'] == 6 and not partial['finished']
   config.train.stop_after_step = 0
-  logger = logging.getLogger('absl')
-  records = []
-  handler = logging.Handler()
-  handler.emit = lambda record: records.append(record.getMessage())
-  logger.addHandler(handler)
-  level = logger.level
-  logger.setLevel(logging.INFO)
-  try:
-    train_lib.train_and_evaluate(config, str(workdir))
-  finally:
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-  return workdir, '\n'.join(records)
+  _, log = logged(lambda: train_lib.train_and_evaluate(config, str(workdir)))
+  return workdir, log, first_log
 
 
 def test_an_interrupted_run_resumes_to_the_same_parameters(
   full_run, resumed_run
 ):
-  workdir, log = resumed_run
+  workdir, log, _ = resumed_run
   assert 'Resuming from step 6 of 10' in log
   chex.assert_trees_all_close(
     _final_params(workdir), _final_params(full_run[2]), rtol=1e-6, atol=1e-6
   )
 
 
-def test_a_resumed_run_loads_the_train_step_from_the_cache(resumed_run):
-  # A restored state lowers the same train step as a fresh one: with a weakly
+def test_a_resumed_run_lowers_the_same_train_step_as_a_fresh_one(resumed_run):
+  # The same program, so the same persistent-cache entry: with a weakly
   # typed step in the fresh state every resume once compiled it again.
-  _, log = resumed_run
-  assert 'Train step loaded from the persistent compilation cache' in log
+  _, log, first_log = resumed_run
+  program = re.compile(r'Train step: program (\w+)\.')
+  fresh, resumed = program.findall(first_log), program.findall(log)
+  assert len(fresh) == len(resumed) == 1 and fresh == resumed
 
 
 def test_a_resume_names_the_config_fields_that_changed(resumed_run):
   # Only the field this test changed: the config's tuples equal the lists
   # they were saved as.
-  _, log = resumed_run
+  _, log, _ = resumed_run
   assert (
     'differs from the saved one: config.train.stop_after_step: 6 -> 0.' in (log)
   )

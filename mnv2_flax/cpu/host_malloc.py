@@ -19,7 +19,7 @@ process starts.
 It must run before JAX creates its CPU client (threads that already own an
 arena keep it): applied after, the same step took 106.9 ms. Entry points
 (`train.py`, `mnv2_flax.benchmark`, `mnv2_flax.evaluate`, `mnv2_flax.sweep`)
-call it first through `mnv2_flax.cpu.configure_host()`, which
+call it first through `mnv2_flax.cpu.fast_path.configure_host()`, which
 `MNV2_FLAX_CPU=0` turns off. Outside Linux with glibc it does nothing.
 """
 

@@ -3,7 +3,7 @@
 On XLA:CPU a program runs slower in a process that has itself compiled a
 large program than in one that loaded it from JAX's persistent compilation
 cache (cause unknown: not page faults, the heap the compiler leaves or XLA's
-parallel code generation). So `train_lib` has a child process compile the
+parallel code generation). So `programs` has a child process compile the
 state initialiser and the steps into the cache while it fills the shuffle
 buffer, then loads them. Quickstart train step, compiled in the process vs
 loaded from the cache (medians of 3 alternating runs, malloc settings on,
@@ -32,7 +32,7 @@ from typing import Any
 from absl import logging
 import jax
 
-from mnv2_flax import cpu
+from mnv2_flax.cpu import fast_path
 
 # The child never outlives a stuck compile by more than this.
 _TIMEOUT_SECONDS = 1800
@@ -40,7 +40,7 @@ _TIMEOUT_SECONDS = 1800
 
 def wanted(cache_dir: str) -> bool:
   """Whether it can help here: CPU backend, one process, a cache to fill."""
-  return bool(cache_dir and cpu.enabled() and jax.process_count() == 1)
+  return bool(cache_dir and fast_path.enabled() and jax.process_count() == 1)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -77,8 +77,9 @@ class Child:
     self._process.stdin.write(pickle.dumps(dict(job, parent=os.getpid())))
     self._process.stdin.close()
 
-  def wait(self) -> None:
-    """Waits for the child; logs a warning with its output if it failed."""
+  def wait(self) -> bool:
+    """Waits for the child; True if it succeeded, else False and a warning
+    with its output."""
     try:
       code = self._process.wait(timeout=_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
@@ -88,7 +89,7 @@ class Child:
     seconds = time.perf_counter() - self._start
     if code == 0:
       logging.info('Programs compiled in a child process in %.1f s.', seconds)
-      return
+      return True
     self._log.seek(0)
     output = self._log.read().decode(errors='replace')[-3000:]
     logging.warning(
@@ -98,6 +99,7 @@ class Child:
       seconds,
       output,
     )
+    return False
 
 
 def start(target: str, cache_dir: str, **kwargs: Any) -> Child | None:
@@ -157,7 +159,7 @@ def _compile(job: dict[str, Any]) -> None:
 
 
 def main() -> None:
-  cpu.configure_host()
+  fast_path.configure_host()
   job = pickle.load(sys.stdin.buffer)
   _die_with_parent(job['parent'])
   _compile(job)

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnv2_flax import cpu
 from mnv2_flax import models
 from mnv2_flax.cpu import depthwise
+from mnv2_flax.cpu import fast_path
 from mnv2_flax.cpu import kernels
 
 needs_kernels = pytest.mark.skipif(
@@ -226,15 +226,15 @@ def test_conv_general_dilated_routes_each_conv_of_the_model():
 
 
 def test_layers_only_on_the_cpu_backend_and_switched_off_by_env(monkeypatch):
-  layers = cpu.layers()
+  layers = fast_path.layers()
   assert set(layers) == {'conv', 'norm_act'}
   # The same objects every call: two models built alike compare equal.
-  assert cpu.layers() == layers
-  monkeypatch.setenv(cpu.ENV_VAR, '0')
-  assert cpu.layers() == {}
-  monkeypatch.delenv(cpu.ENV_VAR)
+  assert fast_path.layers() == layers
+  monkeypatch.setenv(fast_path.ENV_VAR, '0')
+  assert fast_path.layers() == {}
+  monkeypatch.delenv(fast_path.ENV_VAR)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert cpu.layers() == {}
+  assert fast_path.layers() == {}
 
 
 @pytest.mark.parametrize(
@@ -266,7 +266,7 @@ def test_models_agree_with_flax_layers(padding, kernels_built, monkeypatch):
   # analytically zero (a BN bias followed, through a conv, by another BN)
   # and only rounding noise remains in them.
   scale = max(float(np.abs(r).max()) for r in jax.tree.leaves(ref_grads))
-  fast = model.clone(**cpu.layers())
+  fast = model.clone(**fast_path.layers())
   (_, out), grads = jax.jit(
     jax.value_and_grad(functools.partial(loss, fast), has_aux=True)
   )(variables['params'])

@@ -1,4 +1,4 @@
-"""cpu.configure_host: a freed large block is reused, not faulted again."""
+"""configure_host: a freed large block is reused, not faulted again."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import pytest
 # (ctypes, not numpy: numpy asks for transparent huge pages on its own.)
 _PROBE = """
 import ctypes, json, resource
-from mnv2_flax import cpu
-applied = cpu.configure_host()
+from mnv2_flax.cpu import fast_path
+applied = fast_path.configure_host()
 libc = ctypes.CDLL('libc.so.6')
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]

@@ -16,10 +16,11 @@ _PROBE = """
 import json, os, re
 import jax, jax.numpy as jnp
 jax.config.update('jax_disable_most_optimizations', True)
-from mnv2_flax import cpu, models
+from mnv2_flax import models
+from mnv2_flax.cpu import fast_path
 from mnv2_flax.cpu import kernels
 model = models.MobileNetV2(num_classes=4, width_multiplier=0.35,
-                           **cpu.layers())
+                           **fast_path.layers())
 x = jnp.ones((2, 32, 32, 3))
 variables = jax.jit(model.init)(jax.random.key(0), x)
 def loss(params):

@@ -1,0 +1,225 @@
+"""A run's compiled programs: lowered once, then loaded or compiled.
+
+`prepare` gives the loop its state and steps, compiled ahead of time while a
+thread fills the input pipeline's shuffle buffer. On XLA:CPU the programs
+are compiled by a child process into the persistent compilation cache and
+loaded from it (`cpu/precompile.py` says why), but only on a cache miss: the
+child's successes are recorded by the programs' fingerprint (a hash of
+their lowered text, JAX's version and the devices), so a run whose programs
+the cache already holds starts no child.
+"""
+
+from collections.abc import Callable, Iterator
+import concurrent.futures
+import hashlib
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import optax
+
+from mnv2_flax import compilation_cache
+from mnv2_flax import models
+from mnv2_flax import placement
+from mnv2_flax import steps
+from mnv2_flax import training_state
+from mnv2_flax.cpu import precompile
+
+
+def lower_steps(
+  config: ml_collections.ConfigDict,
+  state: training_state.TrainState,
+  learning_rate_fn: optax.Schedule,
+  train_batch: dict[str, Any],
+  eval_batch: dict[str, Any] | None,
+) -> tuple[dict[str, jax.stages.Lowered], Callable, Callable]:
+  """A run's steps, pmap-ed and lowered for its (abstract) arguments.
+
+  Compiling the lowered programs fills pmap's own cache: calls with a state
+  of `state`'s tree structure (its optimizer and apply function included)
+  then compile nothing. `state` may be abstract (`abstract_train_state`).
+  `train_batch` and `eval_batch` are unplaced shapes
+  (`input_pipeline.batch_spec(ds)`); no eval step without `eval_batch`.
+  One process only: with several, pmap cannot lower abstract inputs.
+
+  Returns:
+    ({name: lowered program}, p_train_step, p_eval_step).
+  """
+  replicated, split = placement.replicated(), placement.split()
+  state = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    state,
+  )
+  k = config.train.steps_per_call
+  p_train_step = steps.make_p_train_step(config, learning_rate_fn, steps=k)
+  p_eval_step = steps.make_p_eval_step(config)
+  rng = jax.random.key(config.seed + 1)
+  train_batch = placement.placed(train_batch, split)
+  if k > 1:  # single steps run only to reach a log, eval or save step
+    lowered = {
+      f'Train program of {k} steps': p_train_step.lower(
+        state, (train_batch,) * k, rng
+      )
+    }
+  else:
+    lowered = {'Train step': p_train_step.lower(state, train_batch, rng)}
+  if eval_batch is not None:
+    lowered['Eval step'] = p_eval_step.lower(
+      state, placement.placed(eval_batch, split)
+    )
+  return lowered, p_train_step, p_eval_step
+
+
+def lower_run_programs(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  steps_per_epoch: int,
+  train_batch: dict[str, Any],
+  eval_batch: dict[str, Any] | None,
+) -> dict[str, jax.stages.Lowered]:
+  """What `precompile`'s child compiles: a run's steps, as `prepare` lowers
+  them (the state initialiser is compiled, and cached, on the way)."""
+  model = training_state.create_model(config, num_classes)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch)
+  state = training_state.initial_train_state(config, model, lr)
+  return lower_steps(config, state, lr, train_batch, eval_batch)[0]
+
+
+def fingerprint(lowered: dict[str, jax.stages.Lowered]) -> str:
+  """A hash of the programs as this JAX would compile them here."""
+  digest = hashlib.sha256()
+  devices = [(d.platform, d.device_kind) for d in jax.local_devices()]
+  digest.update(repr((jax.__version__, devices)).encode())
+  for name in sorted(lowered):
+    digest.update(name.encode())
+    digest.update(lowered[name].as_text().encode())
+  return digest.hexdigest()[:24]
+
+
+def _record_dir(cache_dir: str) -> str:
+  """Beside the cache, not in it: JAX owns its cache directory's files."""
+  return os.path.expanduser(cache_dir).rstrip('/') + '-precompiled'
+
+
+def _cached(cache_dir: str, key: str) -> bool:
+  """Whether a child compiled programs `key` into `cache_dir` before."""
+  return bool(cache_dir) and os.path.exists(
+    os.path.join(_record_dir(cache_dir), key)
+  )
+
+
+def _record(cache_dir: str, key: str) -> None:
+  os.makedirs(_record_dir(cache_dir), exist_ok=True)
+  with open(os.path.join(_record_dir(cache_dir), key), 'w') as f:
+    f.write(time.strftime('%Y-%m-%d %H:%M:%S\n'))
+
+
+def _compile_logged(what: str, lowered: jax.stages.Lowered) -> None:
+  """Compiles; logs whether it came from the persistent cache."""
+  start = time.perf_counter()
+  with compilation_cache.counting_hits() as hits:
+    lowered.compile()
+  logging.info(
+    '%s %s in %.1f s.',
+    what,
+    'loaded from the persistent compilation cache'
+    if hits
+    else 'compiled in this process',
+    time.perf_counter() - start,
+  )
+
+
+def prepare(
+  config: ml_collections.ConfigDict,
+  model: models.MobileNetV2,
+  learning_rate_fn: optax.Schedule,
+  steps_per_epoch: int,
+  state: training_state.TrainState | None,
+  train_batches: Callable[[], Iterator[dict[str, Any]]],
+  train_batch: dict[str, Any],
+  eval_batch: dict[str, Any] | None,
+) -> tuple[training_state.TrainState, Callable, Callable, Iterator]:
+  """Initialises the state (unless `state` was restored); compiles the steps.
+
+  Args:
+    config, model, learning_rate_fn, steps_per_epoch: the run's.
+    state: the restored state, or None for a fresh one.
+    train_batches: starts the input pipeline (run in a thread meanwhile).
+    train_batch, eval_batch: unplaced batch shapes; `eval_batch` is None
+      unless the run evaluates before its last step (its step is then
+      compiled up front too).
+
+  Returns:
+    (state placed as the steps return it, p_train_step, p_eval_step,
+    iterator of placed train batches).
+  """
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    first = pool.submit(train_batches)
+    lowered = p_train_step = p_eval_step = None
+    # With several processes pmap cannot lower ahead: it compiles at the
+    # first step.
+    # The structure the steps are lowered for (the optimizer and apply
+    # function are part of it): the restored state's, or a fresh one's.
+    structure = state
+    if structure is None:
+      structure = training_state.abstract_train_state(
+        config, model, learning_rate_fn
+      )
+    if jax.process_count() == 1:
+      lowered, p_train_step, p_eval_step = lower_steps(
+        config, structure, learning_rate_fn, train_batch, eval_batch
+      )
+      for name, program in lowered.items():
+        logging.info('%s: program %s.', name, fingerprint({name: program}))
+      key = fingerprint(lowered)
+      _precompile(
+        config, key, model.num_classes, steps_per_epoch, train_batch, eval_batch
+      )
+    if state is None:
+      fresh = training_state.initial_train_state(
+        config, model, learning_rate_fn
+      )
+      state = jax.tree.unflatten(
+        jax.tree.structure(structure), jax.tree.leaves(fresh)
+      )
+    if lowered is None:
+      p_train_step = steps.make_p_train_step(
+        config, learning_rate_fn, steps=config.train.steps_per_call
+      )
+      p_eval_step = steps.make_p_eval_step(config)
+    else:
+      for name, program in lowered.items():
+        _compile_logged(name, program)
+    # Placed as the pmap-ed step returns it (replicated over its mesh); as
+    # init or restore place it, the second step would compile again (and
+    # with several processes pmap would copy it, donation or not).
+    state = jax.device_put(state, placement.replicated())
+    train_iter = first.result()
+  return state, p_train_step, p_eval_step, train_iter
+
+
+def _precompile(
+  config, key, num_classes, steps_per_epoch, train_batch, eval_batch
+):
+  """On a cache miss where it helps (`precompile.wanted`), has a child
+  process compile the programs `key` into the persistent cache."""
+  cache_dir = config.train.compilation_cache_dir
+  if not precompile.wanted(cache_dir):
+    return
+  if _cached(cache_dir, key):
+    logging.info('Programs %s are in the compilation cache.', key)
+    return
+  child = precompile.start(
+    'mnv2_flax.programs:lower_run_programs',
+    cache_dir,
+    config=config,
+    num_classes=num_classes,
+    steps_per_epoch=steps_per_epoch,
+    train_batch=train_batch,
+    eval_batch=eval_batch,
+  )
+  if child is not None and child.wait():
+    _record(cache_dir, key)
