@@ -32,6 +32,7 @@ on a bare accelerator image. The library is `benchmark_lib`.
 
 import dataclasses
 import json
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -79,6 +80,17 @@ _AOT_TOPOLOGY = flags.DEFINE_string(
   'TPU needed) and print its FLOPs, bytes accessed and temporaries instead '
   'of timing anything.',
 )
+_INPUT_PIPELINE = flags.DEFINE_bool(
+  'input_pipeline',
+  False,
+  "Time --config's host input pipeline (tf.data, no device) instead.",
+)
+_SYNTHETIC_JPEG = flags.DEFINE_bool(
+  'synthetic_jpeg',
+  False,
+  'With --input_pipeline: the train transforms on locally made 375x500 '
+  'JPEGs instead of the configured dataset.',
+)
 _CONFIG = None  # --config, defined when run as a program (sweep has one)
 
 
@@ -97,6 +109,26 @@ def _check_flags() -> None:
       )
 
 
+def _time_input_pipeline() -> None:
+  """--input_pipeline: the host pipeline of --config, without a device."""
+  if _CONFIG.value is None:
+    raise ValueError('--input_pipeline: pass --config=path/to/config.py.')
+  config = _CONFIG.value
+  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+  if _SYNTHETIC_JPEG.value:
+    result = input_pipeline.benchmark_jpeg(config, steps=_STEPS.value)
+  else:
+    result = input_pipeline.benchmark(config, steps=_STEPS.value)
+  name = '375x500 JPEG' if _SYNTHETIC_JPEG.value else config.data.name
+  print(
+    f'{name} train pipeline at {config.data.image_size}px, '
+    f'batch {config.data.batch_size}, {os.cpu_count()} CPUs: '
+    f'{result["images_per_second"]:,.0f} images/s '
+    f'({result["steps"]} batches in {result["seconds"]:.2f} s)'
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(
@@ -105,6 +137,9 @@ def main(argv):
   _check_flags()
   if _CONFIG.value is not None:
     defaults.check(_CONFIG.value)
+  if _INPUT_PIPELINE.value:
+    _time_input_pipeline()
+    return
   # pylint: disable=g-import-not-at-top
   from mnv2_flax import aot
   from mnv2_flax import benchmark_lib

@@ -12,7 +12,7 @@ number of processes and devices. Batches come out as numpy dicts
 steps normalise them (`preprocessing.normalize`).
 
 Benchmark of the host pipeline:
-  python -m mnv2_flax.input_pipeline --config=configs/quickstart.py --benchmark
+  python -m mnv2_flax.benchmark --input_pipeline --config=configs/quickstart.py
 """
 
 import collections
@@ -25,11 +25,8 @@ import os
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -311,7 +308,8 @@ def _prefetched(ds, config):
   # a minute: 12 s to drop a 70-second-old iterator, up to 42 s at the end of
   # a quickstart run. Throughput on 2 cores: 20,200-20,500 images/s off vs
   # 17,300-17,500 on (Fashion-MNIST, batch 256), 2,050-2,090 vs 2,010-2,070
-  # (375x500 JPEGs), `python -m mnv2_flax.input_pipeline --benchmark`.
+  # (375x500 JPEGs): python -m mnv2_flax.benchmark --input_pipeline
+  # [--synthetic_jpeg].
   options.autotune.enabled = False
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 
@@ -547,40 +545,3 @@ def benchmark_jpeg(
   )
   ds = _prefetched(_device_batches(ds, config.data.batch_size), config)
   return _time_batches(ds, steps, warmup, config.data.batch_size)
-
-
-def main(argv):
-  del argv
-  if not _BENCHMARK.value:
-    raise app.UsageError('Nothing to do: pass --benchmark.')
-  config = _CONFIG.value
-  try:
-    if _JPEG.value:
-      result = benchmark_jpeg(config, steps=_STEPS.value)
-    else:
-      result = benchmark(config, steps=_STEPS.value)
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from None
-  name = '375x500 JPEG' if _JPEG.value else config.data.name
-  print(
-    f'{name} train pipeline at {config.data.image_size}px, '
-    f'batch {config.data.batch_size}, {os.cpu_count()} CPUs: '
-    f'{result["images_per_second"]:,.0f} images/s '
-    f'({result["steps"]} batches in {result["seconds"]:.2f} s)'
-  )
-
-
-if __name__ == '__main__':
-  # Flags live here so that importing the library defines none.
-  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.')
-  _JPEG = flags.DEFINE_bool(
-    'synthetic_jpeg',
-    False,
-    'Benchmark the train transforms on locally made 375x500 JPEGs instead of '
-    'the configured dataset.',
-  )
-  _BENCHMARK = flags.DEFINE_bool(
-    'benchmark', False, 'Print the host pipeline throughput.'
-  )
-  _STEPS = flags.DEFINE_integer('steps', 50, 'Timed batches.')
-  app.run(main)

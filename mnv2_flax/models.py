@@ -578,7 +578,7 @@ class MobileNetV2(nn.Module):
     return x.astype(jnp.float32)
 
 
-def create_model(name: str, **kwargs: Any) -> MobileNetV2:
+def preset(name: str, **kwargs: Any) -> MobileNetV2:
   """Builds a published variant by name (see PRESETS), with overrides."""
   _check_choice('name', name, tuple(PRESETS))
   return MobileNetV2(**{**PRESETS[name], **kwargs})

@@ -1,5 +1,9 @@
 """Tests of the benchmark harness (it runs; its numbers are consistent)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from mnv2_flax import benchmark_lib
@@ -56,3 +60,29 @@ def test_the_profile_reads_device_op_lines_and_cpu_runtime_threads():
   assert not benchmark_lib._is_op_line('/device:GPU:0', 'XLA Modules')
   assert benchmark_lib._is_op_line('/host:CPU', 'tf_XLACpuWorker/1234')
   assert not benchmark_lib._is_op_line('/host:CPU', 'python3')
+
+
+def test_the_input_pipeline_is_timed_from_the_command_line(data_dirs):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'mnv2_flax.benchmark',
+      '--input_pipeline',
+      '--config=configs/quickstart.py',
+      f'--config.data.data_dir={data_dirs[1]}',
+      '--config.data.batch_size=8',
+      '--config.data.shuffle_buffer=64',
+      '--steps=3',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=root,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  line = result.stdout.strip().splitlines()[-1]
+  assert line.startswith('fashion_mnist train pipeline at 32px, batch 8')
+  assert '(3 batches in' in line

@@ -81,6 +81,9 @@ NO_DATA_MODULES = (
   'files',
   'summary',
   'sweep',
+  'sweep_points',
+  'sweep_workers',
+  'sweep_submit',
   'evaluate',
   'export',
 )
@@ -146,6 +149,7 @@ BAD_INPUT = (
   ),
   (['-m', 'mnv2_flax.benchmark', '--resolution=0'], '--resolution=0'),
   (['-m', 'mnv2_flax.benchmark', '--nosuch'], "flag 'nosuch'"),
+  (['-m', 'mnv2_flax.benchmark', '--input_pipeline'], '--config='),
   (['-m', 'mnv2_flax.stats', '--width_multiplier=0'], '--width_multiplier'),
 )
 

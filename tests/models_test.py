@@ -162,7 +162,7 @@ def test_output_shapes(width, height, w_px):
   ],
 )
 def test_presets(name, stem, head):
-  model = models.create_model(name, num_classes=10)
+  model = models.preset(name, num_classes=10)
   variables = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 64, 64, 3))))
   assert variables['params']['stem_conv']['kernel'].shape == (3, 3, 3, stem)
   assert variables['params']['head_conv']['kernel'].shape[-1] == head
@@ -539,7 +539,7 @@ def test_invalid_inputs(shape, words):
 
 def test_unknown_preset():
   with pytest.raises(ValueError, match="name='mobilenet_v2_200'"):
-    models.create_model('mobilenet_v2_200')
+    models.preset('mobilenet_v2_200')
 
 
 @pytest.mark.parametrize('scheme', ['tf_slim', 'torchvision'])

@@ -11,6 +11,8 @@ import pytest
 
 from configs import ablation
 from mnv2_flax import sweep
+from mnv2_flax import sweep_points
+from mnv2_flax import sweep_submit
 from mnv2_flax import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,15 +110,15 @@ def test_point_names_are_distinct_and_shell_safe():
     (ablation.get_sweep(name) for name in ablation.SWEEPS if name != 'grid'),
     start=[],
   )
-  names = [sweep.point_name(a) for a in args]
-  assert sweep.point_name('width=0.5,res=24') == 'width-0.5_res-24'
+  names = [sweep_points.point_name(a) for a in args]
+  assert sweep_points.point_name('width=0.5,res=24') == 'width-0.5_res-24'
   assert len(set(names)) == len(set(args))
   assert all(
     n.replace('-', '').replace('_', '').replace('.', '').isalnum()
     for n in names
   )
   with pytest.raises(ValueError, match='no valid directory name'):
-    sweep.point_name('width=0.5,res=../x')
+    sweep_points.point_name('width=0.5,res=../x')
 
 
 @pytest.mark.parametrize('count', [1, 2, 3, 4, 7])
@@ -142,7 +144,7 @@ def test_shards_split_disjointly_and_completely(count):
 
 def test_overrides_are_typed_and_checked():
   config = ablation.get_config(None)
-  sweep.apply_overrides(
+  sweep_points.apply_overrides(
     config,
     {
       'train.num_epochs': '2',
@@ -157,9 +159,9 @@ def test_overrides_are_typed_and_checked():
   assert config.checkpoint.async_save is False
   assert config.data.batch_size == 16
   with pytest.raises(ValueError, match='no field train.epochs'):
-    sweep.apply_overrides(config, {'train.epochs': '1'})
+    sweep_points.apply_overrides(config, {'train.epochs': '1'})
   with pytest.raises(ValueError, match='data.batch_size=many: expected a int'):
-    sweep.apply_overrides(config, {'data.batch_size': 'many'})
+    sweep_points.apply_overrides(config, {'data.batch_size': 'many'})
 
 
 def _tiny(data_dir, **extra):
@@ -190,7 +192,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   _, data_dir = data_dirs
   root = str(tmp_path / 'sweep')
   points = ablation.get_sweep('grid,width=0.35,res=32,seeds=3')
-  names = [sweep.point_name(p) for p in points]
+  names = [sweep_points.point_name(p) for p in points]
   calls, resumed = [], []
 
   def train(config, workdir):  # the real loop, its calls recorded
@@ -211,7 +213,8 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
     sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
   assert calls == names[:2]
   statuses = [
-    sweep.point_status(p)['status'] for p in sweep.make_points(points, root)
+    sweep_points.point_status(p)['status']
+    for p in sweep_points.make_points(points, root)
   ]
   assert statuses == ['finished', 'interrupted', 'pending']
   finished = _mtimes(root, names[:1])
@@ -307,8 +310,8 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   assert 'Sweep: 2 of 2 runs done (0 failed)' in result.stderr
   cores = []
   for point in ablation.get_sweep(grid):
-    log = (root / sweep.point_name(point) / 'log.txt').read_text()
-    cores.append(re.search(r'CPU cores: ([\d,]+)\.', log).group(1))
+    log = (root / sweep_points.point_name(point) / 'log.txt').read_text()
+    cores.append(re.search(r'CPU cores: ([\d,]+);', log).group(1))
   assert len(set(cores)) == 2
   assert '| 0.35 | 32 | 2 |' in result.stdout  # the pooled point
   with open(root / 'results.csv') as f:
@@ -373,24 +376,19 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   with open(root / 'results.csv') as f:
     status = {r['seed']: r['status'] for r in csv.DictReader(f)}
   assert status == dict.fromkeys('012', 'finished') | {'crash': 'failed'}
-  crash = sweep.point_name('width=0.35,res=32,seed=crash')
+  crash = sweep_points.point_name('width=0.35,res=32,seed=crash')
   record = json.loads((root / crash / 'sweep.json').read_text())
   assert record['error'].startswith('worker exited with status -9')
   # Two workers (plus the one that replaced the crashed one, if any points
   # were left) trained the 3 points: one of them trained two in turn.
-  pids = [
-    re.search(
-      r'worker process (\d+)\.', (root / name / 'log.txt').read_text()
-    ).group(1)
-    for name in (sweep.point_name(f'width=0.35,res=32,seed={i}') for i in '012')
+  names = [
+    sweep_points.point_name(f'width=0.35,res=32,seed={i}') for i in '012'
   ]
+  logs = [(root / name / 'log.txt').read_text() for name in names]
+  pids = [re.search(r'worker process (\d+)\.', log).group(1) for log in logs]
   assert len(set(pids)) < 3, pids
   # Every finished point's cost is split: training, evaluation, the rest.
-  result = json.loads(
-    (
-      root / sweep.point_name('width=0.35,res=32,seed=0') / 'results.json'
-    ).read_text()
-  )
+  result = json.loads((root / names[0] / 'results.json').read_text())
   assert result['eval_seconds'] > 0 and result['fixed_seconds'] > 0
   # A rerun retries the failed point alone (and it fails again, alone).
   again = sweep_once()
@@ -406,7 +404,7 @@ def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   root = str(tmp_path / 'sweep')
   points = ablation.get_sweep('grid,width=0.35,res=32,seeds=2')
   args = (ablation, points, root, _tiny(data_dir), 'local')
-  rows = sweep.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  rows = sweep_submit.submit(*args, dict(timeout_min=10), poll_seconds=1)
   assert [r['status'] for r in rows] == ['finished'] * 2
   jobs = os.listdir(os.path.join(root, 'submitit'))
   registry = json.loads(
@@ -423,15 +421,15 @@ def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   with open(os.path.join(root, 'points.csv')) as f:
     assert next(csv.DictReader(f))['n'] == '2'
   # Rerun: nothing is left to submit.
-  rows = sweep.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  rows = sweep_submit.submit(*args, dict(timeout_min=10), poll_seconds=1)
   assert [r['status'] for r in rows] == ['finished'] * 2
   assert sorted(os.listdir(os.path.join(root, 'submitit'))) == sorted(jobs)
   # A rerun leaves a job that is still alive alone: it is waited for.
-  assert sweep._job_alive(None, root, 'local', str(os.getpid()))
-  assert not sweep._job_alive(None, root, 'local', registry[points[0]])
+  assert sweep_submit._job_alive(None, root, 'local', str(os.getpid()))
+  assert not sweep_submit._job_alive(None, root, 'local', registry[points[0]])
   # Unknown submitit parameters: one clear error, nothing submitted.
   with pytest.raises(ValueError, match='--submit_params'):
-    sweep.submit(
+    sweep_submit.submit(
       ablation,
       ablation.get_sweep('grid,width=0.35,res=40'),
       root,
@@ -445,8 +443,8 @@ def test_config_loads_from_outside_the_repository_root(tmp_path):
   """configs/ablation.py imports configs.default: no PYTHONPATH needed."""
   path = os.path.join(ROOT, 'configs', 'ablation.py')
   code = (
-    'from mnv2_flax import sweep; '
-    f'm = sweep.load_config_module({path!r}); '
+    'from mnv2_flax import sweep_points; '
+    f'm = sweep_points.load_config_module({path!r}); '
     'print(len(m.get_sweep(None)))'
   )
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}

@@ -136,7 +136,7 @@ def require_cpu(what: str) -> None:
     raise NotOnCpuError(
       f'{what} is a layer for the CPU backend, and this program runs on '
       f'{backend}: build the model without mnv2_flax.cpu.layers() '
-      '(train_lib.create_model leaves them out off CPU).'
+      '(training_state.create_model leaves them out off CPU).'
     )
 
 

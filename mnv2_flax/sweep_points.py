@@ -1,0 +1,258 @@
+"""A sweep's points: their workdirs, configs, records and summary.
+
+A point is one training run of a sweep, named by its config argument
+('width=0.5,res=24,seed=0') and trained in `<root>/<point name>`. What it
+records there (`sweep.json`: its wall time over every attempt and its
+error; the run's own `results.json`) is what `point_status` reads back, in
+any process: the sweep's, a worker's or a Slurm task's.
+"""
+
+from collections.abc import Callable
+import dataclasses
+import importlib.util
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+from absl import logging
+import ml_collections
+
+from mnv2_flax import defaults
+from mnv2_flax import files
+
+# JAX, TensorFlow and the training code load in the processes that train
+# (`_train`), SciPy with the summary: the sweep's flags and every point's
+# config are checked before either.
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  arg: str  # 'width=0.5,res=24'
+  workdir: str
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(self.workdir)
+
+
+def point_name(arg: str) -> str:
+  """'width=0.5,res=24' -> 'width-0.5_res-24' (a shell-safe directory name)."""
+  name = arg.replace('=', '-').replace(',', '_')
+  safe = all(c.isalnum() or c in '-_.' for c in name)
+  if not name or not safe:
+    raise ValueError(f'point argument {arg!r} gives no valid directory name.')
+  return name
+
+
+def load_config_module(path: str):
+  """Imports a config file by path, as `ml_collections.config_flags` does."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'--config: no config file at {path!r}.')
+  # A config inside a package (configs/ablation.py imports configs.default)
+  # needs the package's parent importable, wherever the command runs from.
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isfile(os.path.join(folder, '__init__.py')):
+    parent = os.path.dirname(folder)
+    if parent not in sys.path:
+      sys.path.insert(0, parent)
+  spec = importlib.util.spec_from_file_location('sweep_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(f'--config: {path} defines no get_sweep(arg).')
+  return module
+
+
+def apply_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, str]
+) -> ml_collections.ConfigDict:
+  """Sets `{'train.num_epochs': '2'}` on `config`, typed like the default."""
+  for key, text in overrides.items():
+    *sections, field = key.split('.')
+    node = config
+    for section in sections:
+      node = (
+        node.get(section)
+        if isinstance(node, dict | ml_collections.ConfigDict)
+        else None
+      )
+    if not isinstance(node, ml_collections.ConfigDict) or field not in node:
+      raise ValueError(f'--set {key}={text}: the config has no field {key}.')
+    kind = node.get_ref(field).get_type()  # a placeholder's type too
+    if text == 'None' and node[field] is None:
+      value = None
+    elif kind is str:
+      value = text
+    elif kind is bool:
+      if text not in ('True', 'False', 'true', 'false'):
+        raise ValueError(f'--set {key}={text}: expected True or False.')
+      value = text in ('True', 'true')
+    elif kind in (int, float):
+      try:
+        value = kind(text)
+      except ValueError:
+        raise ValueError(
+          f'--set {key}={text}: expected a {kind.__name__}.'
+        ) from None
+    else:
+      raise ValueError(
+        f'--set {key}: a {kind.__name__} field cannot be set here.'
+      )
+    node[field] = value
+  return config
+
+
+def point_status(point: Point) -> dict[str, Any]:
+  """The point's results, wall time and status from its workdir."""
+  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
+  results = files.read_json(os.path.join(point.workdir, 'results.json'))
+  sweep = files.read_json(os.path.join(point.workdir, 'sweep.json'))
+  row = {k: results.get(k) for k in summary.COLUMNS}
+  row['wall_seconds'] = sweep.get('wall_seconds')
+  if row['wall_seconds'] is not None and row['train_seconds'] is not None:
+    # The point's whole cost (its wall time over every attempt) minus
+    # training and evaluation.
+    row['fixed_seconds'] = (
+      row['wall_seconds'] - row['train_seconds'] - (row['eval_seconds'] or 0)
+    )
+  if results.get('finished'):
+    row['status'] = 'finished'
+  elif sweep.get('error'):
+    row['status'], row['error'] = 'failed', sweep['error']
+  elif os.path.isdir(os.path.join(point.workdir, 'checkpoints')):
+    row['status'] = 'interrupted'
+  else:
+    row['status'] = 'pending'
+  return row
+
+
+def record(point: Point, wall_seconds: float, error: str | None) -> None:
+  path = os.path.join(point.workdir, 'sweep.json')
+  previous = files.read_json(path)
+  files.write_json(
+    path,
+    dict(
+      arg=point.arg,
+      wall_seconds=previous.get('wall_seconds', 0.0) + wall_seconds,
+      error=error,
+    ),
+  )
+
+
+def point_configs(
+  module, points: list[Point], overrides: dict[str, str] | None = None
+) -> dict[Point, ml_collections.ConfigDict]:
+  """Every point's config, overrides applied and checked: one clear error
+  naming the point before anything runs."""
+  configs = {}
+  for point in points:
+    try:
+      config = apply_overrides(module.get_config(point.arg), overrides or {})
+      defaults.check(config)
+    except ValueError as e:
+      raise ValueError(f'sweep point {point.arg!r}: {e}') from None
+    configs[point] = config
+  return configs
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train_lib.train_and_evaluate`, imported when a point first trains."""
+  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+
+  return train_lib.train_and_evaluate(config, workdir)
+
+
+def run_point(
+  point: Point,
+  config: ml_collections.ConfigDict,
+  train_fn: Callable[..., dict] = train,
+) -> str | None:
+  """Trains (or resumes) one point; records and returns its error, if any."""
+  os.makedirs(point.workdir, exist_ok=True)
+  start = time.perf_counter()
+  error = None
+  try:
+    if config.train.compilation_cache_dir:
+      from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+
+      compilation_cache.enable(config)
+    train_fn(config, point.workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    error = f'{type(e).__name__}: {e}'
+    logging.error('Sweep point %s failed: %s', point.arg, error)
+    with open(os.path.join(point.workdir, 'error.txt'), 'w') as f:
+      f.write(traceback.format_exc())
+  finally:  # an interrupted point keeps its wall time too
+    record(point, time.perf_counter() - start, error)
+  return error
+
+
+class Progress:
+  """One log line per event: done, failed, running, ETA."""
+
+  def __init__(self, total: int, parallel: int = 1):
+    self.total, self.parallel = total, parallel
+    self.durations, self.failed = [], 0
+
+  def done(self, error: str | None, seconds: float) -> None:
+    self.durations.append(seconds)
+    self.failed += error is not None
+
+  def log(self, running: list[Point]) -> None:
+    left = self.total - len(self.durations)
+    eta = '?'
+    if self.durations:
+      from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
+      mean = sum(self.durations) / len(self.durations)
+      eta = summary.format_duration(mean * left / self.parallel)
+    logging.info(
+      'Sweep: %d of %d runs done (%d failed); running %s; ETA %s.',
+      len(self.durations),
+      self.total,
+      self.failed,
+      ', '.join(p.arg for p in running) or 'none',
+      eta,
+    )
+
+
+def make_points(point_args: list[str], root: str) -> list[Point]:
+  points = [Point(a, os.path.join(root, point_name(a))) for a in point_args]
+  names = [p.name for p in points]
+  if len(set(names)) != len(names):
+    raise ValueError(f'the sweep has repeated points: {names}.')
+  return points
+
+
+def after_point() -> None:
+  """Frees what a finished point's programs held (the next has others)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.clear_caches()
+
+
+def _args(arg: str) -> dict[str, str]:
+  return dict(item.split('=', 1) for item in arg.split(',') if item)
+
+
+def summarize(module, point_args: list[str], root: str) -> list[dict]:
+  """Writes the summary files (mnv2_flax.summary); returns the run rows."""
+  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(root, exist_ok=True)
+  points = make_points(point_args, root)
+  keys = []
+  for point in points:
+    keys += [k for k in _args(point.arg) if k not in keys]
+  rows = [
+    {**{k: _args(p.arg).get(k, '') for k in keys}, **point_status(p)}
+    for p in points
+  ]
+  published = None
+  if any(r.get('data') == 'imagenet' for r in rows):
+    published = getattr(module, 'PUBLISHED', None)
+  summary.write(rows, keys, root, published)
+  return rows

@@ -1,0 +1,192 @@
+"""Sweeps on Slurm (or submitit's local executor): one array job.
+
+`python -m mnv2_flax.sweep ... --submit=slurm` submits the unfinished points
+as one array job of one task per point and its seeds, trained one after
+another in the task's process, waits for it and summarises.
+"""
+
+import os
+import time
+from typing import Any
+
+from absl import logging
+
+from mnv2_flax import cli
+from mnv2_flax import files
+from mnv2_flax import sweep_points
+
+SUBMITIT = (
+  'submitit is not installed: `make setup-slurm` '
+  '(pip install -r requirements-slurm.txt)'
+)
+
+
+class PointTask:
+  """Points as one submitit job, trained one after another in its process:
+  picklable (the config file's path, not the module) and requeued where
+  Slurm preempts or times it out (`checkpoint`); the rerun skips finished
+  points and resumes the others from their checkpoints."""
+
+  def __init__(self, config_path: str, root: str, overrides: dict[str, str]):
+    self.config_path, self.root, self.overrides = config_path, root, overrides
+
+  def __call__(self, point_args: list[str]) -> list[str | None]:
+    module = sweep_points.load_config_module(self.config_path)
+    points = [
+      sweep_points.Point(a, os.path.join(self.root, sweep_points.point_name(a)))
+      for a in point_args
+    ]
+    configs = sweep_points.point_configs(module, points, self.overrides)
+    cli.start_jax()
+    errors = []
+    for point in points:
+      if sweep_points.point_status(point)['status'] == 'finished':
+        errors.append(None)
+        continue
+      errors.append(sweep_points.run_point(point, configs[point]))
+      sweep_points.after_point()
+    return errors
+
+  def checkpoint(self, *args, **kwargs):
+    import submitit  # pylint: disable=g-import-not-at-top
+
+    return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _job_alive(submitit, root: str, cluster: str, job_id: str) -> bool:
+  """Whether a job submitted earlier is still queued or running."""
+  if cluster == 'local':  # a local job's id is its process id
+    try:
+      os.kill(int(job_id), 0)
+    except (OSError, ValueError):
+      return False
+    return True
+  job = submitit.SlurmJob(
+    folder=os.path.join(root, 'submitit', '%j'), job_id=job_id
+  )
+  return not job.done()
+
+
+def submit(
+  module,
+  point_args: list[str],
+  root: str,
+  overrides: dict[str, str],
+  cluster: str,
+  params: dict[str, Any],
+  poll_seconds: float = 10.0,
+) -> list[dict[str, Any]]:
+  """Submits the unfinished points as one array job, waits, summarises.
+
+  `cluster` is 'slurm' or 'local' (submitit's local executor: real
+  processes on this host); `params` go to `executor.update_parameters`
+  (timeout_min, slurm_partition, gpus_per_node, cpus_per_task,
+  slurm_array_parallelism, ...). Job ids are kept in
+  `<root>/submitit/jobs.json`: a rerun submits only points that are
+  neither finished nor still queued or running, and waits for all of them.
+  """
+  try:
+    import submitit  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ValueError(f'--submit={cluster}: {SUBMITIT}.') from None
+  points = sweep_points.make_points(point_args, root)
+  sweep_points.point_configs(module, points, overrides)
+  registry = os.path.join(root, 'submitit', 'jobs.json')
+  earlier = files.read_json(registry)
+  waiting = {}  # point: a function that says whether its job is done
+  for point in points:
+    job_id = earlier.get(point.arg)
+    if job_id and _job_alive(submitit, root, cluster, job_id):
+      logging.info('Sweep point %s is still job %s.', point.arg, job_id)
+      waiting[point] = lambda j=job_id: (
+        not _job_alive(submitit, root, cluster, j)
+      )
+  todo = [
+    p
+    for p in points
+    if p not in waiting and sweep_points.point_status(p)['status'] != 'finished'
+  ]
+  jobs = []
+  if todo:
+    executor = submitit.AutoExecutor(
+      folder=os.path.join(root, 'submitit', '%j'), cluster=cluster
+    )
+    try:
+      executor.update_parameters(
+        name=f'mnv2_sweep_{os.path.basename(os.path.abspath(root))}',
+        **params,
+      )
+    except (ValueError, TypeError, NameError, AssertionError) as e:
+      raise ValueError(
+        f'--submit_params: {str(e).splitlines()[0]} Shared parameters: '
+        'timeout_min, cpus_per_task, gpus_per_node, mem_gb, nodes, '
+        'tasks_per_node; Slurm ones start with slurm_ (slurm_partition, '
+        'slurm_array_parallelism, ...).'
+      ) from None
+    task = PointTask(os.path.abspath(module.__file__), root, overrides)
+    groups = _seed_groups(todo)
+    jobs = executor.map_array(task, [[p.arg for p in g] for g in groups])
+    for group, job in zip(groups, jobs, strict=True):
+      earlier.update({p.arg: job.job_id for p in group})
+      waiting.update({p: job.done for p in group})
+    files.write_json(registry, earlier)
+    logging.info(
+      'Submitted %d runs to %s as array job %s of %d tasks; logs in %s.',
+      len(todo),
+      cluster,
+      jobs[0].job_id.split('_')[0],
+      len(jobs),
+      os.path.dirname(registry),
+    )
+  seen = -1
+  while True:
+    done = sum(is_done() for is_done in waiting.values())
+    if done != seen:
+      logging.info('Sweep: %d of %d jobs done.', done, len(waiting))
+      seen = done
+    if done == len(waiting):
+      break
+    time.sleep(poll_seconds)
+  for job, group in zip(jobs, groups if jobs else [], strict=True):
+    if job.exception() is None:
+      continue
+    for point in group:  # what the task could not record itself
+      if sweep_points.point_status(point)['status'] in (
+        'pending',
+        'interrupted',
+      ):
+        error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
+        logging.error('Sweep point %s failed: %s', point.arg, error)
+        sweep_points.record(point, 0.0, error)
+  return sweep_points.summarize(module, point_args, root)
+
+
+def _seed_groups(
+  points: list[sweep_points.Point],
+) -> list[list[sweep_points.Point]]:
+  """`points` grouped by their argument without its seed, in order: a
+  point's seeds share a task's process (and its compiled programs)."""
+  groups = {}
+  for point in points:
+    key = ','.join(k for k in point.arg.split(',') if not k.startswith('seed='))
+    groups.setdefault(key, []).append(point)
+  return list(groups.values())
+
+
+def parse_params(text: str) -> dict[str, Any]:
+  """'timeout_min=60,slurm_partition=gpu' -> typed keyword arguments."""
+  params = {}
+  for item in filter(None, (i.strip() for i in text.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(
+        f'--submit_params: {item!r} is not key=value (e.g. timeout_min=60).'
+      )
+    for kind in (int, float):
+      try:
+        value = kind(value)
+        break
+      except ValueError:
+        pass
+    params[key.strip()] = value
+  return params
