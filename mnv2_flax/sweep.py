@@ -38,6 +38,7 @@ from typing import Any
 
 from absl import flags
 from absl import logging
+import ml_collections
 
 from mnv2_flax import cli
 from mnv2_flax import hardware
@@ -91,6 +92,7 @@ def run(
     f', {parallel} at a time' if parallel > 1 else '',
   )
   if parallel > 1:
+    _prepare_datasets([configs[p] for p in todo])
     sweep_workers.run_workers(
       module, todo, root, overrides or {}, parallel, point_args
     )
@@ -98,9 +100,9 @@ def run(
     progress = sweep_points.Progress(len(todo))
     for point in todo:
       progress.log([point])
-      start = time.perf_counter()
+      point_start = time.perf_counter()
       error = sweep_points.run_point(point, configs[point], train_fn)
-      progress.done(error, time.perf_counter() - start)
+      progress.done(error, time.perf_counter() - point_start)
       sweep_points.summarize(module, point_args, root)
   rows = sweep_points.summarize(module, point_args, root)
   logging.info(
@@ -112,6 +114,25 @@ def run(
   )
   _log_fixed_cost(rows, todo, time.perf_counter() - start, parallel)
   return rows
+
+
+def _prepare_datasets(configs: list[ml_collections.ConfigDict]) -> None:
+  """Prepares (or checks) each dataset the points read, once, before the
+  workers start: two workers preparing one dataset at once collide (tfds
+  renames its incomplete directory). A dataset that cannot be prepared is
+  left to its points, which record the error."""
+  seen = set()
+  for config in configs:
+    key = (config.data.name, config.data.data_dir, config.data.manual_dir)
+    if key in seen:
+      continue
+    seen.add(key)
+    from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+    try:
+      input_pipeline.get_builder(config)
+    except ValueError as e:
+      logging.warning('Dataset %s is not ready: %s', config.data.name, e)
 
 
 def _log_fixed_cost(rows, todo, wall: float, parallel: int) -> None:

@@ -282,9 +282,13 @@ FAST_COMPILES = dict(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
 )
 def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
-  _, data_dir = data_dirs
+  # An empty tfds directory: the dataset is prepared once, before the two
+  # workers start (both preparing it at once collide).
+  idx_dir, _ = data_dirs
+  data_dir = str(tmp_path / 'tfds')
   root = tmp_path / 'sweep'
   grid = 'grid,width=0.35,res=32,seeds=2'
+  overrides = _tiny(data_dir, **{'data.manual_dir': idx_dir})
   result = subprocess.run(
     [
       sys.executable,
@@ -293,7 +297,7 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
       f'--config={ROOT}/configs/ablation.py:{grid}',
       f'--root={root}',
       '--parallel=2',
-      *(f'--set={k}={v}' for k, v in _tiny(data_dir).items()),
+      *(f'--set={k}={v}' for k, v in overrides.items()),
     ],
     capture_output=True,
     text=True,
