@@ -227,13 +227,6 @@ def make_points(point_args: list[str], root: str) -> list[Point]:
   return points
 
 
-def after_point() -> None:
-  """Frees what a finished point's programs held (the next has others)."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.clear_caches()
-
-
 def _args(arg: str) -> dict[str, str]:
   return dict(item.split('=', 1) for item in arg.split(',') if item)
 

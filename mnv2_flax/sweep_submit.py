@@ -44,7 +44,6 @@ class PointTask:
         errors.append(None)
         continue
       errors.append(sweep_points.run_point(point, configs[point]))
-      sweep_points.after_point()
     return errors
 
   def checkpoint(self, *args, **kwargs):

@@ -167,7 +167,6 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
       sweep_points.record(point, 0.0, str(e))
     else:
       sweep_points.run_point(point, config)
-    sweep_points.after_point()
     answer.write(f'{point.arg}\n')
 
 

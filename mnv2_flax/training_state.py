@@ -174,6 +174,18 @@ def _init_fn(config, model, learning_rate_fn) -> Callable:
   return init
 
 
+def compile_initializer(
+  config: ml_collections.ConfigDict,
+  model: models.MobileNetV2,
+  learning_rate_fn: optax.Schedule,
+) -> Callable[[jax.Array], TrainState]:
+  """rng -> a freshly initialised state: compiled once, for any seed."""
+  init = jax.jit(_init_fn(config, model, learning_rate_fn))
+  rng = jax.eval_shape(jax.random.key, 0)
+  options = fast_path.init_compiler_options()
+  return init.lower(rng).compile(compiler_options=options)
+
+
 def create_train_state(
   config: ml_collections.ConfigDict,
   model: models.MobileNetV2,
@@ -181,9 +193,7 @@ def create_train_state(
   rng: jax.Array,
 ) -> TrainState:
   """A freshly initialised state (jit-compiled, on the default device)."""
-  init = jax.jit(_init_fn(config, model, learning_rate_fn))
-  options = fast_path.init_compiler_options()
-  return init.lower(rng).compile(compiler_options=options)(rng)
+  return compile_initializer(config, model, learning_rate_fn)(rng)
 
 
 def initial_train_state(

@@ -14,6 +14,7 @@ import numpy as np
 
 from mnv2_flax import defaults
 from mnv2_flax import fashion_mnist
+from mnv2_flax import programs
 
 NUM_TRAIN, NUM_TEST = 40, 23
 
@@ -154,9 +155,10 @@ def truncate_largest_array(step_dir) -> None:
 def count_compiles(run):
   """Runs `run()`; returns its result and the programs it asked to compile
   (pmap's are named after its inner function, jit(_fun)). JAX's in-memory
-  caches are cleared first: the count does not depend on what ran before
-  in this process."""
+  caches and the programs `mnv2_flax.programs` keeps for reuse are cleared
+  first: the count does not depend on what ran before in this process."""
   jax.clear_caches()
+  programs.forget()
   compiled = []
 
   def on_compile(event, seconds, fun_name=None, **kwargs):

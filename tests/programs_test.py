@@ -7,6 +7,7 @@ import numpy as np
 
 from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
+from mnv2_flax import programs
 from mnv2_flax import train_lib
 
 
@@ -14,10 +15,12 @@ def test_the_child_compiles_only_on_a_cache_miss(data_dirs, tmp_path):
   config = tiny_config(data_dirs[1], num_epochs=0.4)  # 2 steps
   config.train.compilation_cache_dir = str(tmp_path / 'cache')
   previous = jax.config.jax_compilation_cache_dir
+  programs.forget()
   try:
     first, first_log = logged(
       lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'a'))
     )
+    programs.forget()  # as a new process would: only the disk cache left
     second, second_log = logged(
       lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'b'))
     )
@@ -30,5 +33,42 @@ def test_the_child_compiles_only_on_a_cache_miss(data_dirs, tmp_path):
   assert first['top1'] == second['top1'] and first['finished']
   a = checkpointing.restore(str(tmp_path / 'a'))[1]
   b = checkpointing.restore(str(tmp_path / 'b'))[1]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def _compiles(run):
+  """(run's result, names of the programs it compiled), nothing cleared."""
+  compiled = []
+
+  def on_compile(event, seconds, fun_name=None, **kwargs):
+    if event == '/jax/core/compile/backend_compile_duration':
+      compiled.append(fun_name)
+
+  jax.monitoring.register_event_duration_secs_listener(on_compile)
+  try:
+    return run(), compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(on_compile)
+
+
+def test_another_seed_reuses_the_programs_to_the_same_bits(data_dirs, tmp_path):
+  config = tiny_config(data_dirs[1], num_epochs=0.4)  # 2 steps
+  programs.forget()
+  train_lib.train_and_evaluate(config, str(tmp_path / 'seed0'))
+  config.seed = 1
+  (_, log), compiled = _compiles(
+    lambda: logged(
+      lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'seed1'))
+    )
+  )
+  assert 'Programs reused from an earlier run' in log
+  assert 'jit(_fun)' not in compiled and 'jit(init)' not in compiled
+  # Built afresh instead: the same bits.
+  programs.forget()
+  fresh = train_lib.train_and_evaluate(config, str(tmp_path / 'fresh'))
+  assert fresh['top1'] >= 0
+  a = checkpointing.restore(str(tmp_path / 'seed1'))[1]
+  b = checkpointing.restore(str(tmp_path / 'fresh'))[1]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
