@@ -24,6 +24,7 @@ import pytest
 
 from mnv2_flax import checkpointing
 from mnv2_flax import preprocessing
+from mnv2_flax import programs
 from mnv2_flax import steps
 from mnv2_flax import train_lib
 from mnv2_flax import training_state
@@ -345,17 +346,21 @@ def test_a_finished_run_is_not_run_again(full_run, caplog):
 def resumed_run(data_dirs, full_run, tmp_path_factory):
   """The full run's config stopped after step 6, then run again.
 
-  Returns (workdir, log of the second run, log of the first).
+  Returns (workdir, log of the second run, log of the first). Each run
+  builds its programs itself (none kept from an earlier run in this
+  process), so that both logs name them.
   """
   config = full_run[0].copy_and_resolve_references()
   config.train.eval_every_steps = 1000
   workdir = tmp_path_factory.mktemp('interrupted')
   config.train.stop_after_step = 6
+  programs.forget()
   partial, first_log = logged(
     lambda: train_lib.train_and_evaluate(config, str(workdir))
   )
   assert partial['completed_steps'] == 6 and not partial['finished']
   config.train.stop_after_step = 0
+  programs.forget()
   _, log = logged(lambda: train_lib.train_and_evaluate(config, str(workdir)))
   return workdir, log, first_log
 
