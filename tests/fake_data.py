@@ -152,13 +152,15 @@ def truncate_largest_array(step_dir) -> None:
     f.truncate(os.path.getsize(largest) // 3)
 
 
-def count_compiles(run):
+def count_compiles(run, clear: bool = True):
   """Runs `run()`; returns its result and the programs it asked to compile
-  (pmap's are named after its inner function, jit(_fun)). JAX's in-memory
-  caches and the programs `mnv2_flax.programs` keeps for reuse are cleared
-  first: the count does not depend on what ran before in this process."""
-  jax.clear_caches()
-  programs.forget()
+  (pmap's are named after its inner function, jit(_fun)). Unless `clear` is
+  False, JAX's in-memory caches and the programs `mnv2_flax.programs` keeps
+  for reuse are cleared first: the count does not depend on what ran before
+  in this process."""
+  if clear:
+    jax.clear_caches()
+    programs.forget()
   compiled = []
 
   def on_compile(event, seconds, fun_name=None, **kwargs):

@@ -1,5 +1,6 @@
 """A run's programs: lowered once, compiled by a child only on a cache miss."""
 
+from fake_data import count_compiles
 from fake_data import logged
 from fake_data import tiny_config
 import jax
@@ -37,30 +38,16 @@ def test_the_child_compiles_only_on_a_cache_miss(data_dirs, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def _compiles(run):
-  """(run's result, names of the programs it compiled), nothing cleared."""
-  compiled = []
-
-  def on_compile(event, seconds, fun_name=None, **kwargs):
-    if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(fun_name)
-
-  jax.monitoring.register_event_duration_secs_listener(on_compile)
-  try:
-    return run(), compiled
-  finally:
-    jax.monitoring.unregister_event_duration_listener(on_compile)
-
-
 def test_another_seed_reuses_the_programs_to_the_same_bits(data_dirs, tmp_path):
   config = tiny_config(data_dirs[1], num_epochs=0.4)  # 2 steps
   programs.forget()
   train_lib.train_and_evaluate(config, str(tmp_path / 'seed0'))
   config.seed = 1
-  (_, log), compiled = _compiles(
+  (_, log), compiled = count_compiles(
     lambda: logged(
       lambda: train_lib.train_and_evaluate(config, str(tmp_path / 'seed1'))
-    )
+    ),
+    clear=False,
   )
   assert 'Programs reused from an earlier run' in log
   assert 'jit(_fun)' not in compiled and 'jit(init)' not in compiled
