@@ -4,7 +4,7 @@
 thread fills the input pipeline's shuffle buffer. On XLA:CPU the programs
 are compiled by a child process into the persistent compilation cache and
 loaded from it (`cpu/precompile.py` says why), but only on a cache miss: the
-child's successes are recorded by the programs' fingerprint (a hash of
+child's successes are recorded by the programs' fingerprints (hashes of
 their lowered text, JAX's version and the devices), so a run whose programs
 the cache already holds starts no child.
 """
@@ -90,15 +90,19 @@ def lower_run_programs(
   return lower_steps(config, state, lr, train_batch, eval_batch)[0]
 
 
-def fingerprint(lowered: dict[str, jax.stages.Lowered]) -> str:
-  """A hash of the programs as this JAX would compile them here."""
-  digest = hashlib.sha256()
+def fingerprints(lowered: dict[str, jax.stages.Lowered]) -> dict[str, str]:
+  """A hash of each program as this JAX would compile it here."""
   devices = [(d.platform, d.device_kind) for d in jax.local_devices()]
-  digest.update(repr((jax.__version__, devices)).encode())
-  for name in sorted(lowered):
-    digest.update(name.encode())
-    digest.update(lowered[name].as_text().encode())
-  return digest.hexdigest()[:24]
+  where = repr((jax.__version__, devices))
+  return {
+    name: hashlib.sha256((where + program.as_text()).encode()).hexdigest()[:24]
+    for name, program in lowered.items()
+  }
+
+
+def _combined(prints: dict[str, str]) -> str:
+  """One hash for a set of programs, from theirs."""
+  return hashlib.sha256(repr(sorted(prints.items())).encode()).hexdigest()[:24]
 
 
 def _record_dir(cache_dir: str) -> str:
@@ -255,11 +259,12 @@ def _build(
   lowered, p_train_step, p_eval_step = lower_steps(
     config, structure, learning_rate_fn, train_batch, eval_batch
   )
-  for name, program in lowered.items():
-    logging.info('%s: program %s.', name, fingerprint({name: program}))
+  prints = fingerprints(lowered)  # each program's text hashed once
+  for name, key in prints.items():
+    logging.info('%s: program %s.', name, key)
   _precompile(
     config,
-    fingerprint(lowered),
+    _combined(prints),
     model.num_classes,
     steps_per_epoch,
     train_batch,
