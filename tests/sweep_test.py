@@ -281,6 +281,27 @@ FAST_COMPILES = dict(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
 @pytest.mark.skipif(
   len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
 )
+def _parallel_sweep(config_arg, root, overrides, cwd):
+  """`python -m mnv2_flax.sweep --parallel=2` in a subprocess."""
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'mnv2_flax.sweep',
+      f'--config={config_arg}',
+      f'--root={root}',
+      '--parallel=2',
+      *(f'--set={k}={v}' for k, v in overrides.items()),
+    ],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=dict(os.environ, **FAST_COMPILES),
+    timeout=600,
+    check=False,
+  )
+
+
 def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   # An empty tfds directory: the dataset is prepared once, before the two
   # workers start (both preparing it at once collide).
@@ -289,22 +310,8 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   root = tmp_path / 'sweep'
   grid = 'grid,width=0.35,res=32,seeds=2'
   overrides = _tiny(data_dir, **{'data.manual_dir': idx_dir})
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'mnv2_flax.sweep',
-      f'--config={ROOT}/configs/ablation.py:{grid}',
-      f'--root={root}',
-      '--parallel=2',
-      *(f'--set={k}={v}' for k, v in overrides.items()),
-    ],
-    capture_output=True,
-    text=True,
-    cwd=tmp_path,
-    env=dict(os.environ, **FAST_COMPILES),
-    timeout=600,
-    check=False,
+  result = _parallel_sweep(
+    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path
   )
   assert result.returncode == 0, result.stderr[-3000:]
   # Both ran at once, each pinned to its own core, each with its own log.
@@ -353,26 +360,9 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   config = tmp_path / 'crashing.py'
   config.write_text(_CRASHING_CONFIG.format(root=ROOT))
   root = tmp_path / 'sweep'
-  command = [
-    sys.executable,
-    '-m',
-    'mnv2_flax.sweep',
-    f'--config={config}',
-    f'--root={root}',
-    '--parallel=2',
-    *(f'--set={k}={v}' for k, v in _tiny(data_dir).items()),
-  ]
 
   def sweep_once():
-    return subprocess.run(
-      command,
-      capture_output=True,
-      text=True,
-      cwd=tmp_path,
-      env=dict(os.environ, **FAST_COMPILES),
-      timeout=600,
-      check=False,
-    )
+    return _parallel_sweep(config, root, _tiny(data_dir), tmp_path)
 
   result = sweep_once()
   assert result.returncode == 0, result.stderr[-3000:]
