@@ -4,7 +4,9 @@ and one start-up sequence.
 `run(main)` is `absl.app.run(main)` where a bad flag or config file, a value
 the library rejects, a file that is not there, a full disk or a diverged run
 ends as `error: <what, the value, what is valid>` on stderr with exit status
-1 and no traceback. Bugs keep their traceback.
+1 and no traceback, as the last line printed. A run stopped by a signal
+ends with its `stopped by ...` line and status 128 + the signal's number
+(`preemption`). Bugs keep their traceback.
 
 This module imports absl only, and the programs import JAX, TensorFlow and
 the library inside `main`: a bad flag or config is refused before any of
@@ -13,12 +15,16 @@ them loads (in well under a second). `start_jax` then sets JAX up.
 
 from collections.abc import Callable
 import difflib
+import gc
 import logging
+import os
 import sys
 import threading
 
 from absl import app
 from absl import flags
+
+from mnv2_flax import preemption
 
 # The library's own errors subclass these: ValueError (config, data,
 # checkpoints), OSError (files, disks) and FloatingPointError (divergence).
@@ -27,9 +33,22 @@ EXPECTED = (ValueError, OSError, FloatingPointError)
 
 def fail(message: str) -> None:
   """Prints `error: message` and exits with status 1."""
-  message = ' '.join(str(message).split())  # one line, whatever it was
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(1)
+  _last_line(f'error: {message}', 1)
+
+
+def _last_line(message: str, code: int) -> None:
+  """Prints `message` (on one line) as the program's last line; exits."""
+  # What the failed run held goes now, and with it what its finalizers
+  # print (TensorFlow: "the calling iterator did not fully read the dataset
+  # being cached").
+  gc.collect()
+  sys.stdout.flush()
+  print(' '.join(str(message).split()), file=sys.stderr, flush=True)
+  # Nothing after it: no interpreter shutdown (TensorFlow's and Orbax's
+  # threads print there, and it takes seconds). Saves were waited for,
+  # results and events flushed, before the exception reached here.
+  logging.shutdown()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _config_error(argv: list[str], error: Exception) -> str | None:
@@ -168,14 +187,22 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except EXPECTED as e:
-      fail(str(e))
+      message, code = f'error: {e}', 1
+    except preemption.Stopped as e:  # saved: a stop, not an error
+      message, code = str(e), e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside training (nothing to save)
+      message, code = 'error: interrupted (SIGINT).', 130
     except ModuleNotFoundError as e:
       if (e.name or '').startswith('mnv2_flax'):
         raise  # a bug, not a missing install
-      fail(
-        f'{e.name} is not installed here ({e}); training and data '
+      message, code = (
+        f'error: {e.name} is not installed here ({e}); training and data '
         'preparation need requirements.txt (pip install -r '
-        'requirements.txt, or the package with its `data` extra).'
+        'requirements.txt, or the package with its `data` extra).',
+        1,
       )
+    else:
+      return
+    _last_line(message, code)  # the exception and its frames are gone
 
   app.run(guarded, flags_parser=_parse_flags)

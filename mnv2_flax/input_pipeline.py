@@ -17,6 +17,7 @@ Benchmark of the host pipeline:
 
 import collections
 from collections.abc import Iterator
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -35,6 +36,7 @@ from mnv2_flax import defaults
 from mnv2_flax import digits  # registers the tfds dataset sklearn_digits
 from mnv2_flax import fashion_mnist
 from mnv2_flax import placement
+from mnv2_flax import workdir_lock
 
 # TensorFlow only feeds the input pipeline: keep it off the accelerators.
 tf.config.set_visible_devices([], 'GPU')
@@ -85,6 +87,30 @@ def get_builder(config: ml_collections.ConfigDict):
     ) from None
   if _is_prepared(builder):
     return builder
+  if '://' in data_dir:  # a bucket: no file locks there
+    return _prepare(builder, config)
+  # One process prepares, the others wait for it: two preparing at once
+  # collide (tfds renames its incomplete directory into place).
+  created = not os.path.isdir(data_dir)
+  os.makedirs(data_dir, exist_ok=True)
+  try:
+    with workdir_lock.hold(
+      data_dir, 'dataset directory', wait=True, file=f'.{name}.lock'
+    ):
+      builder = tfds.builder(name, data_dir=data_dir)
+      if _is_prepared(builder):  # by the process this one waited for
+        return builder
+      return _prepare(builder, config)
+  except BaseException:
+    if created:  # nothing prepared: no empty directory left behind
+      with contextlib.suppress(OSError):
+        os.rmdir(data_dir)
+    raise
+
+
+def _prepare(builder, config: ml_collections.ConfigDict):
+  """Prepares `builder`'s dataset if it can (see `get_builder`)."""
+  name, data_dir = config.data.name, _data_dir(config)
   manual_dir = config.data.manual_dir or os.path.join(
     data_dir, 'downloads', 'manual'
   )

@@ -10,6 +10,7 @@ states), `reporting` (TensorBoard events, results.json) and
 """
 
 from collections.abc import Callable
+import contextlib
 import math
 import os
 import time
@@ -30,10 +31,12 @@ from mnv2_flax import finetune
 from mnv2_flax import hardware
 from mnv2_flax import input_pipeline
 from mnv2_flax import placement
+from mnv2_flax import preemption
 from mnv2_flax import programs
 from mnv2_flax import reporting
 from mnv2_flax import steps
 from mnv2_flax import training_state
+from mnv2_flax import workdir_lock
 
 TrainingDivergedError = divergence.TrainingDivergedError
 
@@ -73,7 +76,14 @@ def train_and_evaluate(
     The final eval metrics, with the run's wall, train and eval seconds.
   """
   wall_start = time.perf_counter()
-  run = _Run(config, workdir)  # checks: nothing written yet
+  run = _Run(config, workdir)  # checks and locks: nothing written yet
+  with run.lock, preemption.Watch() as watch:
+    return _train(run, watch, wall_start)
+
+
+def _train(run: '_Run', watch: preemption.Watch, wall_start: float) -> dict:
+  """The loop of `train_and_evaluate`, in the workdir `run` holds."""
+  config, workdir = run.config, run.workdir
   if run.finished():
     return files.read_json(run.results_path)
   state, start_step = run.restore()
@@ -106,7 +116,7 @@ def train_and_evaluate(
   call = _StepCaller(config, run.learning_rate_fn, p_train_step, batches)
 
   eval_metrics, pending, eval_seconds = {}, [], 0.0
-  loop_start, done = time.perf_counter(), start_step
+  loop_start, done, calls, signalled = time.perf_counter(), start_step, 0, False
   while done < run.num_steps:
     state, metrics, n = call(state, done, run.num_steps)
     pending.append(metrics)
@@ -114,6 +124,11 @@ def train_and_evaluate(
       done += 1
       progress(done)  # clu's periodic actions want every step
     due = _due(done, run.num_steps, config)
+    # Every process asks at every call (multi-process: a collective choice).
+    if watch.stop_requested(calls) and done < run.num_steps:
+      signalled = True
+      due |= {'log', 'save', 'stop'}
+    calls += 1
     if due:  # reading the steps' flags waits for them, as a save does
       pending = reporting.per_step(pending)
       bad = divergence.first_non_finite(pending, done - len(pending) + 1)
@@ -139,13 +154,14 @@ def train_and_evaluate(
         eval_metrics if 'eval' in due else None,
       )
     if 'stop' in due:
-      logging.info('Stopping after step %d as configured.', done)
+      if not signalled:
+        logging.info('Stopping after step %d as configured.', done)
       break
 
   train_seconds = time.perf_counter() - loop_start - eval_seconds
   checkpointing.wait_until_finished(run.manager)
   writer.flush()
-  return run.finish(
+  result = run.finish(
     dict(
       eval_metrics,
       train_seconds=train_seconds,
@@ -154,9 +170,17 @@ def train_and_evaluate(
       * config.data.batch_size
       / max(train_seconds, 1e-9),
       **model_stats,
+      **(
+        {'stopped': {'signal': watch.signal_name, 'step': done}}
+        if signalled
+        else {}
+      ),
     ),
     wall_start,
   )
+  if signalled:
+    raise watch.stopped(done)
+  return result
 
 
 class _Run:
@@ -166,6 +190,15 @@ class _Run:
     check_config(config)
     hardware.check_accelerator(config.train.require_accelerator)
     files.check_workdir(workdir)
+    self.lock = contextlib.ExitStack()  # released when the run ends
+    _lock_workdir(workdir, self.lock)
+    try:
+      self._build(config, workdir)
+    except BaseException:
+      self.lock.close()
+      raise
+
+  def _build(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     self.config, self.workdir = config, workdir
     self.builder = input_pipeline.get_builder(config)
     self.meta = input_pipeline.dataset_meta(self.builder, config)
@@ -232,6 +265,26 @@ class _Run:
     if result['finished']:
       divergence.clear(self.workdir)
     return result
+
+
+def _lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
+  """Process 0 holds the workdir's lock (`workdir_lock`) in `stack`; every
+  process raises `DirectoryInUseError` if it could not."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      stack.enter_context(workdir_lock.hold(workdir))
+    except workdir_lock.DirectoryInUseError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    if multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+      error = error or workdir_lock.DirectoryInUseError(
+        f'workdir {workdir} is in use: process 0 could not lock it.'
+      )
+  if error:
+    raise error
 
 
 class _StepCaller:

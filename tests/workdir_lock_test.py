@@ -1,0 +1,172 @@
+"""One writer per workdir, one preparer per dataset: real processes holding
+real `flock`s."""
+
+import errno
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from fake_data import snapshot
+from fake_data import tiny_config
+import pytest
+
+from mnv2_flax import sweep_points
+from mnv2_flax import train_lib
+from mnv2_flax import workdir_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOLD = """
+import sys, time
+from mnv2_flax import workdir_lock
+with workdir_lock.hold(sys.argv[1]):
+  print('held', flush=True)
+  time.sleep(600)
+"""
+
+
+@pytest.fixture
+def held(tmp_path):
+  """A workdir whose lock another process holds; (workdir, that process)."""
+  workdir = tmp_path / 'workdir'
+  workdir.mkdir()
+  process = subprocess.Popen(
+    [sys.executable, '-c', HOLD, str(workdir)],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
+  assert process.stdout.readline() == 'held\n'
+  yield str(workdir), process
+  process.kill()
+  process.wait()
+
+
+def test_a_second_writer_is_refused_naming_the_holder(held, data_dirs):
+  workdir, holder = held
+  before = snapshot(workdir)
+  with pytest.raises(workdir_lock.DirectoryInUseError) as error:
+    train_lib.train_and_evaluate(tiny_config(data_dirs[1]), workdir)
+  message = str(error.value)
+  assert f'workdir {workdir} is in use by process {holder.pid} on host ' in (
+    message
+  )
+  assert socket.gethostname() in message and '-c' in message
+  assert snapshot(workdir) == before
+
+
+def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
+  workdir, holder = held
+  config = tmp_path / 'config.py'
+  config.write_text(
+    f'import sys\nsys.path.insert(0, {os.path.join(ROOT, "tests")!r})\n'
+    'from fake_data import tiny_config\n'
+    f'def get_config():\n  return tiny_config({data_dirs[1]!r})\n'
+  )
+  before = snapshot(workdir)
+  result = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      f'--config={config}',
+      f'--workdir={workdir}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    check=False,
+  )
+  assert result.returncode == 1
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert lines[-1].startswith(
+    f'error: workdir {workdir} is in use by process {holder.pid} '
+  ), result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  assert snapshot(workdir) == before
+
+
+def test_a_sweep_point_in_use_is_left_alone(held):
+  workdir, _ = held
+  point = sweep_points.Point('width=0.35', workdir)
+  before = snapshot(workdir)
+
+  def train(config, workdir):
+    raise AssertionError('trained a point another process holds')
+
+  assert sweep_points.run_point(point, tiny_config(), train) is None
+  assert snapshot(workdir) == before  # no sweep.json, no error.txt
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over(held, caplog):
+  workdir, holder = held
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  assert workdir_lock.holder(workdir)['pid'] == holder.pid  # left behind
+  with workdir_lock.hold(workdir):
+    assert workdir_lock.holder(workdir)['pid'] == os.getpid()
+    with workdir_lock.hold(workdir):  # re-entrant in one process
+      pass
+  assert f'left by process {holder.pid} on host' in caplog.text
+  assert 'which no longer runs' in caplog.text
+  assert workdir_lock.holder(workdir) == {}  # released: nobody named
+
+
+def test_without_working_locks_a_live_holder_here_still_refuses(
+  held, monkeypatch
+):
+  """Where `flock` fails (ENOLCK: some network and FUSE filesystems) the
+  holder named in the file is checked. No such filesystem here: `flock` is
+  made to fail as it does there."""
+  workdir, holder = held
+
+  def no_locks(fd, operation):
+    raise OSError(errno.ENOLCK, 'No locks available')
+
+  monkeypatch.setattr(fcntl, 'flock', no_locks)
+  with pytest.raises(workdir_lock.DirectoryInUseError, match=str(holder.pid)):
+    with workdir_lock.hold(workdir):
+      pass
+  holder.kill()
+  holder.wait()
+  with workdir_lock.hold(workdir):  # a holder that is gone: taken over
+    assert workdir_lock.holder(workdir)['pid'] == os.getpid()
+
+
+PREPARE = """
+import sys
+from absl import logging
+from mnv2_flax import defaults, input_pipeline
+logging.set_verbosity(logging.INFO)
+config = defaults.get_config()
+config.data.update(
+  name='sklearn_digits', data_dir=sys.argv[1], eval_split='test'
+)
+print(input_pipeline.dataset_meta(input_pipeline.get_builder(config), config))
+"""
+
+
+def test_two_processes_prepare_one_dataset_once(tmp_path):
+  """Both start on an empty data_dir: one prepares, the other waits for it
+  and reads what it prepared (at once, tfds' renames collide)."""
+  data_dir = str(tmp_path / 'tfds')
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', PREPARE, data_dir],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      cwd=ROOT,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    )
+    for _ in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+  metas = [out.splitlines()[-1] for out, _ in outs]
+  assert metas[0] == metas[1] and 'num_train_examples=1297' in metas[0]
+  assert sum('Waiting for process' in err for _, err in outs) == 1
+  assert sum('Downloading and preparing' in out for out, _ in outs) == 1
