@@ -33,6 +33,7 @@ trains in `<root>/<point name>` through the same
 from collections.abc import Callable
 import os
 import shlex
+import signal
 import time
 from typing import Any
 
@@ -42,6 +43,7 @@ import ml_collections
 
 from mnv2_flax import cli
 from mnv2_flax import hardware
+from mnv2_flax import preemption
 from mnv2_flax import sweep_points
 from mnv2_flax import sweep_submit
 from mnv2_flax import sweep_workers
@@ -91,9 +93,10 @@ def run(
     len(todo),
     f', {parallel} at a time' if parallel > 1 else '',
   )
+  stopped = None
   if parallel > 1:
     _prepare_datasets([configs[p] for p in todo])
-    sweep_workers.run_workers(
+    stopped = sweep_workers.run_workers(
       module, todo, root, overrides or {}, parallel, point_args
     )
   else:
@@ -101,10 +104,21 @@ def run(
     for point in todo:
       progress.log([point])
       point_start = time.perf_counter()
-      error = sweep_points.run_point(point, configs[point], train_fn)
+      try:
+        error = sweep_points.run_point(point, configs[point], train_fn)
+      except preemption.Stopped as e:
+        stopped = e.signum
+        break
       progress.done(error, time.perf_counter() - point_start)
       sweep_points.summarize(module, point_args, root)
   rows = sweep_points.summarize(module, point_args, root)
+  if stopped is not None:
+    raise preemption.Stopped(
+      stopped,
+      f'sweep stopped by {signal.Signals(stopped).name}: the running points '
+      f'saved their last step ({_tally(rows)}); run the same command again '
+      'to resume.',
+    )
   logging.info(
     'Sweep done: %d finished, %d failed, %d not run here. Summary: %s',
     sum(r['status'] == 'finished' for r in rows),
@@ -114,6 +128,20 @@ def run(
   )
   _log_fixed_cost(rows, todo, time.perf_counter() - start, parallel)
   return rows
+
+
+def _tally(rows: list[dict[str, Any]]) -> str:
+  """'18 of 20 runs finished, 1 failed, 1 not finished'."""
+  counts = {}
+  for row in rows:
+    counts[row['status']] = counts.get(row['status'], 0) + 1
+  text = f'{counts.get("finished", 0)} of {len(rows)} runs finished'
+  if counts.get('failed'):
+    text += f', {counts["failed"]} failed'
+  unfinished = len(rows) - counts.get('finished', 0) - counts.get('failed', 0)
+  if unfinished:
+    text += f', {unfinished} not finished'
+  return text
 
 
 def _prepare_datasets(configs: list[ml_collections.ConfigDict]) -> None:
@@ -235,9 +263,23 @@ def main(argv):
   from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
 
   keys = [k for k in rows[0] if k not in summary.COLUMNS] if rows else []
-  print(f'{len(rows)} runs; summary: {os.path.join(_ROOT.value, "results.md")}')
   if rows:
     print(summary.points_table(summary.group(rows, keys)))
+  # The last line says whether every run finished, and so does the status.
+  # (rows are in the sweep's order; this command's are its shard's)
+  mine = (
+    rows
+    if _SUBMIT.value or _SUMMARIZE_ONLY.value
+    else rows[shard[0] :: shard[1]]
+  )
+  results = os.path.join(_ROOT.value, 'results.md')
+  if all(r['status'] == 'finished' for r in mine):
+    print(f'{_tally(mine)}; summary: {results}')
+  else:
+    cli.fail(
+      f'{_tally(mine)}; the same command retries and resumes the others. '
+      f'Summary and errors: {results}'
+    )
 
 
 if __name__ == '__main__':

@@ -21,6 +21,8 @@ import ml_collections
 
 from mnv2_flax import defaults
 from mnv2_flax import files
+from mnv2_flax import preemption
+from mnv2_flax import workdir_lock
 
 # JAX, TensorFlow and the training code load in the processes that train
 # (`_train`), SciPy with the summary: the sweep's flags and every point's
@@ -170,8 +172,22 @@ def run_point(
   config: ml_collections.ConfigDict,
   train_fn: Callable[..., dict] = train,
 ) -> str | None:
-  """Trains (or resumes) one point; records and returns its error, if any."""
+  """Trains (or resumes) one point; records and returns its error, if any.
+
+  A point that another process trains (its workdir's lock is held) is left
+  to it, nothing written. A signal's `preemption.Stopped` is raised after
+  the point's record.
+  """
   os.makedirs(point.workdir, exist_ok=True)
+  try:
+    with workdir_lock.hold(point.workdir):
+      return _run_point(point, config, train_fn)
+  except workdir_lock.DirectoryInUseError as e:
+    logging.warning('Sweep point %s left alone: %s', point.arg, e)
+    return None
+
+
+def _run_point(point, config, train_fn) -> str | None:
   start = time.perf_counter()
   error = None
   try:
@@ -180,6 +196,8 @@ def run_point(
 
       compilation_cache.enable(config)
     train_fn(config, point.workdir)
+  except preemption.Stopped:
+    raise  # saved, not failed: the next run resumes it
   except Exception as e:  # pylint: disable=broad-except
     error = f'{type(e).__name__}: {e}'
     logging.error('Sweep point %s failed: %s', point.arg, error)

@@ -6,6 +6,7 @@ another in the task's process, waits for it and summarises.
 """
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -13,6 +14,7 @@ from absl import logging
 
 from mnv2_flax import cli
 from mnv2_flax import files
+from mnv2_flax import preemption
 from mnv2_flax import sweep_points
 
 SUBMITIT = (
@@ -31,6 +33,7 @@ class PointTask:
     self.config_path, self.root, self.overrides = config_path, root, overrides
 
   def __call__(self, point_args: list[str]) -> list[str | None]:
+    logging.set_verbosity(logging.INFO)  # the task's log: as train.py's
     module = sweep_points.load_config_module(self.config_path)
     points = [
       sweep_points.Point(a, os.path.join(self.root, sweep_points.point_name(a)))
@@ -43,7 +46,17 @@ class PointTask:
       if sweep_points.point_status(point)['status'] == 'finished':
         errors.append(None)
         continue
-      errors.append(sweep_points.run_point(point, configs[point]))
+      try:
+        errors.append(sweep_points.run_point(point, configs[point]))
+      except preemption.Stopped as stop:
+        # The point is saved. Now submitit's own handler of the signal: on
+        # SIGUSR2 it checkpoints this task and requeues it (and exits), on
+        # SIGTERM it does nothing; the requeued task resumes the point.
+        logging.warning('%s', stop)
+        handler = signal.getsignal(stop.signum)
+        if callable(handler):
+          handler(stop.signum, None)
+        return errors + [None] * (len(points) - len(errors))
     return errors
 
   def checkpoint(self, *args, **kwargs):

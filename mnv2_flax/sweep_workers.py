@@ -9,6 +9,7 @@ as failed (the next run retries it) and is replaced while points are left.
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from absl import logging
 
 from mnv2_flax import cli
 from mnv2_flax import hardware
+from mnv2_flax import preemption
 from mnv2_flax import sweep_points
 
 
@@ -62,6 +64,7 @@ class _Worker:
         stderr=log,
         env={**os.environ, **share.env},
         preexec_fn=share.pin,
+        start_new_session=True,  # signals come through the sweep
         text=True,
         bufsize=1,
       )
@@ -80,7 +83,49 @@ def run_workers(module, todo, root, overrides, parallel, point_args):
 
   A worker that dies with a point in hand gets that point recorded as
   failed (the next run retries it) and is replaced while points are left.
+  A stop signal (`preemption.SIGNALS`) is passed on to the workers, which
+  save their points and exit; no point starts after it. Returns that
+  signal's number, or None.
   """
+  stop = _Forward()
+  with stop:
+    _run_workers(module, todo, root, overrides, parallel, point_args, stop)
+  return stop.signum
+
+
+class _Forward:
+  """Passes the stop signals this process receives on to its workers
+  (which run in their own sessions: a terminal's Ctrl-C reaches this
+  process only, and a second one reaches them once, from here)."""
+
+  def __init__(self):
+    self.signum, self.workers, self._previous = None, [], {}
+
+  def __enter__(self):
+    for signum in preemption.SIGNALS:
+      self._previous[signum] = signal.signal(signum, self._on_signal)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _on_signal(self, signum, frame):
+    del frame
+    logging.warning(
+      'Sweep received %s: %s.',
+      signal.Signals(signum).name,
+      'the workers save their points and exit'
+      if self.signum is None
+      else 'the workers exit at once',
+    )
+    self.signum = self.signum or signum
+    for worker in self.workers:
+      if worker.process.poll() is None:
+        worker.process.send_signal(signum)
+
+
+def _run_workers(module, todo, root, overrides, parallel, point_args, stop):
   shares = hardware.shares(parallel)
   for share in shares:
     logging.info('Sweep worker slot: %s', share.label)
@@ -88,6 +133,8 @@ def run_workers(module, todo, root, overrides, parallel, point_args):
   os.makedirs(logs, exist_ok=True)
   queue, workers = list(todo), []
   progress = sweep_points.Progress(len(todo), parallel)
+
+  stop.workers = workers
 
   def start(i):
     worker = _Worker(
@@ -97,7 +144,7 @@ def run_workers(module, todo, root, overrides, parallel, point_args):
     return worker
 
   def feed(worker):
-    if queue:
+    if queue and stop.signum is None:
       worker.send(queue.pop(0))
     else:
       worker.point = None
@@ -117,6 +164,10 @@ def run_workers(module, todo, root, overrides, parallel, point_args):
         point = worker.point
         if line:  # the point has ended and recorded itself
           error = sweep_points.point_status(point)['error']
+        elif stop.signum is not None:  # stopped at once: interrupted
+          worker.process.wait()
+          worker.point, error = None, None
+          continue
         else:  # the worker died with the point in hand
           code = worker.process.wait()
           log_path = os.path.join(point.workdir, 'log.txt')
@@ -135,9 +186,9 @@ def run_workers(module, todo, root, overrides, parallel, point_args):
         sweep_points.summarize(module, point_args, root)
     for worker in workers:
       worker.process.wait()
-  finally:  # interrupted: stop the workers; their checkpoints stay
+  finally:  # a failure here: stop the workers (they save their points)
     for worker in workers:
-      if worker.process.poll() is None:
+      if worker.process.poll() is None and stop.signum is None:
         worker.process.terminate()
     for worker in workers:
       worker.process.wait()
@@ -166,7 +217,11 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
     except ValueError as e:
       sweep_points.record(point, 0.0, str(e))
     else:
-      sweep_points.run_point(point, config)
+      try:
+        sweep_points.run_point(point, config)
+      except preemption.Stopped:
+        answer.write(f'{point.arg}\n')  # saved and recorded
+        raise
     answer.write(f'{point.arg}\n')
 
 

@@ -365,7 +365,12 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
     return _parallel_sweep(config, root, _tiny(data_dir), tmp_path)
 
   result = sweep_once()
-  assert result.returncode == 0, result.stderr[-3000:]
+  # A failed point: the last line counts it, the status says so.
+  assert result.returncode == 1, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(
+    'error: 3 of 4 runs finished, 1 failed; the same command retries'
+  ), result.stderr[-3000:]
   assert 'Sweep: 4 of 4 runs done (1 failed)' in result.stderr
   with open(root / 'results.csv') as f:
     status = {r['seed']: r['status'] for r in csv.DictReader(f)}
