@@ -125,9 +125,12 @@ def tiny_config(data_dir=None, **train):
 
 def snapshot(directory) -> dict[str, str]:
   """{relative path: sha1 of the content} of every file under `directory`
-  (directories as 'dir'): what "nothing changed" compares."""
+  (directories as 'dir'): what "nothing changed" compares. Python's own
+  bytecode caches (`__pycache__`, written when a config file is imported
+  unless PYTHONDONTWRITEBYTECODE is set) are not the user's files."""
   out = {}
   for root, dirs, files in os.walk(directory):
+    dirs[:] = [d for d in dirs if d != '__pycache__']
     for name in dirs:
       out[os.path.relpath(os.path.join(root, name), directory)] = 'dir'
     for name in files:
