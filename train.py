@@ -53,7 +53,22 @@ def main(argv):
   )
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
 
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config.train.seeds == 1:
+    train_lib.train_and_evaluate(config, workdir)
+    return
+  configs, workdirs = train_lib.seed_pack(config, workdir)
+  results = train_lib.train_seeds(configs, workdirs)
+  failed = [
+    (c.seed, r)
+    for c, r in zip(configs, results, strict=True)
+    if isinstance(r, Exception)
+  ]
+  if failed:
+    cli.fail(
+      f'{len(failed)} of {len(configs)} seeds failed; '
+      + '; '.join(f'seed {seed}: {error}' for seed, error in failed)
+    )
 
 
 if __name__ == '__main__':

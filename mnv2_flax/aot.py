@@ -52,31 +52,36 @@ def sharded_programs(
   config: ml_collections.ConfigDict,
   mesh: jax.sharding.Mesh,
   num_classes: int | None = None,
+  pack: int = 0,
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
   """((train step, its args), (eval step, its args)): the steps of
   `steps.sharded_steps` as a GPU or TPU host builds them (no CPU
   layers), with their arguments as shapes on `mesh`
-  (`config.data.batch_size`, global, split over the mesh's devices)."""
+  (`config.data.batch_size`, global, split over the mesh's devices; with
+  `pack` = N, N seeds stacked, each with a batch of that size)."""
   num_classes = _num_classes(config, num_classes)
   config = _off_cpu(config)
   model = training_state.create_model(config, num_classes)
   lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
-  train, evaluate = steps.sharded_steps(config, lr, mesh)
+  train, evaluate = steps.sharded_steps(config, lr, mesh, pack)
   replicated = placement.replicated(mesh)
+  seeds = (pack,) if pack else ()
   state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    lambda x: jax.ShapeDtypeStruct(
+      seeds + x.shape, x.dtype, sharding=replicated
+    ),
     training_state.abstract_train_state(config, model, lr),
   )
   devices = mesh.devices.size
   size = config.data.image_size
 
-  def batch(global_size, extra):
+  def batch(global_size, extra, seeds=()):
     if global_size % devices:
       raise ValueError(
         f'batch size {global_size} does not split over {devices} devices.'
       )
     per_device = global_size // devices
-    shape = (devices, per_device)
+    shape = (devices, *seeds, per_device)
     spec = {
       'image': (shape + (size, size, 3), np.uint8),
       'label': (shape, np.int32),
@@ -87,8 +92,10 @@ def sharded_programs(
       placement.split(mesh),
     )
 
-  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-  train_args = (state, batch(config.data.batch_size, lambda s: {}), rng)
+  rng = jax.ShapeDtypeStruct(
+    seeds, jax.random.key(0).dtype, sharding=replicated
+  )
+  train_args = (state, batch(config.data.batch_size, lambda s: {}, seeds), rng)
   eval_args = (
     state,
     batch(config.data.eval_batch_size, lambda s: {'mask': (s, np.float32)}),

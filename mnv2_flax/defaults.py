@@ -133,6 +133,10 @@ def get_config() -> ml_collections.ConfigDict:
   # batches): amortises the per-call dispatch cost on fast accelerators and
   # small models. Log, eval and save steps are reached exactly.
   config.train.steps_per_call = 1
+  # Seeds config.seed, config.seed + 1, ... trained together as one pack
+  # (one program, a seed axis; train_lib.train_seeds), each in
+  # <workdir>/seed-<seed>. 1: one run in <workdir>.
+  config.train.seeds = 1
   # JAX persistent compilation cache; '' disables it.
   config.train.compilation_cache_dir = COMPILATION_CACHE_DIR
   # On the CPU backend, plug mnv2_flax.cpu's layers (C++ kernels, fused
@@ -189,7 +193,12 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('optim.ema_decay', optim.ema_decay, 'a value in [0, 1)')
   if not train.num_epochs > 0:
     fail('train.num_epochs', train.num_epochs, 'a number > 0')
-  for field in ('log_every_steps', 'eval_every_steps', 'steps_per_call'):
+  for field in (
+    'log_every_steps',
+    'eval_every_steps',
+    'steps_per_call',
+    'seeds',
+  ):
     if not train[field] > 0:
       fail(f'train.{field}', train[field], 'an integer > 0')
   if train.dtype not in ('float32', 'bfloat16'):

@@ -407,6 +407,17 @@ def create_train_dataset(
   return _prefetched(ds, config)
 
 
+def stacked(datasets: list[tf.data.Dataset]) -> tf.data.Dataset:
+  """The train streams of a pack's seeds as one: each batch of each stream
+  as it would be alone, stacked to (local_devices, seeds, per_device, ...)."""
+
+  def stack(*batches):
+    return {k: tf.stack([b[k] for b in batches], axis=1) for k in batches[0]}
+
+  ds = tf.data.Dataset.zip(tuple(datasets))
+  return ds.map(stack).prefetch(tf.data.AUTOTUNE)
+
+
 def num_eval_steps(
   split_size: int, process_count: int, per_process_batch: int
 ) -> int:

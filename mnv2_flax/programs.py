@@ -37,6 +37,7 @@ def lower_steps(
   learning_rate_fn: optax.Schedule,
   train_batch: dict[str, Any],
   eval_batch: dict[str, Any] | None,
+  pack: int = 0,
 ) -> tuple[dict[str, jax.stages.Lowered], Callable, Callable]:
   """A run's steps, pmap-ed and lowered for its (abstract) arguments.
 
@@ -45,20 +46,29 @@ def lower_steps(
   then compile nothing. `state` may be abstract (`abstract_train_state`).
   `train_batch` and `eval_batch` are unplaced shapes
   (`input_pipeline.batch_spec(ds)`); no eval step without `eval_batch`.
+  With `pack` = N, the steps of a pack of N seeds (`steps._train_fn`):
+  `state` is one seed's, and `train_batch` has the seed axis.
   One process only: with several, pmap cannot lower abstract inputs.
 
   Returns:
     ({name: lowered program}, p_train_step, p_eval_step).
   """
   replicated, split = placement.replicated(), placement.split()
+  seeds = (pack,) if pack else ()
   state = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    lambda x: jax.ShapeDtypeStruct(
+      seeds + x.shape, x.dtype, sharding=replicated
+    ),
     state,
   )
   k = config.train.steps_per_call
-  p_train_step = steps.make_p_train_step(config, learning_rate_fn, steps=k)
-  p_eval_step = steps.make_p_eval_step(config)
+  p_train_step = steps.make_p_train_step(
+    config, learning_rate_fn, steps=k, pack=pack
+  )
+  p_eval_step = steps.make_p_eval_step(config, pack)
   rng = jax.random.key(config.seed + 1)
+  if pack:
+    rng = jax.ShapeDtypeStruct(seeds, rng.dtype, sharding=replicated)
   train_batch = placement.placed(train_batch, split)
   if k > 1:  # single steps run only to reach a log, eval or save step
     lowered = {
@@ -81,13 +91,14 @@ def lower_run_programs(
   steps_per_epoch: int,
   train_batch: dict[str, Any],
   eval_batch: dict[str, Any] | None,
+  pack: int = 0,
 ) -> dict[str, jax.stages.Lowered]:
   """What `precompile`'s child compiles: a run's steps, as `prepare` lowers
   them (the state initialiser is compiled, and cached, on the way)."""
   model = training_state.create_model(config, num_classes)
   lr = training_state.create_learning_rate_fn(config, steps_per_epoch)
   state = training_state.initial_train_state(config, model, lr)
-  return lower_steps(config, state, lr, train_batch, eval_batch)[0]
+  return lower_steps(config, state, lr, train_batch, eval_batch, pack)[0]
 
 
 def fingerprints(lowered: dict[str, jax.stages.Lowered]) -> dict[str, str]:
@@ -147,6 +158,7 @@ def prepare(
   train_batches: Callable[[], Iterator[dict[str, Any]]],
   train_batch: dict[str, Any],
   eval_batch: dict[str, Any] | None,
+  seeds: tuple[int, ...] = (),
 ) -> tuple[training_state.TrainState, Callable, Callable, Iterator]:
   """Initialises the state (unless `state` was restored); compiles the steps.
 
@@ -157,6 +169,9 @@ def prepare(
     train_batch, eval_batch: unplaced batch shapes; `eval_batch` is None
       unless the run evaluates before its last step (its step is then
       compiled up front too).
+    seeds: for a pack of seeds (two or more), their seeds: `state` (if
+      restored) and `train_batch` are stacked on a seed axis, and the steps
+      are those of a pack (`steps._train_fn`). Empty for a single run.
 
   Returns:
     (state placed as the steps return it, p_train_step, p_eval_step,
@@ -164,6 +179,7 @@ def prepare(
   """
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     first = pool.submit(train_batches)
+    pack = len(seeds)
     key = _reuse_key(
       config, model.num_classes, steps_per_epoch, train_batch, eval_batch
     )
@@ -178,11 +194,14 @@ def prepare(
         steps_per_epoch,
         train_batch,
         eval_batch,
+        pack,
       )
       while len(_RECENT) > _KEEP:
         _RECENT.popitem(last=False)
     structure, initialise, p_train_step, p_eval_step = _RECENT[key]
-    if state is None:
+    if state is None and pack:  # each seed initialised as it would be alone
+      state = stack([initialise(jax.random.key(seed)) for seed in seeds])
+    elif state is None:
       state = initialise(jax.random.key(config.seed))
     # The structure the steps were lowered for: the optimizer and apply
     # function are part of a state's tree structure, and a state with other
@@ -206,6 +225,16 @@ def prepare(
 # one CPU core, measured).
 _RECENT = collections.OrderedDict()
 _KEEP = 4
+
+
+def stack(trees: list[Any]) -> Any:
+  """Trees of one structure stacked on a new leading (seed) axis."""
+  return jax.tree.map(lambda *x: jax.numpy.stack(x), *trees)
+
+
+def unstack(tree: Any, index: int) -> Any:
+  """Seed `index` of a tree stacked by `stack`."""
+  return jax.tree.map(lambda x: x[index], tree)
 
 
 def forget() -> None:
@@ -239,7 +268,13 @@ def _reuse_key(config, num_classes, steps_per_epoch, train_batch, eval_batch):
 
 
 def _build(
-  config, model, learning_rate_fn, steps_per_epoch, train_batch, eval_batch
+  config,
+  model,
+  learning_rate_fn,
+  steps_per_epoch,
+  train_batch,
+  eval_batch,
+  pack,
 ):
   """(state structure, compiled initialiser, p_train_step, p_eval_step)."""
   structure = training_state.abstract_train_state(
@@ -252,12 +287,12 @@ def _build(
       structure,
       training_state.compile_initializer(config, model, learning_rate_fn),
       steps.make_p_train_step(
-        config, learning_rate_fn, steps=config.train.steps_per_call
+        config, learning_rate_fn, steps=config.train.steps_per_call, pack=pack
       ),
-      steps.make_p_eval_step(config),
+      steps.make_p_eval_step(config, pack),
     )
   lowered, p_train_step, p_eval_step = lower_steps(
-    config, structure, learning_rate_fn, train_batch, eval_batch
+    config, structure, learning_rate_fn, train_batch, eval_batch, pack
   )
   prints = fingerprints(lowered)  # each program's text hashed once
   for name, key in prints.items():
@@ -269,6 +304,7 @@ def _build(
     steps_per_epoch,
     train_batch,
     eval_batch,
+    pack,
   )
   initialise = training_state.compile_initializer(
     config, model, learning_rate_fn
@@ -279,7 +315,7 @@ def _build(
 
 
 def _precompile(
-  config, key, num_classes, steps_per_epoch, train_batch, eval_batch
+  config, key, num_classes, steps_per_epoch, train_batch, eval_batch, pack
 ):
   """On a cache miss where it helps (`precompile.wanted`), has a child
   process compile the programs `key` into the persistent cache."""
@@ -297,6 +333,7 @@ def _precompile(
     steps_per_epoch=steps_per_epoch,
     train_batch=train_batch,
     eval_batch=eval_batch,
+    pack=pack,
   )
   if child is not None and child.wait():
     _record(cache_dir, key)

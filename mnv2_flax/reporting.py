@@ -15,6 +15,7 @@ from mnv2_flax import models
 from mnv2_flax import stats
 
 RESULTS_FILE = 'results.json'
+MODEL_STATS_FILE = 'model_stats.json'
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
@@ -64,7 +65,7 @@ def write_model_stats(
     image_size=config.data.image_size,
     width_multiplier=config.model.width_multiplier,
   )
-  write_json(os.path.join(workdir, 'model_stats.json'), model_stats)
+  write_json(os.path.join(workdir, MODEL_STATS_FILE), model_stats)
   return model_stats
 
 
@@ -82,8 +83,11 @@ def per_step(metrics: list[dict]) -> list[dict]:
   return out
 
 
-def log_train(writer, metrics, step, num_steps, steps_per_epoch) -> None:
-  """Writes and logs the means of `metrics` (the steps since the last log)."""
+def log_train(
+  writer, metrics, step, num_steps, steps_per_epoch, name: str = ''
+) -> None:
+  """Writes and logs the means of `metrics` (the steps since the last log);
+  `name` prefixes the log line (a seed of a pack: 'seed 3: ')."""
   summary = {
     k: float(np.mean([m[k] for m in metrics]))
     for k in metrics[0]
@@ -91,7 +95,8 @@ def log_train(writer, metrics, step, num_steps, steps_per_epoch) -> None:
   }
   writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
   logging.info(
-    'step %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g',
+    '%sstep %d/%d epoch %.2f loss %.4f acc %.4f lr %.4g',
+    name,
     step,
     num_steps,
     step / steps_per_epoch,
@@ -101,7 +106,7 @@ def log_train(writer, metrics, step, num_steps, steps_per_epoch) -> None:
   )
 
 
-def log_eval(writer, step: int, metrics: dict[str, float]) -> None:
+def log_eval(writer, step: int, metrics: dict[str, float], name: str = ''):
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
   flip = (
     f'; flip-averaged top1 {metrics["flip_top1"]:.4f} '
@@ -110,7 +115,8 @@ def log_eval(writer, step: int, metrics: dict[str, float]) -> None:
     else ''
   )
   logging.info(
-    'eval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
+    '%seval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
+    name,
     step,
     metrics['top1'],
     metrics['top5'],

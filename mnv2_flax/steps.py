@@ -177,21 +177,28 @@ def eval_step(
 # ------------------------------------------------------------------ builders
 
 
-def _train_fn(config, learning_rate_fn, steps: int = 1) -> Callable:
-  """(state, batch or tuple of `steps` batches, rng) -> (state, metrics)."""
+def _train_fn(config, learning_rate_fn, steps: int = 1, pack: int = 0):
+  """(state, batch or tuple of `steps` batches, rng) -> (state, metrics).
+
+  With `pack` = N > 0, N seeds at once (`jax.vmap`): the state, each batch
+  and the rng carry a leading seed axis of N, and so do the metrics. Inside
+  the device-parallel step a collective over `AXIS` then reduces over the
+  devices for each seed apart, as BatchNorm and the gradient mean need.
+  """
   step = train_step if steps == 1 else train_steps
-  return functools.partial(
-    step, config=config, learning_rate_fn=learning_rate_fn
-  )
+  fn = functools.partial(step, config=config, learning_rate_fn=learning_rate_fn)
+  return jax.vmap(fn) if pack else fn
 
 
-def _eval_fn(config) -> Callable:
-  """(state, batch) -> metric sums, as `config.data` asks."""
-  return functools.partial(
+def _eval_fn(config, pack: int = 0) -> Callable:
+  """(state, batch) -> metric sums, as `config.data` asks; with `pack`, a
+  state of stacked seeds evaluated on one batch, sums per seed."""
+  fn = functools.partial(
     eval_step,
     flip_average=config.data.eval_flip_average,
     normalization=config.data.normalization,
   )
+  return jax.vmap(fn, in_axes=(0, None)) if pack else fn
 
 
 def make_p_train_step(
@@ -199,12 +206,15 @@ def make_p_train_step(
   learning_rate_fn: optax.Schedule,
   devices: Sequence[jax.Device] | None = None,
   steps: int = 1,
+  pack: int = 0,
 ) -> Callable:
   """`train_step` pmap-ed over the local devices (or `devices`), the state
   unreplicated and donated. With `steps` > 1, `train_steps`: it takes a
-  tuple of `steps` batches and returns metrics stacked per step."""
+  tuple of `steps` batches and returns metrics stacked per step. With
+  `pack` = N, a pack of N seeds (`_train_fn`): batches of (devices, N,
+  per-device batch, ...), the state and rng stacked on a seed axis."""
   return jax.pmap(
-    _train_fn(config, learning_rate_fn, steps),
+    _train_fn(config, learning_rate_fn, steps, pack),
     axis_name=AXIS,
     in_axes=(None, 0, None),
     out_axes=(None, None),
@@ -216,10 +226,13 @@ def make_p_train_step(
   )
 
 
-def make_p_eval_step(config: ml_collections.ConfigDict) -> Callable:
-  """`eval_step` pmap-ed over the local devices, the state unreplicated."""
+def make_p_eval_step(
+  config: ml_collections.ConfigDict, pack: int = 0
+) -> Callable:
+  """`eval_step` pmap-ed over the local devices, the state unreplicated
+  (with `pack`: stacked seeds, sums per seed)."""
   return jax.pmap(
-    _eval_fn(config),
+    _eval_fn(config, pack),
     axis_name=AXIS,
     in_axes=(None, 0),
     out_axes=None,
@@ -230,6 +243,7 @@ def sharded_steps(
   config: ml_collections.ConfigDict,
   learning_rate_fn: optax.Schedule,
   mesh: jax.sharding.Mesh,
+  pack: int = 0,
 ) -> tuple[Callable, Callable]:
   """The pmap-ed train and eval steps as `jit(shard_map(...))` over `mesh`
   (axis `AXIS`): the program pmap builds, for meshes of devices that this
@@ -248,7 +262,7 @@ def sharded_steps(
     return run
 
   train = jax.shard_map(
-    per_device(_train_fn(config, learning_rate_fn)),
+    per_device(_train_fn(config, learning_rate_fn, pack=pack)),
     mesh=mesh,
     in_specs=(replicated, split, replicated),
     out_specs=(replicated, replicated),
@@ -257,7 +271,7 @@ def sharded_steps(
     check_vma=False,
   )
   evaluate = jax.shard_map(
-    per_device(_eval_fn(config)),
+    per_device(_eval_fn(config, pack)),
     mesh=mesh,
     in_specs=(replicated, split),
     out_specs=replicated,

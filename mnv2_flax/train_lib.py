@@ -18,6 +18,7 @@ from typing import Any
 
 from absl import logging
 from clu import periodic_actions
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,13 +51,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def evaluate(p_eval_step: Callable, state, eval_ds) -> dict[str, float]:
-  """Runs the eval split once; returns mean loss, top-1, top-5 (raw, EMA)."""
+def evaluate(p_eval_step: Callable, state, eval_ds, pack: int = 0):
+  """Runs the eval split once; returns mean loss, top-1, top-5 (raw, EMA).
+
+  With `pack` = N (a state of N stacked seeds), a list of N such dicts.
+  """
   totals = None
   for batch in input_pipeline.prefetch_to_device(eval_ds, placement.split()):
     sums = p_eval_step(state, batch)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
+  totals = jax.device_get(totals)
+  if not pack:
+    return _means(totals)
+  return [_means({k: v[i] for k, v in totals.items()}) for i in range(pack)]
+
+
+def _means(totals: dict[str, Any]) -> dict[str, float]:
+  totals = {k: float(v) for k, v in totals.items()}
   count = totals.pop('count')
   out = {k: v / count for k, v in totals.items()}
   out['num_examples'] = count
@@ -75,26 +86,122 @@ def train_and_evaluate(
   Returns:
     The final eval metrics, with the run's wall, train and eval seconds.
   """
+  (result,) = train_seeds([config], [workdir])
+  return result
+
+
+def train_seeds(
+  configs: list[ml_collections.ConfigDict], workdirs: list[str]
+) -> list[dict[str, Any] | TrainingDivergedError]:
+  """Trains configs that differ only in their seed as one pack.
+
+  The seeds' states are stacked on a leading axis and trained by one
+  compiled program (`steps._train_fn`); each seed reads its own data
+  stream, and writes its own workdir exactly as `train_and_evaluate` would
+  (checkpoints, events, results.json). Seeds that finished are skipped; one
+  seed left trains alone. The others must resume from one step.
+
+  Returns:
+    Per seed, its result, or (packs only) the `TrainingDivergedError` that
+    stopped it alone: its last finite checkpoint is kept, the others went
+    on. A single run raises it.
+  """
   wall_start = time.perf_counter()
-  run = _Run(config, workdir)  # checks and locks: nothing written yet
-  with run.lock, preemption.Watch() as watch:
-    return _train(run, watch, wall_start)
+  check_pack(configs, workdirs)
+  with contextlib.ExitStack() as held:
+    runs = []
+    for config, workdir in zip(configs, workdirs, strict=True):
+      run = _Run(config, workdir)  # checks and locks: nothing written yet
+      held.enter_context(run.lock)
+      runs.append(run)
+    watch = held.enter_context(preemption.Watch())
+    return _train(runs, watch, wall_start)
 
 
-def _train(run: '_Run', watch: preemption.Watch, wall_start: float) -> dict:
-  """The loop of `train_and_evaluate`, in the workdir `run` holds."""
-  config, workdir = run.config, run.workdir
-  if run.finished():
-    return files.read_json(run.results_path)
-  state, start_step = run.restore()
+def seed_pack(
+  config: ml_collections.ConfigDict, workdir: str
+) -> tuple[list[ml_collections.ConfigDict], list[str]]:
+  """The pack `config.train.seeds` asks for: seeds config.seed, ...,
+  config.seed + seeds - 1, each in `<workdir>/seed-<seed>`, one run each."""
+  configs, workdirs = [], []
+  for i in range(config.train.seeds):
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.seed, c.train.seeds = config.seed + i, 1
+    configs.append(c)
+    workdirs.append(os.path.join(workdir, f'seed-{c.seed}'))
+  return configs, workdirs
+
+
+def check_pack(
+  configs: list[ml_collections.ConfigDict], workdirs: list[str]
+) -> None:
+  """Configs that differ in their seed only, distinct seeds and workdirs."""
+  if not configs or len(configs) != len(workdirs):
+    raise ValueError(
+      f'a pack needs one workdir per config: {len(configs)} configs, '
+      f'{len(workdirs)} workdirs.'
+    )
+  seeds = [c.seed for c in configs]
+  if len(set(seeds)) < len(seeds) or len(set(workdirs)) < len(workdirs):
+    raise ValueError(
+      f'the seeds of a pack must differ, and their workdirs: seeds {seeds}, '
+      f'workdirs {workdirs}.'
+    )
+  first = _flat(configs[0])
+  for config in configs[1:]:
+    other = _flat(config)
+    differ = sorted(
+      k
+      for k in first.keys() | other.keys()
+      if k != 'seed' and first.get(k) != other.get(k)
+    )
+    if differ:
+      raise ValueError(
+        f'the seeds of a pack share one config but for config.seed; seed '
+        f'{config.seed} differs from seed {configs[0].seed} in config.'
+        f'{differ[0]} ({other.get(differ[0])!r} vs {first.get(differ[0])!r}).'
+      )
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return traverse_util.flatten_dict(config.to_dict(), sep='.')
+
+
+def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
+  """The loop of `train_seeds`, in the workdirs `runs` hold."""
+  results = [
+    files.read_json(run.results_path) if run.finished() else None
+    for run in runs
+  ]
+  todo = [i for i, r in enumerate(results) if r is None]
+  live = [runs[i] for i in todo]
+  if not live:
+    return results
+  restored = [run.restore() for run in live]
+  start_step = _common_start(live, [s for _, s in restored])
+  pack = len(live) if len(live) > 1 else 0  # one seed left: a plain run
+  states = [s for s, _ in restored]
+  state = states[0] if not pack else None
+  if pack and states[0] is not None:  # restored, or init_from's weights
+    state = programs.stack(states)
+  run, config = live[0], live[0].config
   model_stats = reporting.write_model_stats(
-    config, run.model, run.meta.num_classes, workdir
+    config, run.model, run.meta.num_classes, run.workdir
   )
-  train_ds = input_pipeline.create_train_dataset(
-    run.builder, config, start_step=start_step
-  )
+  for other in live[1:]:
+    reporting.write_json(
+      os.path.join(other.workdir, reporting.MODEL_STATS_FILE), model_stats
+    )
+  datasets = [
+    input_pipeline.create_train_dataset(
+      r.builder, r.config, start_step=start_step
+    )
+    for r in live
+  ]
+  train_ds = input_pipeline.stacked(datasets) if pack else datasets[0]
   eval_ds = input_pipeline.create_eval_dataset(run.builder, config)
   evaluates_early = config.train.eval_every_steps < run.num_steps
+  seeds = tuple(r.config.seed for r in live) if pack else ()
   state, p_train_step, p_eval_step, batches = programs.prepare(
     config,
     run.model,
@@ -106,18 +213,25 @@ def _train(run: '_Run', watch: preemption.Watch, wall_start: float) -> dict:
     ),
     input_pipeline.batch_spec(train_ds),
     input_pipeline.batch_spec(eval_ds) if evaluates_early else None,
+    seeds,
   )
-  writer = reporting.create_writer(config, workdir, start_step)
+  writers = [
+    reporting.create_writer(r.config, r.workdir, start_step) for r in live
+  ]
+  names = [f'seed {s}: ' for s in seeds] or ['']
   progress = periodic_actions.ReportProgress(
     num_train_steps=run.num_steps,
-    writer=writer,
+    writer=writers[0],
     every_steps=config.train.log_every_steps,
   )
-  call = _StepCaller(config, run.learning_rate_fn, p_train_step, batches)
+  call = _StepCaller(config, run.learning_rate_fn, p_train_step, batches, seeds)
 
-  eval_metrics, pending, eval_seconds = {}, [], 0.0
+  failed = {}  # pack only: index in `live` -> the divergence that stopped it
+  eval_metrics = [{} for _ in live]
+  pending, logged = [], [[] for _ in live]
+  eval_seconds = 0.0
   loop_start, done, calls, signalled = time.perf_counter(), start_step, 0, False
-  while done < run.num_steps:
+  while done < run.num_steps and len(failed) < len(live):
     state, metrics, n = call(state, done, run.num_steps)
     pending.append(metrics)
     for _ in range(n):
@@ -130,57 +244,113 @@ def _train(run: '_Run', watch: preemption.Watch, wall_start: float) -> dict:
       due |= {'log', 'save', 'stop'}
     calls += 1
     if due:  # reading the steps' flags waits for them, as a save does
-      pending = reporting.per_step(pending)
-      bad = divergence.first_non_finite(pending, done - len(pending) + 1)
-      if bad:
-        divergence.stop(run.manager, config, workdir, *bad)
-    if 'log' in due:
-      reporting.log_train(
-        writer, pending, done, run.num_steps, run.steps_per_epoch
-      )
+      for i, new in enumerate(_per_seed(pending, pack)):
+        bad = divergence.first_non_finite(new, done - len(new) + 1)
+        if bad and i not in failed:
+          failed[i] = _diverged(live[i], bad, pack, names[i])
+        logged[i] += new
       pending = []
-    if 'eval' in due:
+    active = [i for i in range(len(live)) if i not in failed]
+    if 'log' in due:
+      for i in active:
+        reporting.log_train(
+          writers[i],
+          logged[i],
+          done,
+          run.num_steps,
+          run.steps_per_epoch,
+          names[i],
+        )
+      logged = [[] for _ in live]
+    if 'eval' in due and active:
       eval_start = time.perf_counter()
       with progress.timed('eval'):
-        eval_metrics = evaluate(p_eval_step, state, eval_ds)
+        metrics = evaluate(p_eval_step, state, eval_ds, pack)
+      eval_metrics = metrics if pack else [metrics]
       eval_seconds += time.perf_counter() - eval_start
-      reporting.log_eval(writer, done, eval_metrics)
+      for i in active:
+        reporting.log_eval(writers[i], done, eval_metrics[i], names[i])
     if 'save' in due:
-      checkpointing.save(
-        run.manager,
-        done,
-        state,
-        config,
-        eval_metrics if 'eval' in due else None,
-      )
+      for i in active:
+        checkpointing.save(
+          live[i].manager,
+          done,
+          programs.unstack(state, i) if pack else state,
+          live[i].config,
+          eval_metrics[i] if 'eval' in due else None,
+        )
     if 'stop' in due:
       if not signalled:
         logging.info('Stopping after step %d as configured.', done)
       break
 
   train_seconds = time.perf_counter() - loop_start - eval_seconds
-  checkpointing.wait_until_finished(run.manager)
-  writer.flush()
-  result = run.finish(
-    dict(
-      eval_metrics,
-      train_seconds=train_seconds,
-      eval_seconds=eval_seconds,
-      images_per_second=(done - start_step)
-      * config.data.batch_size
-      / max(train_seconds, 1e-9),
-      **model_stats,
-      **(
-        {'stopped': {'signal': watch.signal_name, 'step': done}}
-        if signalled
-        else {}
+  for r in live:
+    checkpointing.wait_until_finished(r.manager)
+  for writer in writers:
+    writer.flush()
+  for i, r in enumerate(live):
+    if i in failed:
+      results[todo[i]] = failed[i]
+      continue
+    results[todo[i]] = r.finish(
+      dict(
+        eval_metrics[i],
+        train_seconds=train_seconds,
+        eval_seconds=eval_seconds,
+        # Per seed: a pack of N trains N times as many images in all.
+        images_per_second=(done - start_step)
+        * config.data.batch_size
+        / max(train_seconds, 1e-9),
+        **model_stats,
+        **({'pack': len(live)} if pack else {}),
+        **(
+          {'stopped': {'signal': watch.signal_name, 'step': done}}
+          if signalled
+          else {}
+        ),
       ),
-    ),
-    wall_start,
-  )
+      wall_start,
+    )
   if signalled:
     raise watch.stopped(done)
-  return result
+  return results
+
+
+def _common_start(live: list['_Run'], starts: list[int]) -> int:
+  """The step every seed of a pack resumes from; one clear error if not one."""
+  if len(set(starts)) > 1:
+    where = ', '.join(
+      f'{r.workdir} at step {s}' for r, s in zip(live, starts, strict=True)
+    )
+    raise ValueError(
+      f'the seeds of a pack must resume from one step: {where}. Train them '
+      'one at a time (a sweep: --pack=1), or remove the checkpoints of those '
+      'behind to restart them.'
+    )
+  return starts[0]
+
+
+def _per_seed(pending: list[dict], pack: int) -> list[list[dict]]:
+  """Host copies of the pending steps' metrics, one list of steps per seed."""
+  if not pack:
+    return [reporting.per_step(pending)]
+  host = jax.device_get(pending)
+  return [
+    reporting.per_step([{k: v[i] for k, v in m.items()} for m in host])
+    for i in range(pack)
+  ]
+
+
+def _diverged(run: '_Run', bad: tuple, pack: int, name: str):
+  """A single run raises the divergence; a seed of a pack stops alone."""
+  try:
+    divergence.stop(run.manager, run.config, run.workdir, *bad)
+  except TrainingDivergedError as e:
+    if not pack:
+      raise
+    logging.error('%sstopped alone, the other seeds go on: %s', name, e)
+    return e
 
 
 class _Run:
@@ -289,18 +459,24 @@ def _lock_workdir(workdir: str, stack: contextlib.ExitStack) -> None:
 
 class _StepCaller:
   """Runs `config.train.steps_per_call` steps per call where no log, eval,
-  save or stop step comes first, single steps up to one."""
+  save or stop step comes first, single steps up to one. With `seeds`, the
+  steps of a pack of those seeds."""
 
-  def __init__(self, config, learning_rate_fn, p_train_step, batches):
+  def __init__(self, config, learning_rate_fn, p_train_step, batches, seeds):
     self.config, self.batches = config, batches
     self.per_call = config.train.steps_per_call
     self.p_steps = p_train_step
     self.p_step = (
-      steps.make_p_train_step(config, learning_rate_fn)
+      steps.make_p_train_step(config, learning_rate_fn, pack=len(seeds))
       if self.per_call > 1
       else p_train_step
     )
-    self.rng = jax.random.key(config.seed + 1)  # dropout
+    # Dropout: each seed's rng as it would be alone.
+    self.rng = (
+      jax.vmap(jax.random.key)(jnp.asarray(seeds) + 1)
+      if seeds
+      else jax.random.key(config.seed + 1)
+    )
 
   def __call__(self, state, done: int, num_steps: int):
     """(new state, metrics, number of steps run)."""
