@@ -11,6 +11,7 @@ states), `reporting` (TensorBoard events, results.json) and
 
 from collections.abc import Callable
 import contextlib
+import json
 import math
 import os
 import time
@@ -18,7 +19,6 @@ from typing import Any
 
 from absl import logging
 from clu import periodic_actions
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -147,24 +147,19 @@ def check_pack(
       f'the seeds of a pack must differ, and their workdirs: seeds {seeds}, '
       f'workdirs {workdirs}.'
     )
-  first = _flat(configs[0])
+  # As a checkpoint's saved config is compared (JSON: tuples as lists).
+  first = json.loads(json.dumps(configs[0].to_dict()))
   for config in configs[1:]:
-    other = _flat(config)
-    differ = sorted(
-      k
-      for k in first.keys() | other.keys()
-      if k != 'seed' and first.get(k) != other.get(k)
-    )
+    differ = [
+      d
+      for d in checkpointing.config_differences(first, config)
+      if not d.startswith('config.seed:')
+    ]
     if differ:
       raise ValueError(
         f'the seeds of a pack share one config but for config.seed; seed '
-        f'{config.seed} differs from seed {configs[0].seed} in config.'
-        f'{differ[0]} ({other.get(differ[0])!r} vs {first.get(differ[0])!r}).'
+        f'{config.seed} differs from seed {configs[0].seed} in {differ[0]}.'
       )
-
-
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return traverse_util.flatten_dict(config.to_dict(), sep='.')
 
 
 def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
