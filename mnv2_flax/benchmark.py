@@ -3,14 +3,18 @@
   python -m mnv2_flax.benchmark --width_multiplier=0.5 --resolution=32 \
       --batch_size=256 --num_classes=10 --mode=train [--dtype=bfloat16]
       [--devices=N] [--nocpu_fast_path] [--output_stride=8]
-      [--steps_per_call=8] [--profile_steps=3] [--json]
+      [--steps_per_call=8] [--pack=4] [--profile_steps=3] [--json]
 
 Train mode times `steps.train_step` under the same `jax.pmap` as the
 training loop (SGD with momentum 0.9 and weight decay, torchvision's
 numerics, EMA of the parameters included), on a fixed
 random uint8 batch split over `--devices` and placed there once (the timed
 calls copy nothing from the host). `--steps_per_call=N` times the loop's
-`lax.scan` program of N steps (times per step). Infer mode times
+`lax.scan` program of N steps (times per step). `--pack=N` times a pack
+of N seeds trained as one program (`steps._train_fn`, each seed with
+`--batch_size` images per step) in turn with one seed's step, and prints
+images/s per seed and in all, and the pack's speed-up over training the
+seeds one after another. Infer mode times
 `model.apply(..., train=False)` under `jax.jit` on one device.
 
 Prints: compile time (ahead-of-time `lower().compile()`, through the
@@ -73,6 +77,9 @@ _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
 _STEPS_PER_CALL = flags.DEFINE_integer(
   'steps_per_call', 1, 'Train steps per call (lax.scan); times are per step.'
 )
+_PACK = flags.DEFINE_integer(
+  'pack', 1, 'Train N seeds as one program, timed in turn with one seed.'
+)
 _AOT_TOPOLOGY = flags.DEFINE_string(
   'aot_topology',
   None,
@@ -102,6 +109,7 @@ def _check_flags() -> None:
     (_BATCH_SIZE, 0),
     (_STEPS, 0),
     (_STEPS_PER_CALL, 0),
+    (_PACK, 0),
   ):
     if not flag.value > low:
       raise ValueError(
@@ -178,6 +186,7 @@ def main(argv):
     _OUTPUT_STRIDE.value,
     _CPU_FAST_PATH.value,
     _STEPS_PER_CALL.value,
+    _PACK.value,
   )
   if _JSON.value:
     print(json.dumps(result))

@@ -11,6 +11,7 @@ accelerator image without TensorFlow.
 """
 
 import collections
+import functools
 import glob
 import re
 import resource
@@ -25,6 +26,7 @@ import numpy as np
 from mnv2_flax import defaults
 from mnv2_flax import placement
 from mnv2_flax import preprocessing
+from mnv2_flax import programs
 from mnv2_flax import stats
 from mnv2_flax import steps as steps_lib
 from mnv2_flax import training_state
@@ -110,11 +112,14 @@ def run(
   output_stride: int | None = None,
   cpu_fast_path: bool = True,
   steps_per_call: int = 1,
+  pack: int = 1,
 ) -> dict:
   """Compiles and times one configuration; returns the measurements.
 
   Train mode with `steps_per_call` > 1 times calls of that many steps
-  (`config.train.steps_per_call`); step times are per step.
+  (`config.train.steps_per_call`); step times are per step. `pack` > 1 times
+  a pack of that many seeds (`steps._train_fn`), each with `batch_size`
+  images per step: images/s then counts every seed's images.
   """
   if mode not in MODES:
     raise ValueError(f'--mode={mode!r}: valid are {", ".join(MODES)}.')
@@ -138,54 +143,52 @@ def run(
   defaults.check(config)
   model = training_state.create_model(config, num_classes)
   counts = stats.count(model.clone(bn_axis_name=None), resolution)
-  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
-  state = training_state.create_train_state(
-    config, model, lr, jax.random.key(0)
-  )
-
-  # Every argument is placed on the devices once, as the training loop's
-  # prefetch does: the timed calls copy nothing from the host.
-  mesh = placement.device_mesh(jax.local_devices()[:devices])
-  replicated = placement.replicated(mesh)
   if not (steps_per_call >= 1 and (mode == 'train' or steps_per_call == 1)):
     raise ValueError(
       f'--steps_per_call={steps_per_call}: expected >= 1 (and 1 with '
       '--mode=infer).'
     )
+  if not (pack >= 1 and (mode == 'train' or pack == 1)):
+    raise ValueError(
+      f'--pack={pack}: expected a whole number >= 1 (and 1 with --mode=infer).'
+    )
+  mesh = placement.device_mesh(jax.local_devices()[:devices])
+  alone = None
   if mode == 'train':
-    step = steps_lib.make_p_train_step(
-      config, lr, jax.local_devices()[:devices], steps=steps_per_call
-    )
-    batch = _batch(
-      batch_size, resolution, num_classes, (devices, batch_size // devices)
-    )
-    batch = jax.device_put(batch, placement.split(mesh))
-    args = (
-      jax.device_put(state, replicated),
-      batch if steps_per_call == 1 else (batch,) * steps_per_call,
-      jax.device_put(jax.random.key(1), replicated),
-    )
     flops_per_image = 3 * 2 * counts.macs
+    train = functools.partial(
+      _train_program, config, model, mesh, num_classes, steps_per_call
+    )
+    step, args = train(pack)
+    if pack > 1:  # one seed's step, timed in turn with the pack's
+      alone = train(1)
   else:
-    infer_model = model.clone(bn_axis_name=None)
-    normalization = config.data.normalization
-
-    def infer(variables, images):
-      images = preprocessing.normalize(images, normalization)
-      return infer_model.apply(variables, images, train=False)
-
-    step = jax.jit(infer)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    batch = _batch(batch_size, resolution, num_classes, (batch_size,))
-    args = jax.device_put((variables, batch['image']), jax.local_devices()[0])
     flops_per_image = 2 * counts.macs
+    step, args = _infer_program(config, model, num_classes)
 
   start = time.perf_counter()
   compiled = step.lower(*args).compile()
   compile_seconds = time.perf_counter() - start
-  median, times, args = _time(compiled, args, steps, warmup)
-  median, times = median / steps_per_call, [t / steps_per_call for t in times]
+  if alone is None:
+    median, times, args = _time(compiled, args, steps, warmup)
+  else:
+    alone_compiled = alone[0].lower(*alone[1]).compile()
+    (median, times, args), alone_timing = _time_in_turn(
+      [(compiled, args), (alone_compiled, alone[1])], steps, warmup
+    )
+    alone = _per_step(alone_timing[0], steps_per_call)
+  median, times = (
+    _per_step(median, steps_per_call),
+    [_per_step(t, steps_per_call) for t in times],
+  )
   ops = profile_ops(compiled, args, profile_steps) if profile_steps else None
+  pack_fields = {}
+  if alone is not None:
+    pack_fields = dict(
+      alone_median_step_seconds=alone,
+      alone_images_per_second=batch_size / alone,
+      pack_speedup=pack * alone / median,
+    )
   return dict(
     mode=mode,
     width_multiplier=width_multiplier,
@@ -195,17 +198,106 @@ def run(
     dtype=dtype,
     devices=devices,
     steps_per_call=steps_per_call,
+    pack=pack,
     cpu_fast_path=bool(cpu_fast_path and fast_path.enabled()),
     backend=jax.default_backend(),
     compile_seconds=compile_seconds,
     median_step_seconds=median,
     min_step_seconds=min(times),
-    images_per_second=batch_size / median,
-    gflops_per_second=flops_per_image * batch_size / median / 1e9,
+    images_per_second=pack * batch_size / median,
+    gflops_per_second=flops_per_image * pack * batch_size / median / 1e9,
     macs_per_image=counts.macs,
     peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     ops=ops,
+    **pack_fields,
   )
+
+
+def _per_step(seconds: float, steps_per_call: int) -> float:
+  return seconds / steps_per_call
+
+
+def _train_program(config, model, mesh, num_classes, steps_per_call, pack):
+  """(pmap-ed train step, its placed arguments) for `pack` seeds (1: the
+  single-run program, no seed axis)."""
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
+  # A pack's seeds start from their own initial states, as in training, and
+  # share one optimizer object (it is part of the state's tree structure).
+  states = [
+    training_state.create_train_state(config, model, lr, jax.random.key(seed))
+    for seed in range(pack)
+  ]
+  structure = jax.tree.structure(states[0])
+  states = [jax.tree.unflatten(structure, jax.tree.leaves(s)) for s in states]
+  state = states[0] if pack == 1 else programs.stack(states)
+  rng = jax.random.key(1)
+  if pack > 1:
+    rng = jax.random.split(rng, pack)
+  devices = mesh.devices.size
+  batch_size, resolution = config.data.batch_size, config.data.image_size
+  step = steps_lib.make_p_train_step(
+    config,
+    lr,
+    list(mesh.devices.flat),
+    steps=steps_per_call,
+    pack=pack if pack > 1 else 0,
+  )
+  seeds = (pack,) if pack > 1 else ()
+  batch = _batch(
+    batch_size * pack,
+    resolution,
+    num_classes,
+    (devices, *seeds, batch_size // devices),
+  )
+  # Every argument is placed on the devices once, as the training loop's
+  # prefetch does: the timed calls copy nothing from the host.
+  batch = jax.device_put(batch, placement.split(mesh))
+  replicated = placement.replicated(mesh)
+  args = (
+    jax.device_put(state, replicated),
+    batch if steps_per_call == 1 else (batch,) * steps_per_call,
+    jax.device_put(rng, replicated),
+  )
+  return step, args
+
+
+def _infer_program(config, model, num_classes):
+  """(jit-ed inference apply, its arguments on the first device)."""
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
+  state = training_state.create_train_state(
+    config, model, lr, jax.random.key(0)
+  )
+  infer_model = model.clone(bn_axis_name=None)
+  normalization = config.data.normalization
+
+  def infer(variables, images):
+    images = preprocessing.normalize(images, normalization)
+    return infer_model.apply(variables, images, train=False)
+
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  batch = _batch(
+    config.data.batch_size,
+    config.data.image_size,
+    num_classes,
+    (config.data.batch_size,),
+  )
+  args = jax.device_put((variables, batch['image']), jax.local_devices()[0])
+  return jax.jit(infer), args
+
+
+def _time_in_turn(programs_args, steps, warmup, rounds=3):
+  """`_time` of each (compiled, args) in turn, `rounds` times `steps`
+  steps each (the machine's drifts then fall on all alike); returns each
+  one's (median, times, last args) over all its timed steps."""
+  per_round = max(1, -(-steps // rounds))
+  results = [[[], args] for _, args in programs_args]
+  for r in range(rounds):
+    for (compiled, _), result in zip(programs_args, results, strict=True):
+      _, times, result[1] = _time(
+        compiled, result[1], per_round, warmup if r == 0 else 0
+      )
+      result[0] += times
+  return [(statistics.median(times), times, args) for times, args in results]
 
 
 def profile_ops(compiled, args, steps: int) -> list[dict]:
@@ -282,9 +374,21 @@ def format_result(r: dict) -> str:
     f'{r["mode"]} w{r["width_multiplier"]} r{r["resolution"]} '
     f'b{r["batch_size"]} {r["dtype"]} {r["devices"]} dev '
     f'{r["steps_per_call"]} step(s)/call '
-    f'{r["backend"]}{"/cpu_fast_path" * r["cpu_fast_path"]}: compile '
+    f'{r["backend"]}{"/cpu_fast_path" * r["cpu_fast_path"]}'
+    f'{f" pack {r['pack']}" if r.get("pack", 1) > 1 else ""}: compile '
     f'{r["compile_seconds"]:.1f} s, step {1e3 * r["median_step_seconds"]:.1f}'
     f' ms (median), {r["images_per_second"]:,.1f} img/s, '
     f'{r["gflops_per_second"]:.1f} GFLOP/s, peak RSS '
     f'{r["peak_rss_mib"]:,.0f} MiB'
+  ) + (_format_pack(r) if r.get('pack', 1) > 1 else '')
+
+
+def _format_pack(r: dict) -> str:
+  """The pack's line: per seed, in all, and one seed alone timed in turn."""
+  return (
+    f'\npack of {r["pack"]} seeds: {r["images_per_second"] / r["pack"]:,.1f}'
+    f' img/s per seed, {r["images_per_second"]:,.1f} in all; one seed alone'
+    f' (timed in turn): step {1e3 * r["alone_median_step_seconds"]:.1f} ms, '
+    f'{r["alone_images_per_second"]:,.1f} img/s; the pack trains '
+    f'{r["pack_speedup"]:.2f}x the images/s of seeds one after another'
   )

@@ -41,12 +41,37 @@ def test_benchmark_times_the_library_step(mode):
   assert 'op time per step' in benchmark_lib.format_ops(ops, top=5)
 
 
+def test_benchmark_times_a_pack_in_turn_with_one_seed():
+  r = benchmark_lib.run(
+    width_multiplier=0.35,
+    resolution=32,
+    batch_size=4,
+    num_classes=10,
+    steps=3,
+    warmup=1,
+    pack=2,
+  )
+  # images/s counts both seeds' images; the speed-up compares the pack's
+  # per-image time with one seed's step timed in the same process.
+  assert r['pack'] == 2
+  assert r['images_per_second'] == pytest.approx(8 / r['median_step_seconds'])
+  assert r['alone_images_per_second'] == pytest.approx(
+    4 / r['alone_median_step_seconds']
+  )
+  assert r['pack_speedup'] == pytest.approx(
+    r['images_per_second'] / r['alone_images_per_second']
+  )
+  text = benchmark_lib.format_result(r)
+  assert 'pack of 2 seeds' in text and 'one seed alone' in text
+
+
 @pytest.mark.parametrize(
   'field, value, words',
   [
     ('mode', 'eval', "--mode='eval'"),
     ('dtype', 'float16', "--dtype='float16'"),
     ('devices', 3, '--devices=3'),
+    ('pack', 0, '--pack=0'),
   ],
 )
 def test_benchmark_rejects_bad_flags(field, value, words):

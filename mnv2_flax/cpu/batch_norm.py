@@ -83,7 +83,7 @@ def _stats(x, axis_name):
     mean = _mean(x, axis_name)
     return mean, _mean(jnp.square(x - mean), axis_name)
   call = jax.ffi.ffi_call(
-    'mnv2_batch_norm_stats', _channel_shapes(x, 2), vmap_method='sequential'
+    'mnv2_batch_norm_stats', _channel_shapes(x, 2), vmap_method='broadcast_all'
   )
   mean, var = call(x)
   if axis_name is None:
@@ -127,7 +127,7 @@ def _backward(epsilon, axis_name, activation, dtype, residuals, cotangents):
     call = jax.ffi.ffi_call(
       'mnv2_batch_norm_grad_sums',
       _channel_shapes(x, 2),
-      vmap_method='sequential',
+      vmap_method='broadcast_all',
     )
     dbias, dscale_centred = call(
       x32, dy, mean, mul, bias32, relu6=np.bool_(activation is not None)

@@ -181,3 +181,30 @@ def test_unknown_activation_is_refused_by_name():
     batch_norm.BatchNorm(use_running_average=False, activation=nn.gelu).init(
       jax.random.key(0), jnp.ones((1, 2, 2, 3))
     )
+
+
+@pytest.mark.skipif(not kernels.available(), reason='no C++ kernels here')
+@pytest.mark.parametrize('activation', [None, 'relu6'])
+def test_vmapped_over_seeds_gives_each_seeds_own_bits(activation):
+  """Under `jax.vmap` (a pack of seeds) the C++ sums run per seed: outputs,
+  statistics and gradients are those of each seed alone, bit for bit."""
+  x = 3 + jax.random.normal(jax.random.key(0), (3, 4, 5, 5, 16))
+  scale = 1 + jax.random.normal(jax.random.key(1), (3, 16))
+  bias = jax.random.normal(jax.random.key(2), (3, 16))
+  dy = jax.random.normal(jax.random.key(3), x.shape)
+
+  def run(x, scale, bias, dy):
+    def output(x, scale, bias):
+      return batch_norm.batch_norm_train(
+        x, scale, bias, 1e-3, None, activation, jnp.float32
+      )
+
+    (y, mean, var), vjp = jax.vjp(output, x, scale, bias)
+    zeros = jnp.zeros_like(mean)
+    return y, mean, var, *vjp((dy, zeros, zeros))
+
+  packed = jax.jit(jax.vmap(run))(x, scale, bias, dy)
+  alone = jax.jit(run)
+  for i in range(3):
+    for a, b in zip(alone(x[i], scale[i], bias[i], dy[i]), packed, strict=True):
+      np.testing.assert_array_equal(a, b[i])

@@ -220,9 +220,52 @@ def test_conv_general_dilated_routes_each_conv_of_the_model():
   assert 'custom_vjp_call' in depthwise_call, depthwise_call
   assert 'conv_general_dilated' not in depthwise_call
   assert 'custom_vjp_call' in primitives(jnp.ones((1, 1, 4, 8)), 1)
-  # The stem's dense 3x3 conv and a strided 1x1 conv.
-  for k in (jnp.ones((3, 3, 4, 8)), jnp.ones((1, 1, 4, 8))):
-    assert primitives(k, 1, (2, 2)) == {'conv_general_dilated'}
+  # The stem's dense 3x3 conv: XLA's, once per kernel under vmap.
+  assert 'custom_vjp_call' in primitives(jnp.ones((3, 3, 4, 8)), 1, (2, 2))
+  # A strided 1x1 conv.
+  assert primitives(jnp.ones((1, 1, 4, 8)), 1, (2, 2)) == {
+    'conv_general_dilated'
+  }
+
+
+@pytest.mark.parametrize(
+  'kernel_shape, groups, strides, dilation',
+  [
+    pytest.param((3, 3, 1, 24), 24, (2, 2), (1, 1), marks=needs_kernels),
+    pytest.param((3, 3, 1, 24), 24, (1, 1), (2, 2), marks=needs_kernels),
+    ((3, 3, 5, 24), 1, (2, 2), (1, 1)),  # dense: the stem
+    ((1, 1, 5, 24), 1, (1, 1), (1, 1)),  # pointwise: a matmul
+  ],
+)
+def test_vmapped_kernels_give_each_kernels_own_bits(
+  kernel_shape, groups, strides, dilation
+):
+  """A pack of seeds (`jax.vmap` over stacked kernels and inputs) computes
+  each seed's output and gradients bit for bit as that seed alone: the
+  C++ kernels loop over the stacked axis, dense convs run once per kernel
+  (not as one grouped conv), 1x1 convs become batched matmuls."""
+  conv = functools.partial(
+    depthwise.conv_general_dilated,
+    window_strides=strides,
+    padding='SAME',
+    rhs_dilation=dilation,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
+  channels = kernel_shape[2] * groups
+  x = jax.random.normal(jax.random.key(0), (3, 2, 9, 9, channels))
+  k = jax.random.normal(jax.random.key(1), (3, *kernel_shape))
+  dy = jax.random.normal(jax.random.key(2), jax.vmap(conv)(x, k).shape)
+
+  def value_and_grads(x, k, dy):
+    y, vjp = jax.vjp(conv, x, k)
+    return y, *vjp(dy)
+
+  packed = jax.jit(jax.vmap(value_and_grads))(x, k, dy)
+  alone = jax.jit(value_and_grads)
+  for i in range(3):
+    for a, b in zip(alone(x[i], k[i], dy[i]), packed, strict=True):
+      np.testing.assert_array_equal(a, b[i])
 
 
 def test_layers_only_on_the_cpu_backend_and_switched_off_by_env(monkeypatch):

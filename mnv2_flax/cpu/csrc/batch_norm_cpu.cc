@@ -9,7 +9,9 @@
 // nn.BatchNorm(use_fast_variance=False)), the backward's sums one read of x
 // and dy; XLA then writes the output / input gradient in one fused pass.
 //
-// A tensor is viewed as rows of C channels (NHWC: N * H * W rows). Rows are
+// A tensor is viewed as rows of C channels (NHWC: N * H * W rows), in
+// groups where it has leading (vmap) axes: with vmap_method='broadcast_all'
+// x of (S, N, H, W, C) gives (S, C) statistics, each group's own. Rows are
 // split into at most 16 fixed ranges; each range is summed in blocks of a
 // few thousand values in float (vectorised) added into a double accumulator,
 // and the ranges are added in order, so the result does not depend on the
@@ -30,13 +32,16 @@ namespace {
 using mnv2::SumOverRanges;
 
 struct Rows {
-  int64_t rows, c;
+  int64_t groups, rows, c;  // rows per group
 };
 
-Rows RowsOf(const ffi::Buffer<ffi::F32>& x) {
+// x's rows per group of `out` (one group per C values of `out`).
+Rows RowsOf(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& out) {
   auto dims = x.dimensions();
   const int64_t c = dims.size() == 0 ? 1 : dims.back();
-  return Rows{c > 0 ? static_cast<int64_t>(x.element_count()) / c : 0, c};
+  const int64_t groups = c > 0 ? static_cast<int64_t>(out.element_count()) / c : 0;
+  const int64_t rows = groups > 0 ? static_cast<int64_t>(x.element_count()) / c / groups : 0;
+  return Rows{groups, rows, c};
 }
 
 // Sums over all rows: block(begin, end, acc) adds rows [begin, end) into
@@ -104,24 +109,26 @@ inline void GradSumRows(const float* __restrict x, const float* __restrict dy,
 ffi::Error Stats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                  ffi::ResultBuffer<ffi::F32> mean,
                  ffi::ResultBuffer<ffi::F32> var) {
-  const Rows r = RowsOf(x);
+  const Rows r = RowsOf(x, *mean);
   if (r.rows <= 0) return ffi::Error::InvalidArgument("batch_norm: empty x");
   const int64_t c = r.c;
-  const float* data = x.typed_data();
   const double n = static_cast<double>(r.rows);
-  float* m = mean->typed_data();
-  float* v = var->typed_data();
-  std::vector<double> sums = SumRows(
-      pool, r.rows, c, c,
-      [&](int64_t begin, int64_t end, float* __restrict acc) {
-        SumRowsOf(data + begin * c, nullptr, c, end - begin, acc);
-      });
-  for (int64_t ch = 0; ch < c; ++ch) m[ch] = static_cast<float>(sums[ch] / n);
-  sums = SumRows(pool, r.rows, c, c,
-                 [&](int64_t begin, int64_t end, float* __restrict acc) {
-                   SumRowsOf(data + begin * c, m, c, end - begin, acc);
-                 });
-  for (int64_t ch = 0; ch < c; ++ch) v[ch] = static_cast<float>(sums[ch] / n);
+  for (int64_t group = 0; group < r.groups; ++group) {
+    const float* data = x.typed_data() + group * r.rows * c;
+    float* m = mean->typed_data() + group * c;
+    float* v = var->typed_data() + group * c;
+    std::vector<double> sums = SumRows(
+        pool, r.rows, c, c,
+        [&](int64_t begin, int64_t end, float* __restrict acc) {
+          SumRowsOf(data + begin * c, nullptr, c, end - begin, acc);
+        });
+    for (int64_t ch = 0; ch < c; ++ch) m[ch] = static_cast<float>(sums[ch] / n);
+    sums = SumRows(pool, r.rows, c, c,
+                   [&](int64_t begin, int64_t end, float* __restrict acc) {
+                     SumRowsOf(data + begin * c, m, c, end - begin, acc);
+                   });
+    for (int64_t ch = 0; ch < c; ++ch) v[ch] = static_cast<float>(sums[ch] / n);
+  }
   return ffi::Error::Success();
 }
 
@@ -133,28 +140,30 @@ ffi::Error GradSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                     ffi::Buffer<ffi::F32> mul, ffi::Buffer<ffi::F32> bias,
                     ffi::ResultBuffer<ffi::F32> sum_g,
                     ffi::ResultBuffer<ffi::F32> sum_gc, bool relu6) {
-  const Rows r = RowsOf(x);
+  const Rows r = RowsOf(x, *sum_g);
   if (r.rows <= 0) return ffi::Error::InvalidArgument("batch_norm: empty x");
   const int64_t c = r.c;
-  const float* xd = x.typed_data();
-  const float* dyd = dy.typed_data();
-  const float* __restrict mu = mean.typed_data();
-  const float* __restrict k = mul.typed_data();
-  const float* __restrict b = bias.typed_data();
   // relu6 = false: the mask's bounds never exclude a value.
   const float lo = relu6 ? 0.0f : -std::numeric_limits<float>::infinity();
   const float hi = relu6 ? 6.0f : std::numeric_limits<float>::infinity();
-  std::vector<double> sums = SumRows(
-      pool, r.rows, c, 2 * c,
-      [&](int64_t begin, int64_t end, float* __restrict acc) {
-        GradSumRows(xd + begin * c, dyd + begin * c, mu, k, b, lo, hi, c,
-                    end - begin, acc, acc + c);
-      });
-  float* out_g = sum_g->typed_data();
-  float* out_gc = sum_gc->typed_data();
-  for (int64_t ch = 0; ch < c; ++ch) {
-    out_g[ch] = static_cast<float>(sums[ch]);
-    out_gc[ch] = static_cast<float>(sums[c + ch]);
+  for (int64_t group = 0; group < r.groups; ++group) {
+    const float* xd = x.typed_data() + group * r.rows * c;
+    const float* dyd = dy.typed_data() + group * r.rows * c;
+    const float* __restrict mu = mean.typed_data() + group * c;
+    const float* __restrict k = mul.typed_data() + group * c;
+    const float* __restrict b = bias.typed_data() + group * c;
+    std::vector<double> sums = SumRows(
+        pool, r.rows, c, 2 * c,
+        [&](int64_t begin, int64_t end, float* __restrict acc) {
+          GradSumRows(xd + begin * c, dyd + begin * c, mu, k, b, lo, hi, c,
+                      end - begin, acc, acc + c);
+        });
+    float* out_g = sum_g->typed_data() + group * c;
+    float* out_gc = sum_gc->typed_data() + group * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      out_g[ch] = static_cast<float>(sums[ch]);
+      out_gc[ch] = static_cast<float>(sums[c + ch]);
+    }
   }
   return ffi::Error::Success();
 }

@@ -29,21 +29,41 @@ using mnv2::ParallelFor;
 using mnv2::SumOverRanges;
 
 struct Geometry {
-  int64_t n, h, w, c;        // input
+  int64_t n, h, w, c;        // input (n: the images of every kernel)
   int64_t kh, kw;            // kernel
   int64_t oh, ow;            // output
   int64_t sh, sw, dh, dw;    // strides, dilation
   int64_t top, left;         // leading padding
+  int64_t kernels;           // kernels (seeds): images [s * n / kernels,
+                             // (s + 1) * n / kernels) use kernel s
 };
 
+// Dimensions past the last `rank` multiplied: the leading (vmap) axes.
+int64_t Leading(const ffi::AnyBuffer::Dimensions& dims, size_t rank) {
+  int64_t product = 1;
+  for (size_t i = 0; i + rank < dims.size(); ++i) product *= dims[i];
+  return product;
+}
+
+// NHWC input and output, (kh, kw, C) kernel, each with optional leading
+// axes (a vmap over stacked kernels, vmap_method='broadcast_all'): the
+// inputs of kernel s are those at the same leading index.
 Geometry MakeGeometry(const ffi::AnyBuffer::Dimensions& in,
                       const ffi::AnyBuffer::Dimensions& kernel,
                       const ffi::AnyBuffer::Dimensions& out, int64_t sh,
                       int64_t sw, int64_t dh, int64_t dw, int64_t top,
                       int64_t left) {
-  return Geometry{in[0],     in[1],  in[2], in[3], kernel[0], kernel[1],
-                  out[1],    out[2], sh,    sw,    dh,        dw,
-                  top,       left};
+  const size_t r = in.size(), k = kernel.size(), o = out.size();
+  return Geometry{Leading(in, 3), in[r - 3], in[r - 2], in[r - 1],
+                  kernel[k - 3],  kernel[k - 2],
+                  out[o - 3],     out[o - 2],
+                  sh, sw, dh, dw, top, left, Leading(kernel, 3)};
+}
+
+// The kernel taps that image b uses.
+inline const float* KernelOf(const Geometry& g, const float* kernel,
+                             int64_t b) {
+  return kernel + (b / (g.n / g.kernels)) * g.kh * g.kw * g.c;
 }
 
 // The outputs x in [*begin, *end) whose tap at column offset `offset`
@@ -96,11 +116,12 @@ void ForwardRows(const Geometry& g, const float* __restrict in,
   for (int64_t row = row_begin; row < row_end; ++row) {
     float* __restrict out_row = out + row * g.ow * c;
     std::memset(out_row, 0, sizeof(float) * g.ow * c);
+    const float* k = KernelOf(g, kernel, row / g.oh);
     ForEachTap(g, in, row / g.oh, row % g.oh,
                [&](int64_t tap, const float* in_row, int64_t offset,
                    int64_t begin, int64_t end) {
-                 RowTap(out_row, in_row, kernel + tap * c, c, g.sw, offset,
-                        begin, end);
+                 RowTap(out_row, in_row, k + tap * c, c, g.sw, offset, begin,
+                        end);
                });
   }
 }
@@ -115,6 +136,7 @@ void InputGradRows(const Geometry& g, const float* __restrict dout,
   const int64_t c = g.c;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t b = row / g.h, iy = row % g.h;
+    const float* __restrict taps = KernelOf(g, kernel, b);
     float* __restrict din_row = din + row * g.w * c;
     std::memset(din_row, 0, sizeof(float) * g.w * c);
     for (int64_t i = 0; i < g.kh; ++i) {
@@ -127,7 +149,7 @@ void InputGradRows(const Geometry& g, const float* __restrict dout,
         const int64_t offset = j * g.dw - g.left;
         int64_t begin, end;
         ValidColumns(offset, g.sw, g.w, g.ow, &begin, &end);
-        const float* __restrict k = kernel + (i * g.kw + j) * c;
+        const float* __restrict k = taps + (i * g.kw + j) * c;
         for (int64_t x = begin; x < end; ++x) {
           float* __restrict d = din_row + (x * g.sw + offset) * c;
           const float* __restrict v = dout_row + x * c;
@@ -166,7 +188,7 @@ int64_t Grain(int64_t row_floats) {
 
 ffi::Error CheckShapes(const Geometry& g) {
   if (g.oh <= 0 || g.ow <= 0 || g.sh <= 0 || g.sw <= 0 || g.dh <= 0 ||
-      g.dw <= 0) {
+      g.dw <= 0 || g.kernels <= 0 || g.n % g.kernels != 0) {
     return ffi::Error::InvalidArgument("depthwise: bad output shape or stride");
   }
   return ffi::Error::Success();
@@ -210,14 +232,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> in,
               [&](int64_t begin, int64_t end) {
                 InputGradRows(g, dy, k, dx, begin, end);
               });
-  // Kernel gradient: a private accumulator per range of output rows, summed
-  // in range order (bitwise reproducible).
-  SumOverRanges(
-      pool, g.n * g.oh, g.kh * g.kw * g.c,
-      [&](int64_t begin, int64_t end, float* acc) {
-        KernelGradRows(g, x, dy, acc, begin, end);
-      },
-      dk);
+  // Kernel gradient, per kernel: a private accumulator per range of its
+  // output rows, summed in range order (bitwise reproducible, and the same
+  // bits as the kernel's images alone).
+  const int64_t rows = g.n / g.kernels * g.oh, taps = g.kh * g.kw * g.c;
+  for (int64_t s = 0; s < g.kernels; ++s) {
+    SumOverRanges(
+        pool, rows, taps,
+        [&](int64_t begin, int64_t end, float* acc) {
+          KernelGradRows(g, x, dy, acc, s * rows + begin, s * rows + end);
+        },
+        dk + s * taps);
+  }
   return ffi::Error::Success();
 }
 
