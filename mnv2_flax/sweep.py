@@ -3,7 +3,7 @@
   python -m mnv2_flax.sweep --config=configs/ablation.py:fashion_mnist \
       --root=sweeps/fashion_mnist [--parallel=N | --shard=i/n |
       --submit=slurm --submit_params=...] [--dry_run] [--summarize_only]
-      [--set=train.num_epochs=2 ...]
+      [--pack=N] [--set=train.num_epochs=2 ...]
 
 The config file provides `get_sweep(arg) -> [point arg, ...]` and
 `get_config(point arg)`; a point's `seed=N` key marks its seed. Every point
@@ -14,16 +14,20 @@ trains in `<root>/<point name>` through the same
 - a point whose `results.json` says `finished` is skipped; one with
   checkpoints resumes from them; a point that fails has its error recorded
   (`<workdir>/error.txt` and the summary) and the sweep goes on;
+- the seeds of a point train together as one program, a pack
+  (`train_lib.train_seeds`: the same files and results as one seed at a
+  time); `--pack=N` caps a pack at N seeds (memory), `--pack=1` trains one
+  seed at a time;
 - `--parallel=N` runs N worker processes, each on its share of the devices
   (GPUs through CUDA_VISIBLE_DEVICES, on the CPU a share of the cores); a
-  worker trains one point after another in the same process (imports, JAX
-  start-up and the compilation cache paid once) and writes each point's
-  log to `<workdir>/log.txt`; a worker that crashes has its point recorded
-  as failed (retried by the next run) and is replaced;
+  worker trains one pack after another in the same process (imports, JAX
+  start-up and the compilation cache paid once) and writes its log to its
+  first point's `<workdir>/log.txt`; a worker that crashes has its points
+  recorded as failed (retried by the next run) and is replaced;
 - `--shard=i/n` runs points i, i+n, i+2n, ... so n machines split a sweep;
 - `--submit=slurm` submits the unfinished points as one Slurm array job
   (submitit; `--submit=local` runs them as local processes), one task per
-  point and its seeds, waits for it and summarises; rerunning the command
+  pack, waits for it and summarises; rerunning the command
   resubmits what is not finished;
 - after every point, and with `--summarize_only`, the root gets the summary
   of `mnv2_flax.summary`: seeds pooled into means and 95% intervals, paired
@@ -71,12 +75,15 @@ def run(
   shard: tuple[int, int] = (0, 1),
   train_fn: Callable[..., dict] = sweep_points.train,
   parallel: int = 1,
+  pack: int | None = None,
 ) -> list[dict[str, Any]]:
   """Runs this shard's unfinished points; returns the summary's run rows.
 
-  With `parallel` > 1 the points run in `parallel` worker processes
-  (`python -m mnv2_flax.sweep --worker`, train_fn is not used) on
-  `hardware.shares`, each training one point after another.
+  The seeds of a point train as packs of at most `pack` seeds (None: all
+  of them; 1: one run at a time, through `train_fn`). With `parallel` > 1
+  the packs run in `parallel` worker processes (`python -m mnv2_flax.sweep
+  --worker`, train_fn is not used) on `hardware.shares`, each training one
+  pack after another.
   """
   start = time.perf_counter()
   points = sweep_points.make_points(point_args, root)
@@ -86,30 +93,35 @@ def run(
   todo = [
     p for p in configs if sweep_points.point_status(p)['status'] != 'finished'
   ]
+  packs = sweep_points.make_packs(todo, pack)
   logging.info(
-    'Sweep: %d runs, %d in this shard, %d to run%s.',
+    'Sweep: %d runs, %d in this shard, %d to run as %d pack(s) of up to %d '
+    'seeds%s.',
     len(points),
     len(configs),
     len(todo),
+    len(packs),
+    max(map(len, packs), default=0),
     f', {parallel} at a time' if parallel > 1 else '',
   )
   stopped = None
   if parallel > 1:
     _prepare_datasets([configs[p] for p in todo])
     stopped = sweep_workers.run_workers(
-      module, todo, root, overrides or {}, parallel, point_args
+      module, packs, root, overrides or {}, parallel, point_args
     )
   else:
     progress = sweep_points.Progress(len(todo))
-    for point in todo:
-      progress.log([point])
-      point_start = time.perf_counter()
+    for group in packs:
+      progress.log(group)
+      pack_start = time.perf_counter()
       try:
-        error = sweep_points.run_point(point, configs[point], train_fn)
+        errors = sweep_points.run_pack(group, configs, train_fn)
       except preemption.Stopped as e:
         stopped = e.signum
         break
-      progress.done(error, time.perf_counter() - point_start)
+      for error in errors:
+        progress.done(error, (time.perf_counter() - pack_start) / len(group))
       sweep_points.summarize(module, point_args, root)
   rows = sweep_points.summarize(module, point_args, root)
   if stopped is not None:
@@ -207,6 +219,10 @@ def main(argv):
   del argv
   if _PARALLEL.value < 1:
     raise ValueError(f'--parallel={_PARALLEL.value}: expected 1 or more.')
+  if _PACK.value is not None and _PACK.value < 1:
+    raise ValueError(
+      f'--pack={_PACK.value}: expected 1 or more (1: one seed at a time).'
+    )
   if _PARALLEL.value > 1 and (_SUBMIT.value or _WORKER.value):
     raise ValueError('--parallel runs points here; not with --submit/--worker.')
   path, _, sweep_arg = _CONFIG.value.partition(':')
@@ -239,6 +255,7 @@ def main(argv):
       overrides,
       _SUBMIT.value,
       sweep_submit.parse_params(_SUBMIT_PARAMS.value),
+      pack=_PACK.value,
     )
   else:
     if _PARALLEL.value > 1:
@@ -259,6 +276,7 @@ def main(argv):
       overrides,
       shard,
       parallel=_PARALLEL.value,
+      pack=_PACK.value,
     )
   from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
 
@@ -292,6 +310,12 @@ if __name__ == '__main__':
   _SHARD = flags.DEFINE_string('shard', '0/1', 'i/n: run points i, i+n, ...')
   _PARALLEL = flags.DEFINE_integer(
     'parallel', 1, 'Worker processes, each training one point at a time.'
+  )
+  _PACK = flags.DEFINE_integer(
+    'pack',
+    None,
+    'The most seeds of a point trained together as one program (a pack); '
+    'default: all of them; 1: one seed at a time.',
   )
   _SUBMIT = flags.DEFINE_string(
     'submit', '', "'slurm' (one array job via submitit) or 'local'."

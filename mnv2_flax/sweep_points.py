@@ -8,6 +8,7 @@ any process: the sweep's, a worker's or a Slurm task's.
 """
 
 from collections.abc import Callable
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -167,6 +168,123 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return train_lib.train_and_evaluate(config, workdir)
 
 
+def train_pack(
+  configs: list[ml_collections.ConfigDict], workdirs: list[str]
+) -> list[dict | Exception]:
+  """`train_lib.train_seeds`, imported when a pack first trains."""
+  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+
+  return train_lib.train_seeds(configs, workdirs)
+
+
+def seedless(arg: str) -> str:
+  """A point's argument without its seed: what the seeds of a point share."""
+  return ','.join(k for k in arg.split(',') if not k.startswith('seed='))
+
+
+def make_packs(
+  points: list[Point], cap: int | None = None
+) -> list[list[Point]]:
+  """`points` grouped into packs: the seeds of a point (arguments equal but
+  for `seed=`), in the order of their first point, cut into packs of at
+  most `cap` seeds (None: all of a point's seeds; 1: one run each)."""
+  if cap is not None and cap < 1:
+    raise ValueError(f'--pack={cap}: expected 1 or more (1: no packs).')
+  groups = {}
+  for point in points:
+    groups.setdefault(seedless(point.arg), []).append(point)
+  size = cap or max(map(len, groups.values()), default=1)
+  return [
+    group[i : i + size]
+    for group in groups.values()
+    for i in range(0, len(group), size)
+  ]
+
+
+def run_pack(
+  points: list[Point],
+  configs: dict[Point, ml_collections.ConfigDict],
+  train_fn: Callable[..., dict] = train,
+  train_pack_fn: Callable[..., list] = train_pack,
+) -> list[str | None]:
+  """Trains (or resumes) the seeds `points` of one point as one pack
+  (`train_lib.train_seeds`); records and returns each one's error, if any.
+
+  A point whose workdir another process holds is left to it (None). One
+  point left trains as `run_point`. Seeds that cannot resume together
+  (saved at different steps) train one after another instead. Each point
+  records its share of the pack's wall time.
+  """
+  if len(points) == 1:
+    return [run_point(points[0], configs[points[0]], train_fn)]
+  errors = {}
+  with contextlib.ExitStack() as held:
+    mine = []
+    for point in points:
+      os.makedirs(point.workdir, exist_ok=True)
+      try:
+        held.enter_context(workdir_lock.hold(point.workdir))
+      except workdir_lock.DirectoryInUseError as e:
+        logging.warning('Sweep point %s left alone: %s', point.arg, e)
+        errors[point] = None
+      else:
+        mine.append(point)
+    if len(mine) == 1:
+      errors[mine[0]] = _run_point(mine[0], configs[mine[0]], train_fn)
+    elif mine:
+      errors.update(_run_pack(mine, configs, train_fn, train_pack_fn))
+  return [errors[p] for p in points]
+
+
+def _run_pack(points, configs, train_fn, train_pack_fn):
+  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  _enable_compilation_cache(configs[points[0]])
+  try:
+    results = train_pack_fn(
+      [configs[p] for p in points], [p.workdir for p in points]
+    )
+  except train_lib.PackStartError as e:
+    logging.warning('%s One seed at a time instead.', e)
+    return {p: _run_point(p, configs[p], train_fn) for p in points}
+  except preemption.Stopped:
+    _record_shares(points, time.perf_counter() - start, {})
+    raise  # saved, not failed: the next run resumes them
+  except Exception as e:  # pylint: disable=broad-except
+    results = [e] * len(points)
+  errors = {}
+  for point, result in zip(points, results, strict=True):
+    errors[point] = None
+    if isinstance(result, Exception):
+      errors[point] = _failed(point, result)
+  _record_shares(points, time.perf_counter() - start, errors)
+  return errors
+
+
+def _record_shares(points, wall_seconds, errors):
+  """Each point of a pack records an equal share of its wall time."""
+  for point in points:
+    record(point, wall_seconds / len(points), errors.get(point))
+
+
+def _failed(point: Point, error: Exception) -> str:
+  """Logs a point's error and writes its traceback to `error.txt`."""
+  text = f'{type(error).__name__}: {error}'
+  logging.error('Sweep point %s failed: %s', point.arg, text)
+  lines = traceback.format_exception(error)
+  with open(os.path.join(point.workdir, 'error.txt'), 'w') as f:
+    f.write(''.join(lines))
+  return text
+
+
+def _enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
+  if config.train.compilation_cache_dir:
+    from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+
+    compilation_cache.enable(config)
+
+
 def run_point(
   point: Point,
   config: ml_collections.ConfigDict,
@@ -191,18 +309,12 @@ def _run_point(point, config, train_fn) -> str | None:
   start = time.perf_counter()
   error = None
   try:
-    if config.train.compilation_cache_dir:
-      from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
-
-      compilation_cache.enable(config)
+    _enable_compilation_cache(config)
     train_fn(config, point.workdir)
   except preemption.Stopped:
     raise  # saved, not failed: the next run resumes it
   except Exception as e:  # pylint: disable=broad-except
-    error = f'{type(e).__name__}: {e}'
-    logging.error('Sweep point %s failed: %s', point.arg, error)
-    with open(os.path.join(point.workdir, 'error.txt'), 'w') as f:
-      f.write(traceback.format_exc())
+    error = _failed(point, e)
   finally:  # an interrupted point keeps its wall time too
     record(point, time.perf_counter() - start, error)
   return error

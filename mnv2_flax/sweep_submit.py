@@ -1,8 +1,8 @@
 """Sweeps on Slurm (or submitit's local executor): one array job.
 
 `python -m mnv2_flax.sweep ... --submit=slurm` submits the unfinished points
-as one array job of one task per point and its seeds, trained one after
-another in the task's process, waits for it and summarises.
+as one array job of one task per pack (the seeds of a point trained as one
+program, `sweep_points.make_packs`), waits for it and summarises.
 """
 
 import os
@@ -24,7 +24,7 @@ SUBMITIT = (
 
 
 class PointTask:
-  """Points as one submitit job, trained one after another in its process:
+  """A pack of points as one submitit job (`sweep_points.run_pack`):
   picklable (the config file's path, not the module) and requeued where
   Slurm preempts or times it out (`checkpoint`); the rerun skips finished
   points and resumes the others from their checkpoints."""
@@ -41,23 +41,24 @@ class PointTask:
     ]
     configs = sweep_points.point_configs(module, points, self.overrides)
     cli.start_jax()
-    errors = []
-    for point in points:
-      if sweep_points.point_status(point)['status'] == 'finished':
-        errors.append(None)
-        continue
-      try:
-        errors.append(sweep_points.run_point(point, configs[point]))
-      except preemption.Stopped as stop:
-        # The point is saved. Now submitit's own handler of the signal: on
-        # SIGUSR2 it checkpoints this task and requeues it (and exits), on
-        # SIGTERM it does nothing; the requeued task resumes the point.
-        logging.warning('%s', stop)
-        handler = signal.getsignal(stop.signum)
-        if callable(handler):
-          handler(stop.signum, None)
-        return errors + [None] * (len(points) - len(errors))
-    return errors
+    todo = [
+      p for p in points if sweep_points.point_status(p)['status'] != 'finished'
+    ]
+    errors = dict.fromkeys(points)
+    try:
+      if todo:
+        errors.update(
+          zip(todo, sweep_points.run_pack(todo, configs), strict=True)
+        )
+    except preemption.Stopped as stop:
+      # The points are saved. Now submitit's own handler of the signal: on
+      # SIGUSR2 it checkpoints this task and requeues it (and exits), on
+      # SIGTERM it does nothing; the requeued task resumes the points.
+      logging.warning('%s', stop)
+      handler = signal.getsignal(stop.signum)
+      if callable(handler):
+        handler(stop.signum, None)
+    return [errors[p] for p in points]
 
   def checkpoint(self, *args, **kwargs):
     import submitit  # pylint: disable=g-import-not-at-top
@@ -87,6 +88,7 @@ def submit(
   cluster: str,
   params: dict[str, Any],
   poll_seconds: float = 10.0,
+  pack: int | None = None,
 ) -> list[dict[str, Any]]:
   """Submits the unfinished points as one array job, waits, summarises.
 
@@ -96,6 +98,7 @@ def submit(
   slurm_array_parallelism, ...). Job ids are kept in
   `<root>/submitit/jobs.json`: a rerun submits only points that are
   neither finished nor still queued or running, and waits for all of them.
+  A task trains a pack of at most `pack` seeds of a point (None: all).
   """
   try:
     import submitit  # pylint: disable=g-import-not-at-top
@@ -136,7 +139,7 @@ def submit(
         'slurm_array_parallelism, ...).'
       ) from None
     task = PointTask(os.path.abspath(module.__file__), root, overrides)
-    groups = _seed_groups(todo)
+    groups = sweep_points.make_packs(todo, pack)
     jobs = executor.map_array(task, [[p.arg for p in g] for g in groups])
     for group, job in zip(groups, jobs, strict=True):
       earlier.update({p.arg: job.job_id for p in group})
@@ -171,18 +174,6 @@ def submit(
         logging.error('Sweep point %s failed: %s', point.arg, error)
         sweep_points.record(point, 0.0, error)
   return sweep_points.summarize(module, point_args, root)
-
-
-def _seed_groups(
-  points: list[sweep_points.Point],
-) -> list[list[sweep_points.Point]]:
-  """`points` grouped by their argument without its seed, in order: a
-  point's seeds share a task's process (and its compiled programs)."""
-  groups = {}
-  for point in points:
-    key = ','.join(k for k in point.arg.split(',') if not k.startswith('seed='))
-    groups.setdefault(key, []).append(point)
-  return list(groups.values())
 
 
 def parse_params(text: str) -> dict[str, Any]:

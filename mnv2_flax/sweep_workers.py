@@ -1,10 +1,11 @@
-"""Sweep workers: processes that train one point after another.
+"""Sweep workers: processes that train one pack of seeds after another.
 
 `python -m mnv2_flax.sweep --parallel=N` starts N workers, each on its share
-of the devices (`hardware.shares`), and sends each the next point when it
-has finished the last: imports, JAX's start-up and its caches are paid once
-per worker, not once per point. A worker that dies has its point recorded
-as failed (the next run retries it) and is replaced while points are left.
+of the devices (`hardware.shares`), and sends each the next pack (the seeds
+of a point, `sweep_points.make_packs`) when it has finished the last:
+imports, JAX's start-up and its caches are paid once per worker, not once
+per point. A worker that dies has its points recorded as failed (the next
+run retries them) and is replaced while packs are left.
 """
 
 import os
@@ -46,16 +47,22 @@ def _last_error(log_path: str) -> str:
   return (errors or lines or [''])[-1]
 
 
-class _Worker:
-  """A worker process on one share of the devices, and its current point.
+# Between the point arguments of a pack on a worker's stdin (they hold
+# ',' and '=', never a tab).
+_SEPARATOR = '\t'
 
-  It reads point arguments from its stdin, one per line, and answers each
-  with a line on its stdout once the point has ended (its record is then
-  in the point's workdir); it exits at the end of its stdin.
+
+class _Worker:
+  """A worker process on one share of the devices, and its current pack.
+
+  It reads packs from its stdin, one per line (point arguments separated by
+  tabs), and answers each with a line on its stdout once the pack has ended
+  (its points' records are then in their workdirs); it exits at the end of
+  its stdin.
   """
 
   def __init__(self, module, root, overrides, share, log_path):
-    self.share, self.point, self.started = share, None, 0.0
+    self.share, self.pack, self.started = share, None, 0.0
     with open(log_path, 'a') as log:
       self.process = subprocess.Popen(  # pylint: disable=subprocess-popen-preexec-fn
         worker_command(module, root, overrides),
@@ -69,27 +76,27 @@ class _Worker:
         bufsize=1,
       )
 
-  def send(self, point: sweep_points.Point) -> None:
-    self.point, self.started = point, time.perf_counter()
-    self.process.stdin.write(point.arg + '\n')
+  def send(self, pack: list[sweep_points.Point]) -> None:
+    self.pack, self.started = pack, time.perf_counter()
+    self.process.stdin.write(_SEPARATOR.join(p.arg for p in pack) + '\n')
     self.process.stdin.flush()
 
   def stop(self) -> None:
     self.process.stdin.close()
 
 
-def run_workers(module, todo, root, overrides, parallel, point_args):
-  """Runs `todo` on `parallel` worker processes, one point each at a time.
+def run_workers(module, packs, root, overrides, parallel, point_args):
+  """Runs `packs` on `parallel` worker processes, one pack each at a time.
 
-  A worker that dies with a point in hand gets that point recorded as
-  failed (the next run retries it) and is replaced while points are left.
+  A worker that dies with a pack in hand gets its points recorded as
+  failed (the next run retries them) and is replaced while packs are left.
   A stop signal (`preemption.SIGNALS`) is passed on to the workers, which
-  save their points and exit; no point starts after it. Returns that
+  save their points and exit; no pack starts after it. Returns that
   signal's number, or None.
   """
   stop = _Forward()
   with stop:
-    _run_workers(module, todo, root, overrides, parallel, point_args, stop)
+    _run_workers(module, packs, root, overrides, parallel, point_args, stop)
   return stop.signum
 
 
@@ -125,14 +132,18 @@ class _Forward:
         worker.process.send_signal(signum)
 
 
-def _run_workers(module, todo, root, overrides, parallel, point_args, stop):
+def _running(workers) -> list[sweep_points.Point]:
+  return [p for w in workers if w.pack for p in w.pack]
+
+
+def _run_workers(module, packs, root, overrides, parallel, point_args, stop):
   shares = hardware.shares(parallel)
   for share in shares:
     logging.info('Sweep worker slot: %s', share.label)
   logs = os.path.join(root, 'workers')
   os.makedirs(logs, exist_ok=True)
-  queue, workers = list(todo), []
-  progress = sweep_points.Progress(len(todo), parallel)
+  queue, workers = list(packs), []
+  progress = sweep_points.Progress(sum(map(len, packs)), parallel)
 
   stop.workers = workers
 
@@ -147,42 +158,44 @@ def _run_workers(module, todo, root, overrides, parallel, point_args, stop):
     if queue and stop.signum is None:
       worker.send(queue.pop(0))
     else:
-      worker.point = None
+      worker.pack = None
       worker.stop()
 
   try:
     for i in range(min(parallel, len(queue))):
       workers.append(start(i))
       feed(workers[-1])
-    progress.log([w.point for w in workers if w.point])
-    while any(w.point for w in workers):
-      busy = {w.process.stdout: w for w in workers if w.point}
+    progress.log(_running(workers))
+    while any(w.pack for w in workers):
+      busy = {w.process.stdout: w for w in workers if w.pack}
       ready, _, _ = select.select(list(busy), [], [], 1.0)
       for pipe in ready:
         worker = busy[pipe]
         line = pipe.readline()
-        point = worker.point
-        if line:  # the point has ended and recorded itself
-          error = sweep_points.point_status(point)['error']
+        pack = worker.pack
+        share = (time.perf_counter() - worker.started) / len(pack)
+        if line:  # the pack has ended and its points recorded themselves
+          errors = [sweep_points.point_status(p)['error'] for p in pack]
         elif stop.signum is not None:  # stopped at once: interrupted
           worker.process.wait()
-          worker.point, error = None, None
+          worker.pack = None
           continue
-        else:  # the worker died with the point in hand
+        else:  # the worker died with the pack in hand
           code = worker.process.wait()
-          log_path = os.path.join(point.workdir, 'log.txt')
+          log_path = os.path.join(pack[0].workdir, 'log.txt')
           error = (
             f'worker exited with status {code}: '
             f'{_last_error(log_path)} (log: {log_path})'
           )
-          logging.error('Sweep point %s failed: %s', point.arg, error)
-          sweep_points.record(
-            point, time.perf_counter() - worker.started, error
-          )
+          errors = [error] * len(pack)
+          for point in pack:
+            logging.error('Sweep point %s failed: %s', point.arg, error)
+            sweep_points.record(point, share, error)
           workers[workers.index(worker)] = worker = start(worker.slot)
-        progress.done(error, time.perf_counter() - worker.started)
+        for error in errors:
+          progress.done(error, share)
         feed(worker)
-        progress.log([w.point for w in workers if w.point])
+        progress.log(_running(workers))
         sweep_points.summarize(module, point_args, root)
     for worker in workers:
       worker.process.wait()
@@ -195,34 +208,41 @@ def _run_workers(module, todo, root, overrides, parallel, point_args, stop):
 
 
 def work(module, root: str, overrides: dict[str, str]) -> None:
-  """A worker's loop: trains each point argument read from stdin in this
-  process, its log in `<workdir>/log.txt`, and answers on stdout."""
+  """A worker's loop: trains each pack read from stdin in this process, its
+  log in its first point's `<workdir>/log.txt`, and answers on stdout."""
   answer = os.fdopen(os.dup(1), 'w', buffering=1)
   os.dup2(2, 1)  # what anything prints goes to the log, not the answers
   cli.start_jax()
   cores = ','.join(map(str, sorted(os.sched_getaffinity(0))))
   for line in sys.stdin:
-    point = sweep_points.Point(
-      line.strip(), os.path.join(root, sweep_points.point_name(line.strip()))
-    )
-    os.makedirs(point.workdir, exist_ok=True)
-    _log_to(os.path.join(point.workdir, 'log.txt'))
+    pack = [
+      sweep_points.Point(arg, os.path.join(root, sweep_points.point_name(arg)))
+      for arg in line.strip('\n').split(_SEPARATOR)
+    ]
+    log_path = os.path.join(pack[0].workdir, 'log.txt')
+    for point in pack:
+      os.makedirs(point.workdir, exist_ok=True)
+      if point is not pack[0]:
+        with open(os.path.join(point.workdir, 'log.txt'), 'a') as f:
+          f.write(f'Trained in a pack of {len(pack)} seeds; log: {log_path}\n')
+    _log_to(log_path)
     from mnv2_flax import hardware as hw  # pylint: disable=g-import-not-at-top
 
     logging.info(
       '%s CPU cores: %s; worker process %d.', hw.describe(), cores, os.getpid()
     )
     try:
-      config = sweep_points.point_configs(module, [point], overrides)[point]
+      configs = sweep_points.point_configs(module, pack, overrides)
     except ValueError as e:
-      sweep_points.record(point, 0.0, str(e))
+      for point in pack:
+        sweep_points.record(point, 0.0, str(e))
     else:
       try:
-        sweep_points.run_point(point, config)
+        sweep_points.run_pack(pack, configs)
       except preemption.Stopped:
-        answer.write(f'{point.arg}\n')  # saved and recorded
+        answer.write(f'{line.strip()}\n')  # saved and recorded
         raise
-    answer.write(f'{point.arg}\n')
+    answer.write(f'{line.strip()}\n')
 
 
 def _log_to(path: str) -> None:

@@ -284,6 +284,10 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     checkpointing.wait_until_finished(r.manager)
   for writer in writers:
     writer.flush()
+  # A pack's seeds each count an equal share of its times (a pack of N
+  # trains N seeds' images in its time): summed over runs they give what
+  # the runs cost, and images/s is per second of a run's own share.
+  share = len(live)
   for i, r in enumerate(live):
     if i in failed:
       results[todo[i]] = failed[i]
@@ -291,12 +295,11 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     results[todo[i]] = r.finish(
       dict(
         eval_metrics[i],
-        train_seconds=train_seconds,
-        eval_seconds=eval_seconds,
-        # Per seed: a pack of N trains N times as many images in all.
+        train_seconds=train_seconds / share,
+        eval_seconds=eval_seconds / share,
         images_per_second=(done - start_step)
         * config.data.batch_size
-        / max(train_seconds, 1e-9),
+        / max(train_seconds / share, 1e-9),
         **model_stats,
         **({'pack': len(live)} if pack else {}),
         **(
@@ -306,10 +309,15 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
         ),
       ),
       wall_start,
+      share,
     )
   if signalled:
     raise watch.stopped(done)
   return results
+
+
+class PackStartError(ValueError):
+  """The seeds of a pack were saved at different steps (nothing written)."""
 
 
 def _common_start(live: list['_Run'], starts: list[int]) -> int:
@@ -318,7 +326,7 @@ def _common_start(live: list['_Run'], starts: list[int]) -> int:
     where = ', '.join(
       f'{r.workdir} at step {s}' for r, s in zip(live, starts, strict=True)
     )
-    raise ValueError(
+    raise PackStartError(
       f'the seeds of a pack must resume from one step: {where}. Train them '
       'one at a time (a sweep: --pack=1), or remove the checkpoints of those '
       'behind to restart them.'
@@ -413,10 +421,13 @@ class _Run:
       )
     return state, start_step
 
-  def finish(self, result: dict[str, Any], wall_start: float) -> dict:
-    """Adds the step counts and the run's fixed cost; writes results.json."""
+  def finish(
+    self, result: dict[str, Any], wall_start: float, share: int = 1
+  ) -> dict:
+    """Adds the step counts and the run's fixed cost (its `share` of the
+    wall time: a pack of N counts 1/N); writes results.json."""
     completed = self.manager.latest_step() or 0
-    wall = time.perf_counter() - wall_start
+    wall = (time.perf_counter() - wall_start) / share
     result.update(
       steps=self.num_steps,
       completed_steps=completed,

@@ -210,7 +210,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   # 1. Seed 0 finishes; seed 1 is interrupted after a step; seed 2 waits.
   interrupt = True
   with pytest.raises(KeyboardInterrupt):
-    sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+    sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train, pack=1)
   assert calls == names[:2]
   statuses = [
     sweep_points.point_status(p)['status']
@@ -226,7 +226,9 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   os.makedirs(os.path.join(root, names[2]))
   with open(os.path.join(root, names[2], 'checkpoints'), 'w') as f:
     f.write('not a directory')
-  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+  rows = sweep.run(
+    ablation, points, root, _tiny(data_dir), train_fn=train, pack=1
+  )
   assert calls == names[1:] and resumed == [True, False]
   assert [r['status'] for r in rows] == ['finished', 'finished', 'failed']
   assert rows[2]['error'] and os.path.exists(
@@ -242,7 +244,9 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   calls.clear()
   os.remove(os.path.join(root, names[2], 'checkpoints'))
   finished = _mtimes(root, names[:2])
-  rows = sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train)
+  rows = sweep.run(
+    ablation, points, root, _tiny(data_dir), train_fn=train, pack=1
+  )
   assert calls == names[2:]
   assert [r['status'] for r in rows] == ['finished'] * 3
   assert _mtimes(root, names[:2]) == finished
@@ -266,6 +270,47 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
+  """Seeds 0 and 1 of the point train as one pack (`--pack=2`), seed 2
+  alone; the files and summary are those of runs trained one at a time.
+  Seeds saved at different steps cannot resume as one pack: they train one
+  at a time instead."""
+  _, data_dir = data_dirs
+  root = str(tmp_path / 'sweep')
+  points = ablation.get_sweep('grid,width=0.35,res=32,seeds=4')
+  names = [sweep_points.point_name(p) for p in points]
+  configs = sweep_points.point_configs(
+    ablation, sweep_points.make_points(points, root), _tiny(data_dir)
+  )
+  assert [len(p) for p in sweep_points.make_packs(list(configs), 2)] == [2, 2]
+  # Seed 3 was stopped after its first step by an earlier run.
+  config = configs[sweep_points.make_points(points, root)[3]]
+  config.train.stop_after_step = 1
+  train_lib.train_and_evaluate(config, os.path.join(root, names[3]))
+
+  rows = sweep.run(ablation, points, root, _tiny(data_dir), pack=2)
+  assert [r['status'] for r in rows] == ['finished'] * 4
+  results = [
+    json.loads(open(os.path.join(root, n, 'results.json')).read())
+    for n in names
+  ]
+  # Seeds 0 and 1: one pack. Seeds 2 (at step 0) and 3 (at step 1): one
+  # at a time, seed 3 resumed.
+  assert [r.get('pack') for r in results] == [2, 2, None, None]
+  assert all(r['completed_steps'] == 2 for r in results)
+  for name in names:  # each point records its share of the wall time
+    record = json.loads(open(os.path.join(root, name, 'sweep.json')).read())
+    assert record['wall_seconds'] > 0 and record['error'] is None
+  with open(os.path.join(root, 'points.csv')) as f:
+    (point,) = list(csv.DictReader(f))
+  assert point['n'] == '4'
+  # A rerun finds everything finished.
+  rows = sweep.run(ablation, points, root, _tiny(data_dir))
+  assert [r['status'] for r in rows] == ['finished'] * 4
+  with pytest.raises(ValueError, match='--pack=0'):
+    sweep_points.make_packs(list(configs), 0)
+
+
 def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
   points = ablation.get_sweep('grid,width=0.35,res=32|24')
   with pytest.raises(ValueError, match="sweep point 'width=0.35,res=24'"):
@@ -278,10 +323,7 @@ def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
 FAST_COMPILES = dict(JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1')
 
 
-@pytest.mark.skipif(
-  len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
-)
-def _parallel_sweep(config_arg, root, overrides, cwd):
+def _parallel_sweep(config_arg, root, overrides, cwd, *flags):
   """`python -m mnv2_flax.sweep --parallel=2` in a subprocess."""
   return subprocess.run(
     [
@@ -291,6 +333,7 @@ def _parallel_sweep(config_arg, root, overrides, cwd):
       f'--config={config_arg}',
       f'--root={root}',
       '--parallel=2',
+      *flags,
       *(f'--set={k}={v}' for k, v in overrides.items()),
     ],
     capture_output=True,
@@ -311,7 +354,7 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   grid = 'grid,width=0.35,res=32,seeds=2'
   overrides = _tiny(data_dir, **{'data.manual_dir': idx_dir})
   result = _parallel_sweep(
-    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path
+    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path, '--pack=1'
   )
   assert result.returncode == 0, result.stderr[-3000:]
   # Both ran at once, each pinned to its own core, each with its own log.
@@ -361,8 +404,8 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   config.write_text(_CRASHING_CONFIG.format(root=ROOT))
   root = tmp_path / 'sweep'
 
-  def sweep_once():
-    return _parallel_sweep(config, root, _tiny(data_dir), tmp_path)
+  def sweep_once():  # one seed at a time: the crash is its point's alone
+    return _parallel_sweep(config, root, _tiny(data_dir), tmp_path, '--pack=1')
 
   result = sweep_once()
   # A failed point: the last line counts it, the status says so.
