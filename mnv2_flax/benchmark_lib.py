@@ -221,14 +221,11 @@ def _train_program(config, model, mesh, num_classes, steps_per_call, pack):
   """(pmap-ed train step, its placed arguments) for `pack` seeds (1: the
   single-run program, no seed axis)."""
   lr = training_state.create_learning_rate_fn(config, steps_per_epoch=1000)
-  # A pack's seeds start from their own initial states, as in training, and
-  # share one optimizer object (it is part of the state's tree structure).
+  # A pack's seeds start from their own initial states, as in training.
   states = [
     training_state.create_train_state(config, model, lr, jax.random.key(seed))
     for seed in range(pack)
   ]
-  structure = jax.tree.structure(states[0])
-  states = [jax.tree.unflatten(structure, jax.tree.leaves(s)) for s in states]
   state = states[0] if pack == 1 else programs.stack(states)
   rng = jax.random.key(1)
   if pack > 1:

@@ -50,6 +50,9 @@ _COMPLETE_FILES = ('_CHECKPOINT_METADATA', 'state/_METADATA', 'config/metadata')
 # Where `skip_corrupt` moves unreadable steps: beside `checkpoints/`, out of
 # orbax's sight, nothing deleted.
 CORRUPT_DIR = 'corrupt_checkpoints'
+# Where a pack's seed keeps the steps it had saved past the others' latest
+# (`set_aside_after`): the pack resumes all its seeds from one step.
+AHEAD_DIR = 'checkpoints_ahead'
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -272,10 +275,27 @@ def _corrupt(manager, step: int, problem: str, fix: str):
   )
 
 
-def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+  """The steps saved completely (`step_problem` finds nothing), ascending."""
+  return sorted(_complete_steps(manager))
+
+
+def set_aside_after(manager: ocp.CheckpointManager, step: int) -> list[str]:
+  """Moves the steps after `step` to `AHEAD_DIR` beside the checkpoint
+  directory (kept, not deleted); returns where they went."""
+  return [
+    _move_aside(manager, s, AHEAD_DIR)
+    for s in sorted(manager.all_steps())
+    if s > step
+  ]
+
+
+def _move_aside(
+  manager: ocp.CheckpointManager, step: int, to: str = CORRUPT_DIR
+) -> str:
   """Moves a step out of the checkpoint directory; returns where to."""
   directory = str(manager.directory)
-  aside = os.path.join(os.path.dirname(directory), CORRUPT_DIR, str(step))
+  aside = os.path.join(os.path.dirname(directory), to, str(step))
   while os.path.exists(aside):
     aside += '_'
   if jax.process_index() == 0:

@@ -228,8 +228,16 @@ _KEEP = 4
 
 
 def stack(trees: list[Any]) -> Any:
-  """Trees of one structure stacked on a new leading (seed) axis."""
-  return jax.tree.map(lambda *x: jax.numpy.stack(x), *trees)
+  """Trees of one structure stacked on a new leading (seed) axis, in the
+  first tree's structure: the seeds' states, restored or built one by one,
+  hold equal but distinct optimizer and apply-function objects."""
+  leaves = [jax.tree.leaves(tree) for tree in trees]
+  if len({len(x) for x in leaves}) > 1:
+    raise ValueError(f'trees of {[len(x) for x in leaves]} leaves: not one.')
+  return jax.tree.unflatten(
+    jax.tree.structure(trees[0]),
+    [jax.numpy.stack(x) for x in zip(*leaves, strict=True)],
+  )
 
 
 def unstack(tree: Any, index: int) -> Any:

@@ -14,10 +14,11 @@ trains in `<root>/<point name>` through the same
 - a point whose `results.json` says `finished` is skipped; one with
   checkpoints resumes from them; a point that fails has its error recorded
   (`<workdir>/error.txt` and the summary) and the sweep goes on;
-- the seeds of a point train together as one program, a pack
-  (`train_lib.train_seeds`: the same files and results as one seed at a
-  time); `--pack=N` caps a pack at N seeds (memory), `--pack=1` trains one
-  seed at a time;
+- on a GPU or TPU the seeds of a point train together as one program, a
+  pack (`train_lib.train_seeds`: the same files and results as one seed at
+  a time); `--pack=N` caps a pack at N seeds (memory), `--pack=1` trains
+  one seed at a time (the default on the CPU, where packs were slower),
+  `--pack=0` packs all of a point's seeds;
 - `--parallel=N` runs N worker processes, each on its share of the devices
   (GPUs through CUDA_VISIBLE_DEVICES, on the CPU a share of the cores); a
   worker trains one pack after another in the same process (imports, JAX
@@ -79,8 +80,9 @@ def run(
 ) -> list[dict[str, Any]]:
   """Runs this shard's unfinished points; returns the summary's run rows.
 
-  The seeds of a point train as packs of at most `pack` seeds (None: all
-  of them; 1: one run at a time, through `train_fn`). With `parallel` > 1
+  The seeds of a point train as packs of at most `pack` seeds (0: all of
+  them; 1: one run at a time, through `train_fn`; None:
+  `sweep_points.default_pack()`). With `parallel` > 1
   the packs run in `parallel` worker processes (`python -m mnv2_flax.sweep
   --worker`, train_fn is not used) on `hardware.shares`, each training one
   pack after another.
@@ -93,6 +95,8 @@ def run(
   todo = [
     p for p in configs if sweep_points.point_status(p)['status'] != 'finished'
   ]
+  if pack is None:
+    pack = sweep_points.default_pack()
   packs = sweep_points.make_packs(todo, pack)
   logging.info(
     'Sweep: %d runs, %d in this shard, %d to run as %d pack(s) of up to %d '
@@ -219,10 +223,6 @@ def main(argv):
   del argv
   if _PARALLEL.value < 1:
     raise ValueError(f'--parallel={_PARALLEL.value}: expected 1 or more.')
-  if _PACK.value is not None and _PACK.value < 1:
-    raise ValueError(
-      f'--pack={_PACK.value}: expected 1 or more (1: one seed at a time).'
-    )
   if _PARALLEL.value > 1 and (_SUBMIT.value or _WORKER.value):
     raise ValueError('--parallel runs points here; not with --submit/--worker.')
   path, _, sweep_arg = _CONFIG.value.partition(':')
@@ -315,7 +315,8 @@ if __name__ == '__main__':
     'pack',
     None,
     'The most seeds of a point trained together as one program (a pack); '
-    'default: all of them; 1: one seed at a time.',
+    '0: all of them; 1: one at a time; default: 0 on a GPU or TPU, 1 on '
+    'the CPU.',
   )
   _SUBMIT = flags.DEFINE_string(
     'submit', '', "'slurm' (one array job via submitit) or 'local'."

@@ -22,6 +22,7 @@ import ml_collections
 
 from mnv2_flax import defaults
 from mnv2_flax import files
+from mnv2_flax import hardware
 from mnv2_flax import preemption
 from mnv2_flax import workdir_lock
 
@@ -182,14 +183,24 @@ def seedless(arg: str) -> str:
   return ','.join(k for k in arg.split(',') if not k.startswith('seed='))
 
 
-def make_packs(
-  points: list[Point], cap: int | None = None
-) -> list[list[Point]]:
+def default_pack() -> int:
+  """`--pack`'s default: 0 (all of a point's seeds in one pack) where JAX
+  runs on a GPU or TPU, 1 (no packs) on the CPU, where packs were measured
+  not to pay (`docs/packs.md`: `make sweep` took 17:38 with packs of 5
+  against 9:57 without, 2026-12-04; a pack's working set outgrows the
+  cache)."""
+  return 0 if hardware.accelerator_expected() else 1
+
+
+def make_packs(points: list[Point], cap: int = 0) -> list[list[Point]]:
   """`points` grouped into packs: the seeds of a point (arguments equal but
   for `seed=`), in the order of their first point, cut into packs of at
-  most `cap` seeds (None: all of a point's seeds; 1: one run each)."""
-  if cap is not None and cap < 1:
-    raise ValueError(f'--pack={cap}: expected 1 or more (1: no packs).')
+  most `cap` seeds (0: all of a point's seeds; 1: one run each)."""
+  if cap < 0:
+    raise ValueError(
+      f'--pack={cap}: expected 0 (all the seeds of a point), 1 (no packs) '
+      'or more.'
+    )
   groups = {}
   for point in points:
     groups.setdefault(seedless(point.arg), []).append(point)

@@ -1,8 +1,8 @@
 """Sweeps on Slurm (or submitit's local executor): one array job.
 
 `python -m mnv2_flax.sweep ... --submit=slurm` submits the unfinished points
-as one array job of one task per pack (the seeds of a point trained as one
-program, `sweep_points.make_packs`), waits for it and summarises.
+as one array job of one task per point and its seeds (trained in packs,
+`sweep_points.make_packs`), waits for it and summarises.
 """
 
 import os
@@ -24,13 +24,21 @@ SUBMITIT = (
 
 
 class PointTask:
-  """A pack of points as one submitit job (`sweep_points.run_pack`):
+  """The seeds of a point as one submitit job, trained in packs of at most
+  `pack` seeds (`sweep_points.run_pack`) one after another in its process:
   picklable (the config file's path, not the module) and requeued where
   Slurm preempts or times it out (`checkpoint`); the rerun skips finished
   points and resumes the others from their checkpoints."""
 
-  def __init__(self, config_path: str, root: str, overrides: dict[str, str]):
+  def __init__(
+    self,
+    config_path: str,
+    root: str,
+    overrides: dict[str, str],
+    pack: int | None = None,
+  ):
     self.config_path, self.root, self.overrides = config_path, root, overrides
+    self.pack = pack
 
   def __call__(self, point_args: list[str]) -> list[str | None]:
     logging.set_verbosity(logging.INFO)  # the task's log: as train.py's
@@ -46,9 +54,12 @@ class PointTask:
     ]
     errors = dict.fromkeys(points)
     try:
-      if todo:
+      cap = self.pack
+      if cap is None:  # decided where the task runs (a GPU node, ...)
+        cap = sweep_points.default_pack()
+      for pack in sweep_points.make_packs(todo, cap):
         errors.update(
-          zip(todo, sweep_points.run_pack(todo, configs), strict=True)
+          zip(pack, sweep_points.run_pack(pack, configs), strict=True)
         )
     except preemption.Stopped as stop:
       # The points are saved. Now submitit's own handler of the signal: on
@@ -98,7 +109,8 @@ def submit(
   slurm_array_parallelism, ...). Job ids are kept in
   `<root>/submitit/jobs.json`: a rerun submits only points that are
   neither finished nor still queued or running, and waits for all of them.
-  A task trains a pack of at most `pack` seeds of a point (None: all).
+  A task trains a point's seeds in packs of at most `pack` (0: all; None:
+  `sweep_points.default_pack()`).
   """
   try:
     import submitit  # pylint: disable=g-import-not-at-top
@@ -138,8 +150,8 @@ def submit(
         'tasks_per_node; Slurm ones start with slurm_ (slurm_partition, '
         'slurm_array_parallelism, ...).'
       ) from None
-    task = PointTask(os.path.abspath(module.__file__), root, overrides)
-    groups = sweep_points.make_packs(todo, pack)
+    task = PointTask(os.path.abspath(module.__file__), root, overrides, pack)
+    groups = sweep_points.make_packs(todo, 0)  # a task per point
     jobs = executor.map_array(task, [[p.arg for p in g] for g in groups])
     for group, job in zip(groups, jobs, strict=True):
       earlier.update({p.arg: job.job_id for p in group})

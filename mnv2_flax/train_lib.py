@@ -172,6 +172,8 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   live = [runs[i] for i in todo]
   if not live:
     return results
+  if len(live) > 1:
+    _align_steps(live)
   restored = [run.restore() for run in live]
   start_step = _common_start(live, [s for _, s in restored])
   pack = len(live) if len(live) > 1 else 0  # one seed left: a plain run
@@ -314,6 +316,32 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   if signalled:
     raise watch.stopped(done)
   return results
+
+
+def _align_steps(live: list['_Run']) -> None:
+  """Seeds of a pack saved at different steps (killed while their saves of
+  one step were under way): where every seed holds a complete checkpoint
+  of the earliest latest step, the steps after it are set aside
+  (`checkpointing.AHEAD_DIR`) and the pack resumes from it, as it would
+  have without the kill. Otherwise nothing moves (`_common_start` says
+  why the seeds cannot resume together)."""
+  steps = [checkpointing.complete_steps(r.manager) for r in live]
+  common = min(s[-1] if s else 0 for s in steps)
+  if not common or all((s or [0])[-1] == common for s in steps):
+    return
+  if not all(common in s for s in steps):
+    return
+  for run, saved in zip(live, steps, strict=True):
+    if saved[-1] > common:
+      moved = checkpointing.set_aside_after(run.manager, common)
+      logging.warning(
+        '%s saved steps past %d, where the other seeds of its pack are: '
+        'the pack resumes from step %d; the later steps are kept in %s.',
+        run.workdir,
+        common,
+        common,
+        ', '.join(moved),
+      )
 
 
 class PackStartError(ValueError):

@@ -1,5 +1,7 @@
 """Seed packs: seeds trained as one program (`train_lib.train_seeds`)."""
 
+import os
+
 from fake_data import tiny_config
 import jax
 import numpy as np
@@ -47,6 +49,17 @@ def test_a_pack_matches_its_seeds_trained_alone(data_dirs, tmp_path):
   assert any(not np.allclose(x, y) for x, y in zip(first, second, strict=True))
   again = train_lib.train_seeds(configs, packed)
   assert [r['completed_steps'] for r in again] == [2, 2]
+  # A pack whose seed 0 finished alone before: seed 0 is left as it is,
+  # seed 1 (the one seed left) trains as a plain run.
+  mixed = [str(tmp_path / 'alone_seed-0'), str(tmp_path / 'mixed_seed-1')]
+  before = os.path.getmtime(os.path.join(mixed[0], 'results.json'))
+  results = train_lib.train_seeds(configs, mixed)
+  assert 'pack' not in results[0] and 'pack' not in results[1]
+  assert os.path.getmtime(os.path.join(mixed[0], 'results.json')) == before
+  for x, y in zip(
+    _leaves(mixed[1]), _leaves(str(tmp_path / 'alone_seed-1')), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_a_pack_refuses_configs_that_differ_beyond_the_seed(tmp_path):

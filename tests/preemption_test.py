@@ -7,6 +7,7 @@ and is requeued. `tools/signal_drill.py` measures each signal.
 """
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -295,3 +296,54 @@ def test_a_submitit_task_saves_on_sigusr2_is_requeued_and_resumes(
   assert 'Requeued job' in log
   assert f'Resuming from step {step} of 40' in log
   assert files.read_json(str(workdir / 'results.json'))['finished']
+
+
+def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
+  command, data_dirs, tmp_path
+):
+  """`train.py --config.train.seeds=2`: kill -9 once both seeds saved step
+  20 (and seed 1's step 20 then removed, as a kill between the two seeds'
+  saves leaves it), resume (seed 0's step 20 set aside: the pack resumes
+  from 10), SIGTERM, resume to the end: each seed's bits are those of the
+  pack never stopped."""
+  configs = []
+  for seed in (0, 1):
+    config = tiny_config(data_dirs[1], num_epochs=EPOCHS)
+    config.checkpoint.every_steps = SAVE_EVERY
+    config.train.log_every_steps = 5
+    config.seed = seed
+    configs.append(config)
+  reference = [str(tmp_path / f'reference/seed-{s}') for s in (0, 1)]
+  train_lib.train_seeds(configs, reference)
+
+  argv, workdir = command()
+  # Every step kept: what the kill left is there to look at.
+  argv = argv + ['--config.train.seeds=2', '--config.checkpoint.keep=100']
+  seeds = [os.path.join(workdir, f'seed-{s}') for s in (0, 1)]
+  log = workdir + '.log'
+  process = _start(argv, log)
+  _wait_for_step(seeds[1], 20, process, log)
+  _wait_for_step(seeds[0], 20, process, log)
+  process.kill()
+  process.wait(timeout=60)
+  for seed in seeds:  # both hold complete steps 10 and 20 (or later)
+    assert {10, 20} <= {int(s) for s in os.listdir(f'{seed}/checkpoints')}
+  for seed in seeds:  # as if killed between the seeds' saves of step 20
+    for step in os.listdir(f'{seed}/checkpoints'):
+      if int(step) > 20 or (seed == seeds[1] and int(step) == 20):
+        shutil.rmtree(f'{seed}/checkpoints/{step}')
+
+  code, out, _ = _stop(argv, seeds[1], signal.SIGTERM, after=40)
+  assert code == 143, out[-3000:]
+  assert 'the pack resumes from step 10' in out
+  assert os.path.isdir(f'{seeds[0]}/checkpoints_ahead/20')
+  assert 'Resuming from step 10 of 80' in out
+
+  done = subprocess.run(
+    argv, env=_env(), capture_output=True, text=True, cwd=ROOT, check=False
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  for seed, ref in zip(seeds, reference, strict=True):
+    result = files.read_json(os.path.join(seed, 'results.json'))
+    assert result['finished'] and result['pack'] == 2
+    assert _max_difference(_state(seed), _state(ref)) == 0.0

@@ -307,8 +307,11 @@ def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
   # A rerun finds everything finished.
   rows = sweep.run(ablation, points, root, _tiny(data_dir))
   assert [r['status'] for r in rows] == ['finished'] * 4
-  with pytest.raises(ValueError, match='--pack=0'):
-    sweep_points.make_packs(list(configs), 0)
+  assert [len(p) for p in sweep_points.make_packs(list(configs), 0)] == [4]
+  with pytest.raises(ValueError, match='--pack=-1'):
+    sweep_points.make_packs(list(configs), -1)
+  # No packs by default on the CPU (measured slower there).
+  assert sweep_points.default_pack() == 1
 
 
 def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
