@@ -1,6 +1,7 @@
 """Seed packs: seeds trained as one program (`train_lib.train_seeds`)."""
 
 import os
+import shutil
 
 from fake_data import tiny_config
 import jax
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
+from mnv2_flax import divergence
 from mnv2_flax import train_lib
+from mnv2_flax import training_state
 
 
 def _config(data_dir, seed, **train):
@@ -72,3 +75,43 @@ def test_a_pack_refuses_configs_that_differ_beyond_the_seed(tmp_path):
       [_config(None, 0)] * 2, [str(tmp_path / 'a'), str(tmp_path / 'b')]
     )
   assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_a_diverging_seed_stops_alone_and_the_others_go_on(data_dirs, tmp_path):
+  """Seed 1 resumes from a checkpoint whose weights were scaled by 1e30
+  (finite, but its loss is not): it stops alone at its next step, its last
+  finite checkpoint kept and the divergence returned; seed 0 finishes."""
+  _, data_dir = data_dirs
+  configs = []
+  for seed in (0, 1):
+    config = tiny_config(data_dir, num_epochs=0.8)  # 4 steps
+    config.seed = seed
+    config.checkpoint.every_steps = 1
+    configs.append(config)
+  workdirs = [str(tmp_path / f'seed-{s}') for s in (0, 1)]
+  first = [c.copy_and_resolve_references() for c in configs]
+  for config in first:
+    config.train.stop_after_step = 1
+  train_lib.train_seeds(first, workdirs)
+
+  # Seed 1's step 1, its weights scaled by 1e30, saved again in its place.
+  config = configs[1]
+  model = training_state.create_model(config, 10)
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=5)
+  manager = checkpointing.create_manager(workdirs[1], config)
+  state, step = checkpointing.restore_latest(
+    manager, training_state.abstract_train_state(config, model, lr), config
+  )
+  assert step == 1
+  shutil.rmtree(os.path.join(workdirs[1], 'checkpoints', '1'))
+  manager.reload()
+  state = state.replace(params=jax.tree.map(lambda x: x * 1e30, state.params))
+  checkpointing.save(manager, 1, state, config)
+  checkpointing.wait_until_finished(manager)
+
+  results = train_lib.train_seeds(configs, workdirs)
+  assert isinstance(results[1], divergence.TrainingDivergedError)
+  assert 'diverged at step 2' in str(results[1])
+  assert sorted(os.listdir(os.path.join(workdirs[1], 'checkpoints'))) == ['1']
+  assert results[0]['finished'] and results[0]['completed_steps'] == 4
+  assert results[0]['pack'] == 2
