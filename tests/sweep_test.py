@@ -349,30 +349,43 @@ def _parallel_sweep(config_arg, root, overrides, cwd, *flags):
 
 
 def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
+  """Two points of 2 seeds, `--pack=2`: each worker trains one point's
+  seeds as a pack, on its own core."""
   # An empty tfds directory: the dataset is prepared once, before the two
   # workers start (both preparing it at once collide).
   idx_dir, _ = data_dirs
   data_dir = str(tmp_path / 'tfds')
   root = tmp_path / 'sweep'
-  grid = 'grid,width=0.35,res=32,seeds=2'
+  grid = 'grid,width=0.35|0.5,res=32,seeds=2'
   overrides = _tiny(data_dir, **{'data.manual_dir': idx_dir})
   result = _parallel_sweep(
-    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path, '--pack=1'
+    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path, '--pack=2'
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  # Both ran at once, each pinned to its own core, each with its own log.
-  assert 'running width=0.35,res=32,seed=0, width=0.35,res=32,seed=1' in (
-    result.stderr
-  )
-  assert 'Sweep: 2 of 2 runs done (0 failed)' in result.stderr
+  # Both packs ran at once, each pinned to its own core, each logged in its
+  # first seed's workdir.
+  assert (
+    'running width=0.35,res=32,seed=0, width=0.35,res=32,seed=1, '
+    'width=0.5,res=32,seed=0, width=0.5,res=32,seed=1'
+  ) in result.stderr
+  assert 'Sweep: 4 of 4 runs done (0 failed)' in result.stderr
   cores = []
-  for point in ablation.get_sweep(grid):
-    log = (root / sweep_points.point_name(point) / 'log.txt').read_text()
+  for width in ('0.35', '0.5'):
+    first, second = (
+      root / sweep_points.point_name(f'width={width},res=32,seed={s}')
+      for s in (0, 1)
+    )
+    log = (first / 'log.txt').read_text()
     cores.append(re.search(r'CPU cores: ([\d,]+);', log).group(1))
+    assert 'seed 1: eval step 2' in log
+    assert 'Trained in a pack of 2 seeds' in (second / 'log.txt').read_text()
+    for workdir in (first, second):
+      assert json.loads((workdir / 'results.json').read_text())['pack'] == 2
   assert len(set(cores)) == 2
-  assert '| 0.35 | 32 | 2 |' in result.stdout  # the pooled point
+  assert '| 0.35 | 32 | 2 |' in result.stdout  # the pooled points
+  assert '| 0.5 | 32 | 2 |' in result.stdout
   with open(root / 'results.csv') as f:
-    assert [r['status'] for r in csv.DictReader(f)] == ['finished'] * 2
+    assert [r['status'] for r in csv.DictReader(f)] == ['finished'] * 4
 
 
 _CRASHING_CONFIG = """
