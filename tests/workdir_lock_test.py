@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 from fake_data import snapshot
 from fake_data import tiny_config
@@ -149,24 +150,38 @@ print(input_pipeline.dataset_meta(input_pipeline.get_builder(config), config))
 
 
 def test_two_processes_prepare_one_dataset_once(tmp_path):
-  """Both start on an empty data_dir: one prepares, the other waits for it
-  and reads what it prepared (at once, tfds' renames collide)."""
+  """Both start on an empty data_dir while this process holds its dataset
+  lock: both wait; once it is released one prepares and the other reads
+  what it prepared (at once, tfds' renames collide)."""
   data_dir = str(tmp_path / 'tfds')
-  procs = [
-    subprocess.Popen(
-      [sys.executable, '-c', PREPARE, data_dir],
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-      cwd=ROOT,
-      env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    )
-    for _ in range(2)
-  ]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
+  os.makedirs(data_dir)
+  logs = [tmp_path / f'prepare{i}.txt' for i in range(2)]
+  lock = dict(what='dataset directory', wait=True, file='.sklearn_digits.lock')
+  with workdir_lock.hold(data_dir, **lock):
+    procs = []
+    for log in logs:
+      with open(log, 'w') as f:
+        procs.append(
+          subprocess.Popen(
+            [sys.executable, '-c', PREPARE, data_dir],
+            stdout=subprocess.PIPE,
+            stderr=f,
+            text=True,
+            cwd=ROOT,
+            env=dict(os.environ, JAX_PLATFORMS='cpu'),
+          )
+        )
+    deadline = time.monotonic() + 300
+    while not all('Waiting for' in log.read_text() for log in logs):
+      assert all(p.poll() is None for p in procs), [
+        log.read_text()[-3000:] for log in logs
+      ]
+      assert time.monotonic() < deadline, 'the processes did not wait'
+      time.sleep(0.1)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  errs = [log.read_text() for log in logs]
+  for p, err in zip(procs, errs, strict=True):
     assert p.returncode == 0, err[-3000:]
-  metas = [out.splitlines()[-1] for out, _ in outs]
+  metas = [out.splitlines()[-1] for out in outs]
   assert metas[0] == metas[1] and 'num_train_examples=1297' in metas[0]
-  assert sum('Waiting for process' in err for _, err in outs) == 1
-  assert sum('Downloading and preparing' in out for out, _ in outs) == 1
+  assert sum('Downloading and preparing' in out for out in outs) == 1
