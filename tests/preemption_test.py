@@ -308,7 +308,7 @@ def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
   pack never stopped."""
   configs = []
   for seed in (0, 1):
-    config = tiny_config(data_dirs[1], num_epochs=EPOCHS)
+    config = tiny_config(data_dirs[1], num_epochs=EPOCHS / 2)  # 40 steps
     config.checkpoint.every_steps = SAVE_EVERY
     config.train.log_every_steps = 5
     config.seed = seed
@@ -318,7 +318,11 @@ def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
 
   argv, workdir = command()
   # Every step kept: what the kill left is there to look at.
-  argv = argv + ['--config.train.seeds=2', '--config.checkpoint.keep=100']
+  argv = argv + [
+    '--config.train.seeds=2',
+    f'--config.train.num_epochs={EPOCHS / 2}',
+    '--config.checkpoint.keep=100',
+  ]
   seeds = [os.path.join(workdir, f'seed-{s}') for s in (0, 1)]
   log = workdir + '.log'
   process = _start(argv, log)
@@ -333,11 +337,11 @@ def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
       if int(step) > 20 or (seed == seeds[1] and int(step) == 20):
         shutil.rmtree(f'{seed}/checkpoints/{step}')
 
-  code, out, _ = _stop(argv, seeds[1], signal.SIGTERM, after=40)
+  code, out, _ = _stop(argv, seeds[1], signal.SIGTERM, after=30)
   assert code == 143, out[-3000:]
   assert 'the pack resumes from step 10' in out
   assert os.path.isdir(f'{seeds[0]}/checkpoints_ahead/20')
-  assert 'Resuming from step 10 of 80' in out
+  assert 'Resuming from step 10 of 40' in out
 
   done = subprocess.run(
     argv, env=_env(), capture_output=True, text=True, cwd=ROOT, check=False
