@@ -98,14 +98,13 @@ def run(
   if pack is None:
     pack = sweep_points.default_pack()
   packs = sweep_points.make_packs(todo, pack)
+  largest = max(map(len, packs), default=1)
   logging.info(
-    'Sweep: %d runs, %d in this shard, %d to run as %d pack(s) of up to %d '
-    'seeds%s.',
+    'Sweep: %d runs, %d in this shard, %d to run%s%s.',
     len(points),
     len(configs),
     len(todo),
-    len(packs),
-    max(map(len, packs), default=0),
+    f' as {len(packs)} packs of up to {largest} seeds' if largest > 1 else '',
     f', {parallel} at a time' if parallel > 1 else '',
   )
   stopped = None
