@@ -173,21 +173,18 @@ def run(
     median, times, args = _time(compiled, args, steps, warmup)
   else:
     alone_compiled = alone[0].lower(*alone[1]).compile()
-    (median, times, args), alone_timing = _time_in_turn(
+    (median, times, args), (alone_median, _, _) = _time_in_turn(
       [(compiled, args), (alone_compiled, alone[1])], steps, warmup
     )
-    alone = _per_step(alone_timing[0], steps_per_call)
-  median, times = (
-    _per_step(median, steps_per_call),
-    [_per_step(t, steps_per_call) for t in times],
-  )
+  median, times = median / steps_per_call, [t / steps_per_call for t in times]
   ops = profile_ops(compiled, args, profile_steps) if profile_steps else None
   pack_fields = {}
   if alone is not None:
+    alone_step = alone_median / steps_per_call
     pack_fields = dict(
-      alone_median_step_seconds=alone,
-      alone_images_per_second=batch_size / alone,
-      pack_speedup=pack * alone / median,
+      alone_median_step_seconds=alone_step,
+      alone_images_per_second=batch_size / alone_step,
+      pack_speedup=pack * alone_step / median,
     )
   return dict(
     mode=mode,
@@ -211,10 +208,6 @@ def run(
     ops=ops,
     **pack_fields,
   )
-
-
-def _per_step(seconds: float, steps_per_call: int) -> float:
-  return seconds / steps_per_call
 
 
 def _train_program(config, model, mesh, num_classes, steps_per_call, pack):

@@ -232,8 +232,6 @@ def stack(trees: list[Any]) -> Any:
   first tree's structure: the seeds' states, restored or built one by one,
   hold equal but distinct optimizer and apply-function objects."""
   leaves = [jax.tree.leaves(tree) for tree in trees]
-  if len({len(x) for x in leaves}) > 1:
-    raise ValueError(f'trees of {[len(x) for x in leaves]} leaves: not one.')
   return jax.tree.unflatten(
     jax.tree.structure(trees[0]),
     [jax.numpy.stack(x) for x in zip(*leaves, strict=True)],
