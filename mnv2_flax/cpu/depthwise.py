@@ -413,14 +413,26 @@ def _matmul_bwd(precision, residuals, dy):
   x, kernel = residuals
   dy = lax.optimization_barrier(dy)
   dx = lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision)
-  rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
-  dkernel = lax.dot_general(
-    x.reshape(rows, x.shape[3]),
-    dy.reshape(rows, dy.shape[3]),
-    (((0,), (0,)), ((), ())),
-    precision,
-  )
+  dkernel = _each_in_turn(_kernel_gradient)(x, dy)
   return dx, dkernel.astype(kernel.dtype)
+
+
+def _kernel_gradient(x, dy):
+  """X^T dy over all N*H*W rows, summed in an order the shapes fix.
+
+  As a `dot_general` (Eigen's contraction on XLA:CPU) a sum over tens of
+  thousands of rows is cut into pieces by the number of threads, so its
+  bits depended on the thread count (up to 3e-4 apart between 1 and 2
+  threads at the sweep's shapes, and every weight after a few steps). As
+  XLA's reduction of the broadcast product (fused: no rows x Cin x Cout
+  temporary) each entry is one loop over the rows, whatever the threads,
+  at 0.8-1.3x the dot's time (docs/reproducibility.md). Under `jax.vmap`
+  (a pack) it runs once per seed, each the program of a run alone.
+  """
+  rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
+  x = x.reshape(rows, x.shape[3]).astype(jnp.float32)
+  dy = dy.reshape(rows, dy.shape[3]).astype(jnp.float32)
+  return jnp.sum(x[:, :, None] * dy[:, None, :], axis=0)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
