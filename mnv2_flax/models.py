@@ -296,8 +296,10 @@ class MobileNetV2(nn.Module):
       layer: stem, 1x1 and 3x3 depthwise (`feature_group_count` = channels).
     norm_act: the BatchNorm + activation constructor of every BN layer,
       called with `nn.BatchNorm`'s keyword arguments plus `activation`
-      (`nn.relu6` or None); see `batch_norm_act`. Replacements for speed
-      (`mnv2_flax.cpu.layers()`) keep the variables and the results.
+      (`nn.relu6` or None); see `batch_norm_act`.
+    dense: the classifier's constructor (`nn.Dense`'s signature).
+      Replacements of conv, norm_act and dense for one backend
+      (`mnv2_flax.cpu.fast_path.layers()`) keep the variables and results.
   """
 
   num_classes: int = 1000
@@ -318,6 +320,7 @@ class MobileNetV2(nn.Module):
   output_stride: int | None = None
   conv: ModuleDef = nn.Conv
   norm_act: ModuleDef = batch_norm_act
+  dense: ModuleDef = nn.Dense
 
   def __post_init__(self):
     if not isinstance(self.width_multiplier, (int, float)) or (
@@ -568,7 +571,7 @@ class MobileNetV2(nn.Module):
     if features_only or self.num_classes == 0:
       return x.astype(jnp.float32)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(
+    x = self.dense(
       self.num_classes,
       dtype=self.dtype,
       param_dtype=self.param_dtype,

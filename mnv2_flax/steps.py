@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mnv2_flax import per_seed
 from mnv2_flax import placement
 from mnv2_flax import preprocessing
 from mnv2_flax.training_state import TrainState
@@ -25,10 +26,35 @@ AXIS = placement.AXIS
 
 
 def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
-  targets = jax.nn.one_hot(labels, num_classes)
+  """The batch's mean softmax cross-entropy, computed per seed in a pack
+  (`per_seed`: its reductions then have the bits of a run alone)."""
+  targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
+  return _mean_cross_entropy(logits, targets)
+
+
+def _plain_mean_cross_entropy(logits, targets):
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+@jax.custom_vjp
+def _mean_cross_entropy(logits, targets):
+  return per_seed.each_in_turn(_plain_mean_cross_entropy)(logits, targets)
+
+
+def _mean_cross_entropy_fwd(logits, targets):
+  return _mean_cross_entropy(logits, targets), (logits, targets)
+
+
+def _mean_cross_entropy_bwd(residuals, g):
+  def pull(logits, targets, g):
+    return jax.vjp(_plain_mean_cross_entropy, logits, targets)[1](g)
+
+  return per_seed.each_in_turn(pull)(*residuals, g)
+
+
+_mean_cross_entropy.defvjp(_mean_cross_entropy_fwd, _mean_cross_entropy_bwd)
 
 
 def _mean(x, axis_name):
@@ -68,7 +94,7 @@ def train_step(
     )
     loss = cross_entropy(
       logits, batch['label'], num_classes, config.optim.label_smoothing
-    ).mean()
+    )
     return loss, (logits, updates['batch_stats'])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(

@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _child(config_arg: str, out: str, repeats: int) -> None:
+def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -78,13 +78,23 @@ def _child(config_arg: str, out: str, repeats: int) -> None:
     conv=functools.partial(nn.Conv, conv_general_dilated=recording_conv),
     norm_act=recording_norm,
   )
-  jax.eval_shape(
-    lambda: recording.init(jax.random.key(0), images, train=True)
-  )
+  jax.eval_shape(lambda: recording.init(jax.random.key(0), images, train=True))
   rng = np.random.default_rng(0)
   results, times = {}, {}
 
   def run(name, fn, *args):
+    if pack > 1:  # seed 0 of a vmapped pack against the op alone
+      stacked = jax.tree.map(
+        lambda a: jnp.stack([a] + [a * (1 + i) for i in range(1, pack)]), args
+      )
+      alone = jax.jit(fn)(*args)
+      packed = jax.tree.map(lambda y: y[0], jax.jit(jax.vmap(fn))(*stacked))
+      diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(packed))
+      )
+      print(f'{name:58s} {diff:10.3g}', flush=True)
+      return
     fn = jax.jit(fn)
     out = jax.block_until_ready(fn(*args))
     elapsed = []
@@ -132,15 +142,22 @@ def _child(config_arg: str, out: str, repeats: int) -> None:
         dtype=jnp.float32,
       )
       y, pull = jax.vjp(fn, x, scale, bias)
-      return y, pull((jnp.cos(y[0]), jnp.zeros_like(y[1]), jnp.zeros_like(y[2])))
+      return y, pull(
+        (jnp.cos(y[0]), jnp.zeros_like(y[1]), jnp.zeros_like(y[2]))
+      )
 
     run(f'batchnorm{"+relu6" if act else ""} {shape}', norm_vjp, x, scale, bias)
 
   pixels = normal((batch, size, size, channels))
   labels = jnp.asarray(rng.integers(0, 10, batch))
-  for name, layers in (('model fast path', fast_path.layers()), ('model XLA', {})):
-    net = model.clone(**layers) if layers else model.clone(
-      conv=nn.Conv, norm_act=type(model)().norm_act
+  for name, layers in (
+    ('model fast path', fast_path.layers()),
+    ('model XLA', {}),
+  ):
+    net = (
+      model.clone(**layers)
+      if layers
+      else model.clone(conv=nn.Conv, norm_act=type(model)().norm_act)
     )
     variables = net.init(jax.random.key(0), pixels, train=False)
 
@@ -160,6 +177,8 @@ def _child(config_arg: str, out: str, repeats: int) -> None:
 
     run(name, loss_grad, variables['params'])
 
+  if pack > 1:
+    return
   np.savez(out, **results)
   with open(out + '.json', 'w') as f:
     json.dump(dict(times=times, devices=os.sched_getaffinity(0).__len__()), f)
@@ -212,15 +231,27 @@ def _cost(steps: int) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--config', default='configs/ablation.py:width=0.35,res=32')
+  parser.add_argument(
+    '--config', default='configs/ablation.py:width=0.35,res=32'
+  )
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument(
     '--cost',
     action='store_true',
     help='time the train step with the old and new 1x1 weight gradient',
   )
+  parser.add_argument(
+    '--pack',
+    type=int,
+    default=1,
+    help='N > 1: compare each op vmapped over N seeds with the op alone',
+  )
   parser.add_argument('--child', help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.pack > 1:
+    print(f'{"op (forward + backward)":58s} {"|pack - alone|":>10s}')
+    _child(args.config, '', 1, args.pack)
+    return
   if args.cost:
     _cost(max(args.repeats, 9))
     return
@@ -230,7 +261,10 @@ def main() -> None:
   cores = sorted(os.sched_getaffinity(0))
   runs = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for label, cpus in (('1 thread', cores[:1]), (f'{len(cores)} threads', cores)):
+    for label, cpus in (
+      ('1 thread', cores[:1]),
+      (f'{len(cores)} threads', cores),
+    ):
       out = os.path.join(tmp, f'{len(cpus)}.npz')
       command = ['taskset', '-c', ','.join(map(str, cpus)), sys.executable]
       command += [__file__, '--config', args.config, '--child', out]
@@ -240,13 +274,17 @@ def main() -> None:
         times = json.load(f)['times']
       runs[label] = (dict(np.load(out)), times)
   (a_label, (a, a_times)), (b_label, (b, b_times)) = runs.items()
-  print(f'{"op (forward + backward)":58s} {"max |diff|":>10s} '
-        f'{a_label + " ms":>11s} {b_label + " ms":>11s}')
+  print(
+    f'{"op (forward + backward)":58s} {"max |diff|":>10s} '
+    f'{a_label + " ms":>11s} {b_label + " ms":>11s}'
+  )
   for name in a_times:
     keys = [k for k in a if k.rsplit('#', 1)[0] == name]
     diff = max(float(np.max(np.abs(a[k] - b[k]), initial=0)) for k in keys)
-    print(f'{name:58s} {diff:10.3g} {a_times[name] * 1e3:11.2f} '
-          f'{b_times[name] * 1e3:11.2f}')
+    print(
+      f'{name:58s} {diff:10.3g} {a_times[name] * 1e3:11.2f} '
+      f'{b_times[name] * 1e3:11.2f}'
+    )
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from mnv2_flax import per_seed
 from mnv2_flax.cpu import kernels
 
 
@@ -79,35 +80,18 @@ def dense_conv(
 
   @jax.custom_vjp
   def forward(x, kernel):
-    return _each_in_turn(conv)(x, kernel)
+    return per_seed.each_in_turn(conv)(x, kernel)
 
   def forward_fwd(x, kernel):
     return forward(x, kernel), (x, kernel)
 
   def forward_bwd(residuals, dy):
-    return _each_in_turn(lambda x, k, g: jax.vjp(conv, x, k)[1](g))(
+    return per_seed.each_in_turn(lambda x, k, g: jax.vjp(conv, x, k)[1](g))(
       *residuals, dy
     )
 
   forward.defvjp(forward_fwd, forward_bwd)
   return forward(lhs, rhs)
-
-
-def _each_in_turn(fn):
-  """`fn`, whose `jax.vmap` calls it once per index (unrolled) and stacks
-  the results, instead of batching its operations."""
-  fn = jax.custom_batching.custom_vmap(fn)
-
-  @fn.def_vmap
-  def rule(axis_size, in_batched, *args):
-    outs = [
-      fn(*(a[i] if b else a for a, b in zip(args, in_batched, strict=True)))
-      for i in range(axis_size)
-    ]
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *outs)
-    return stacked, jax.tree.map(lambda _: True, stacked)
-
-  return fn
 
 
 def shifted_depthwise_conv(
@@ -413,7 +397,7 @@ def _matmul_bwd(precision, residuals, dy):
   x, kernel = residuals
   dy = lax.optimization_barrier(dy)
   dx = lax.dot_general(dy, kernel, (((3,), (1,)), ((), ())), precision)
-  dkernel = _each_in_turn(_kernel_gradient)(x, dy)
+  dkernel = per_seed.each_in_turn(_kernel_gradient)(x, dy)
   return dx, dkernel.astype(kernel.dtype)
 
 

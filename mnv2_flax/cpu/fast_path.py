@@ -27,6 +27,7 @@ import jax
 
 from mnv2_flax import hardware
 from mnv2_flax.cpu import batch_norm
+from mnv2_flax.cpu import dense
 from mnv2_flax.cpu import depthwise
 from mnv2_flax.cpu import host_malloc
 
@@ -77,11 +78,11 @@ def enabled() -> bool:
 
 
 def layers() -> dict[str, Any]:
-  """`MobileNetV2` fields for the CPU: `conv` and `norm_act`.
+  """`MobileNetV2` fields for the CPU: `conv`, `norm_act` and `dense`.
 
   Returns {} (Flax's layers) where `enabled()` is False. Variables, their
   names and the results are those of Flax's layers, up to float rounding.
   """
   if not enabled():
     return {}
-  return dict(conv=_CONV, norm_act=batch_norm.batch_norm_act)
+  return dict(conv=_CONV, norm_act=batch_norm.batch_norm_act, dense=dense.Dense)
