@@ -46,6 +46,7 @@ def main(argv):
   defaults.check(_CONFIG.value)
   cli.start_jax(
     _CONFIG.value.train.compilation_cache_dir,
+    gpu_deterministic_ops=_CONFIG.value.train.gpu_deterministic_ops,
     multiprocess=_MULTIPROCESS.value,
     coordinator=_COORDINATOR.value,
     num_processes=_NUM_PROCESSES.value,

@@ -40,6 +40,8 @@ def get_config(arg=None):
     config.model.bn_frozen = True
 
   config.data.name = 'sklearn_digits'
+  config.data.train_split = 'train'  # all of it: nothing is chosen here
+  config.data.minival_split = ''
   config.data.batch_size = 64
   config.data.eval_batch_size = 500
   config.data.random_flip = False  # a mirrored digit is not the digit

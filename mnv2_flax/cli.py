@@ -151,6 +151,7 @@ def _quiet_background_failures() -> None:
 def start_jax(
   cache_dir: str | None = None,
   *,
+  gpu_deterministic_ops: bool = False,
   multiprocess: bool | None = False,
   coordinator: str | None = None,
   num_processes: int | None = None,
@@ -161,7 +162,8 @@ def start_jax(
   job has several processes (`hardware.initialize_distributed`; by default
   not), the hardware line in the log, the persistent compilation cache in
   `cache_dir` (None or '': left as it is). The accelerator check is the
-  library's (`train_and_evaluate` runs it once per run)."""
+  library's (`train_and_evaluate` runs it once per run).
+  `gpu_deterministic_ops` adds XLA's flag to XLA_FLAGS first."""
   # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging
 
@@ -170,6 +172,8 @@ def start_jax(
   from mnv2_flax.cpu import fast_path
   # pylint: enable=g-import-not-at-top
 
+  if gpu_deterministic_ops:
+    hardware.add_xla_flag(hardware.GPU_DETERMINISTIC_FLAG)
   fast_path.configure_host()
   hardware.initialize_distributed(
     multiprocess, coordinator, num_processes, process_id

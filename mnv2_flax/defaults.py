@@ -80,7 +80,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.batch_size = 1024  # global, over all processes and devices
   config.data.eval_batch_size = 1024
   config.data.train_split = 'train'
+  # What results report (ImageNet: its 'validation' split; Fashion-MNIST:
+  # 'test'). Never used to choose anything.
   config.data.eval_split = 'validation'
+  # Held-out training examples for choices (a recipe, a hyperparameter):
+  # a tfds split expression disjoint from train_split, as big_vision's
+  # 'minival' (e.g. 'train[99%:]' with train_split 'train[:99%]'). Evaluated
+  # beside eval_split (metrics minival_*); '' for none.
+  config.data.minival_split = ''
   # Inception crop; TF-slim: area (0.05, 1), torchvision: (0.08, 1) with
   # min_object_covered 0.
   config.data.crop_area_range = (0.05, 1.0)
@@ -146,6 +153,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Stop at start, with how to install, if JAX finds no GPU or TPU (it falls
   # back to the CPU otherwise, with one log line).
   config.train.require_accelerator = False
+  # On GPUs, XLA's deterministic ops (`--xla_gpu_deterministic_ops=true`:
+  # deterministic reductions and scatters, no autotuning), so that a rerun
+  # gives the same bits. Off: it slows the step by an amount not measured
+  # here (docs/reproducibility.md). Set before JAX starts, by train.py and
+  # the sweep's workers. The CPU's bits depend on the config and seed alone.
+  config.train.gpu_deterministic_ops = False
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 5000

@@ -168,10 +168,45 @@ def _check_split(builder, split: str, field: str) -> None:
     )
 
 
+def _example_ranges(builder, split: str) -> list[tuple[str, int, int]]:
+  """(split name, first, end) of the examples a split expression reads."""
+  splits = builder.info.splits
+  instruction = tfds.core.ReadInstruction.from_spec(split)
+  return [
+    (
+      a.splitname,
+      a.from_ or 0,
+      splits[a.splitname].num_examples if a.to is None else a.to,
+    )
+    for a in instruction.to_absolute(splits)
+  ]
+
+
+def _check_minival(builder, config: ml_collections.ConfigDict) -> None:
+  """The minival split exists, holds examples and shares none with
+  train_split (it is there to choose on data never trained on)."""
+  minival, train = config.data.minival_split, config.data.train_split
+  _check_split(builder, minival, 'config.data.minival_split')
+  held = _example_ranges(builder, minival)
+  if not any(end > first for _, first, end in held):
+    raise DataError(f'config.data.minival_split={minival!r} holds no examples.')
+  for name, first, end in held:
+    for other, t_first, t_end in _example_ranges(builder, train):
+      shared = min(end, t_end) - max(first, t_first)
+      if other == name and shared > 0:
+        raise DataError(
+          f'config.data.minival_split={minival!r} shares {shared} examples '
+          f'with config.data.train_split={train!r}; they must be disjoint '
+          f"(e.g. train_split='{name}[:90%]', minival_split='{name}[90%:]')."
+        )
+
+
 def dataset_meta(builder, config: ml_collections.ConfigDict) -> DatasetMeta:
   """Classes and example counts, from the dataset's info."""
   _check_split(builder, config.data.train_split, 'config.data.train_split')
   _check_split(builder, config.data.eval_split, 'config.data.eval_split')
+  if config.data.minival_split:
+    _check_minival(builder, config)
   return DatasetMeta(
     num_classes=builder.info.features['label'].num_classes,
     num_train_examples=builder.info.splits[
@@ -431,22 +466,26 @@ def create_eval_dataset(
   config: ml_collections.ConfigDict,
   process_index: int | None = None,
   process_count: int | None = None,
+  field: str = 'eval_split',
 ) -> tf.data.Dataset:
   """The eval split of this process, padded to a whole number of batches.
 
   Every process yields `num_eval_steps(...)` batches; padded examples carry
   `mask == 0`, so summing `mask` over all processes gives the split size.
+  `field`: the split of `config.data` to read ('eval_split' or
+  'minival_split'), as the eval split is read.
   """
   process_index, process_count = _topology(process_index, process_count)
   batch = placement.per_process_batch_size(
     config.data.eval_batch_size, 'config.data.eval_batch_size', process_count
   )
-  _check_split(builder, config.data.eval_split, 'config.data.eval_split')
-  split = tfds.even_splits(
-    config.data.eval_split, n=process_count, drop_remainder=False
-  )[process_index]
+  whole = config.data[field]
+  _check_split(builder, whole, f'config.data.{field}')
+  split = tfds.even_splits(whole, n=process_count, drop_remainder=False)[
+    process_index
+  ]
   local = builder.info.splits[split].num_examples
-  total = builder.info.splits[config.data.eval_split].num_examples
+  total = builder.info.splits[whole].num_examples
   steps = num_eval_steps(total, process_count, batch)
   ds, jpeg = _read(builder, split, shuffle=False, seed=config.seed)
   if config.data.cache:

@@ -106,14 +106,33 @@ def log_train(
   )
 
 
+# results.json and eval logs: metrics of config.data.minival_split.
+MINIVAL = 'minival_'
+
+
 def log_eval(writer, step: int, metrics: dict[str, float], name: str = ''):
-  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  """TensorBoard's eval/* (the eval split) and minival/* (held out of
+  train), and one log line."""
+  minival = {
+    k[len(MINIVAL) :]: v for k, v in metrics.items() if k.startswith(MINIVAL)
+  }
+  metrics = {k: v for k, v in metrics.items() if not k.startswith(MINIVAL)}
+  writer.write_scalars(
+    step,
+    {f'eval/{k}': v for k, v in metrics.items()}
+    | {f'minival/{k}': v for k, v in minival.items()},
+  )
   flip = (
     f'; flip-averaged top1 {metrics["flip_top1"]:.4f} '
     f'(EMA {metrics["ema_flip_top1"]:.4f})'
     if 'flip_top1' in metrics
     else ''
   )
+  if minival:
+    flip += (
+      f'; minival top1 {minival["top1"]:.4f} (EMA {minival["ema_top1"]:.4f}) '
+      f'on {minival["num_examples"]:.0f} held-out examples'
+    )
   logging.info(
     '%seval step %d: top1 %.4f top5 %.4f (EMA top1 %.4f) on %d examples%s',
     name,

@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-METRICS = ('top1', 'top5', 'ema_top1', 'ema_top5')
+# The eval split's (what results report: Fashion-MNIST's test, ImageNet's
+# validation) and the minival split's (held out of train, for choices).
+METRICS = (
+  'top1',
+  'top5',
+  'ema_top1',
+  'ema_top5',
+  'minival_top1',
+  'minival_ema_top1',
+)
 CONFIDENCE = 0.95
 # Per-run columns after the point's keys.
 COLUMNS = (
@@ -48,6 +57,8 @@ NAMES = dict(
   top5='top-5 %',
   ema_top1='EMA top-1 %',
   ema_top5='EMA top-5 %',
+  minival_top1='minival top-1 %',
+  minival_ema_top1='minival EMA top-1 %',
   wall_seconds='wall',
   train_seconds='train',
   eval_seconds='eval',
@@ -97,7 +108,7 @@ class Point:
     return [r for r in self.runs if r['status'] == 'finished']
 
   def stat(self, metric: str) -> Interval | None:
-    return interval(r[metric] for r in self.finished)
+    return interval(r.get(metric) for r in self.finished)
 
   def cost(self, column: str) -> float | None:
     values = [r[column] for r in self.finished if r[column] is not None]
@@ -156,6 +167,16 @@ def _pairs(values: list[str]) -> list[tuple[str, str]]:
   return pairs + [(values[i - 1], values[i]) for i in range(2, len(values))]
 
 
+def _paired(base, other, seeds, metric) -> Interval | None:
+  """The interval of other - base over the seeds where both have `metric`
+  (runs from before the minival split have none)."""
+  return interval(
+    other[s][metric] - base[s][metric]
+    for s in seeds
+    if other[s].get(metric) is not None and base[s].get(metric) is not None
+  )
+
+
 def compare(points: list[Point]) -> list[Comparison]:
   """Paired comparisons along every varying key (see the module docstring)."""
   keys = varying(points)
@@ -179,10 +200,7 @@ def compare(points: list[Point]) -> list[Comparison]:
         seeds = tuple(s for s in at[base] if s in at[other])
         if not seeds:
           continue
-        diffs = {
-          m: interval(at[other][s][m] - at[base][s][m] for s in seeds)
-          for m in METRICS
-        }
+        diffs = {m: _paired(at[base], at[other], seeds, m) for m in METRICS}
         comparisons.append(Comparison(key, base, other, fixed, seeds, diffs))
   return comparisons
 
@@ -279,6 +297,7 @@ def comparisons_table(comparisons: list[Comparison]) -> str:
     'seeds',
     'Δ top-1 (points)',
     'Δ EMA top-1',
+    'Δ minival top-1',
     'verdict (top-1)',
   ]
   rows = [
@@ -289,6 +308,7 @@ def comparisons_table(comparisons: list[Comparison]) -> str:
       str(len(c.seeds)),
       format_interval(c.diffs['top1'], sign=True),
       format_interval(c.diffs['ema_top1'], sign=True),
+      format_interval(c.diffs['minival_top1'], sign=True),
       c.verdict(),
     ]
     for c in comparisons
@@ -306,7 +326,10 @@ def markdown(rows: list[dict], keys: list[str], title: str) -> str:
     '## Points',
     '',
     'Mean ± half-width of the 95% confidence interval (Student t over the '
-    'seeds), sample std in brackets; accuracies in %.',
+    'seeds), sample std in brackets; accuracies in %. top-1/top-5: the eval '
+    'split (`config.data.eval_split`), the numbers to report; minival: '
+    'training examples held out (`config.data.minival_split`), the numbers '
+    'to choose on.',
     '',
     points_table(points),
     '',

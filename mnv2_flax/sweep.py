@@ -111,7 +111,16 @@ def run(
   if parallel > 1:
     _prepare_datasets([configs[p] for p in todo])
     stopped = sweep_workers.run_workers(
-      module, packs, root, overrides or {}, parallel, point_args
+      module,
+      packs,
+      root,
+      overrides or {},
+      parallel,
+      point_args,
+      {
+        sweep_points.seedless(p.arg): sweep_points.cost(configs[p])
+        for p in todo
+      },
     )
   else:
     progress = sweep_points.Progress(len(todo))
@@ -266,7 +275,11 @@ def main(argv):
           f'expected here; {hardware.INSTALL}.'
         )
     else:
-      cli.start_jax()
+      cli.start_jax(
+        gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(
+          module, overrides or {}
+        )
+      )
       hardware.check_accelerator(required)
     rows = run(
       module,

@@ -48,7 +48,11 @@ class PointTask:
       for a in point_args
     ]
     configs = sweep_points.point_configs(module, points, self.overrides)
-    cli.start_jax()
+    cli.start_jax(
+      gpu_deterministic_ops=any(
+        c.train.gpu_deterministic_ops for c in configs.values()
+      )
+    )
     todo = [
       p for p in points if sweep_points.point_status(p)['status'] != 'finished'
     ]

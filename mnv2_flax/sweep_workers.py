@@ -85,8 +85,45 @@ class _Worker:
     self.process.stdin.close()
 
 
-def run_workers(module, packs, root, overrides, parallel, point_args):
-  """Runs `packs` on `parallel` worker processes, one pack each at a time.
+def pack_seed(pack: list[sweep_points.Point]) -> int:
+  """The seed of a pack's first point (0 where the points name none)."""
+  for item in pack[0].arg.split(','):
+    if item.startswith('seed='):
+      return int(item[len('seed=') :])
+  return 0
+
+
+def next_pack(queue, built: set[str], costs: dict[str, float]) -> int:
+  """The index in `queue` of the pack a free worker takes next.
+
+  Seeds stay slowest (a stopped sweep has whole seeds done): the pack comes
+  from the lowest seed still queued, or from the seed after it where only
+  that one holds a shape the worker has `built` (its programs are compiled
+  and loaded there; elsewhere they would be built a second time). Among
+  those, a shape it has built, else the costliest (`costs`, by the point's
+  argument without its seed), so that the largest points start first and
+  no long point is left for the end.
+  """
+  seeds = sorted({pack_seed(pack) for pack in queue})
+  shape = lambda i: sweep_points.seedless(queue[i][0].arg)  # noqa: E731
+  cost = lambda i: costs.get(shape(i), 0.0)  # noqa: E731
+  for seed in seeds[:2]:
+    mine = [
+      i
+      for i, pack in enumerate(queue)
+      if pack_seed(pack) == seed and shape(i) in built
+    ]
+    if mine:
+      return max(mine, key=cost)
+  window = [i for i, pack in enumerate(queue) if pack_seed(pack) == seeds[0]]
+  return max(window, key=cost)
+
+
+def run_workers(
+  module, packs, root, overrides, parallel, point_args, costs=None
+):
+  """Runs `packs` on `parallel` worker processes, one pack each at a time,
+  in the order `next_pack` chooses (`costs`: see there).
 
   A worker that dies with a pack in hand gets its points recorded as
   failed (the next run retries them) and is replaced while packs are left.
@@ -96,7 +133,9 @@ def run_workers(module, packs, root, overrides, parallel, point_args):
   """
   stop = _Forward()
   with stop:
-    _run_workers(module, packs, root, overrides, parallel, point_args, stop)
+    _run_workers(
+      module, packs, root, overrides, parallel, point_args, stop, costs or {}
+    )
   return stop.signum
 
 
@@ -136,7 +175,9 @@ def _running(workers) -> list[sweep_points.Point]:
   return [p for w in workers if w.pack for p in w.pack]
 
 
-def _run_workers(module, packs, root, overrides, parallel, point_args, stop):
+def _run_workers(
+  module, packs, root, overrides, parallel, point_args, stop, costs
+):
   shares = hardware.shares(parallel)
   for share in shares:
     logging.info('Sweep worker slot: %s', share.label)
@@ -151,12 +192,14 @@ def _run_workers(module, packs, root, overrides, parallel, point_args, stop):
     worker = _Worker(
       module, root, overrides, shares[i], f'{logs}/worker-{i}.txt'
     )
-    worker.slot = i
+    worker.slot, worker.built = i, set()
     return worker
 
   def feed(worker):
     if queue and stop.signum is None:
-      worker.send(queue.pop(0))
+      pack = queue.pop(next_pack(queue, worker.built, costs))
+      worker.built.add(sweep_points.seedless(pack[0].arg))
+      worker.send(pack)
     else:
       worker.pack = None
       worker.stop()
@@ -212,7 +255,9 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
   log in its first point's `<workdir>/log.txt`, and answers on stdout."""
   answer = os.fdopen(os.dup(1), 'w', buffering=1)
   os.dup2(2, 1)  # what anything prints goes to the log, not the answers
-  cli.start_jax()
+  cli.start_jax(
+    gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(module, overrides)
+  )
   cores = ','.join(map(str, sorted(os.sched_getaffinity(0))))
   for line in sys.stdin:
     pack = [

@@ -66,6 +66,18 @@ def evaluate(p_eval_step: Callable, state, eval_ds, pack: int = 0):
   return [_means({k: v[i] for k, v in totals.items()}) for i in range(pack)]
 
 
+def _evaluate_splits(p_eval_step, state, eval_ds, minival_ds, pack: int):
+  """Per seed (one for a plain run), the eval split's metrics and, with a
+  minival split, its metrics as `minival_<name>`."""
+  per_seed = evaluate(p_eval_step, state, eval_ds, pack)
+  per_seed = per_seed if pack else [per_seed]
+  if minival_ds is not None:
+    held = evaluate(p_eval_step, state, minival_ds, pack)
+    for metrics, m in zip(per_seed, held if pack else [held], strict=True):
+      metrics.update({f'{reporting.MINIVAL}{k}': v for k, v in m.items()})
+  return per_seed
+
+
 def _means(totals: dict[str, Any]) -> dict[str, float]:
   totals = {k: float(v) for k, v in totals.items()}
   count = totals.pop('count')
@@ -197,6 +209,11 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   ]
   train_ds = input_pipeline.stacked(datasets) if pack else datasets[0]
   eval_ds = input_pipeline.create_eval_dataset(run.builder, config)
+  minival_ds = None
+  if config.data.minival_split:
+    minival_ds = input_pipeline.create_eval_dataset(
+      run.builder, config, field='minival_split'
+    )
   evaluates_early = config.train.eval_every_steps < run.num_steps
   seeds = tuple(r.config.seed for r in live) if pack else ()
   state, p_train_step, p_eval_step, batches = programs.prepare(
@@ -262,8 +279,9 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     if 'eval' in due and active:
       eval_start = time.perf_counter()
       with progress.timed('eval'):
-        metrics = evaluate(p_eval_step, state, eval_ds, pack)
-      eval_metrics = metrics if pack else [metrics]
+        eval_metrics = _evaluate_splits(
+          p_eval_step, state, eval_ds, minival_ds, pack
+        )
       eval_seconds += time.perf_counter() - eval_start
       for i in active:
         reporting.log_eval(writers[i], done, eval_metrics[i], names[i])
@@ -297,6 +315,9 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     results[todo[i]] = r.finish(
       dict(
         eval_metrics[i],
+        eval_split=config.data.eval_split,
+        minival_split=config.data.minival_split,
+        bits_depend_on=hardware.bits_depend_on(),
         train_seconds=train_seconds / share,
         eval_seconds=eval_seconds / share,
         images_per_second=(done - start_step)

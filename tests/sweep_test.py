@@ -13,6 +13,7 @@ from configs import ablation
 from mnv2_flax import sweep
 from mnv2_flax import sweep_points
 from mnv2_flax import sweep_submit
+from mnv2_flax import sweep_workers
 from mnv2_flax import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,6 +120,57 @@ def test_point_names_are_distinct_and_shell_safe():
   )
   with pytest.raises(ValueError, match='no valid directory name'):
     sweep_points.point_name('width=0.5,res=../x')
+
+
+def _simulate(points, costs, workers):
+  """Workers taking packs by `sweep_workers.next_pack`, each pack taking
+  its cost in time: (order of (time, worker, arg) starts, finish time of
+  each worker)."""
+  queue = [[sweep_points.Point(arg, '')] for arg in points]
+  built = [set() for _ in range(workers)]
+  free_at, starts = [0.0] * workers, []
+  while queue:
+    w = min(range(workers), key=lambda i: free_at[i])
+    pack = queue.pop(sweep_workers.next_pack(queue, built[w], costs))
+    built[w].add(sweep_points.seedless(pack[0].arg))
+    starts.append((free_at[w], w, pack[0].arg))
+    free_at[w] += costs[sweep_points.seedless(pack[0].arg)]
+  return starts, free_at
+
+
+def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
+  points = ablation.get_sweep('fashion_mnist')  # 4 points x seeds 0-4
+  costs = {
+    sweep_points.seedless(a): sweep_points.cost(ablation.get_config(a))
+    for a in points
+  }
+  assert costs['width=0.75,res=48'] == max(costs.values())
+  assert costs['width=0.35,res=32'] == min(costs.values())
+  starts, free_at = _simulate(points, costs, workers=2)
+  # The costliest point starts first; seeds stay slowest: no pack starts
+  # while a seed two below it is still queued.
+  assert starts[0][2] == 'width=0.75,res=48,seed=0'
+  seeds = [int(arg.rsplit('seed=', 1)[1]) for _, _, arg in starts]
+  assert all(s <= min(seeds[i:]) + 1 for i, s in enumerate(seeds))
+  # Each shape is built on one worker only, but for the last pack: a free
+  # worker takes what is left rather than idle.
+  owner = {}
+  for _, w, arg in starts[:-1]:
+    assert owner.setdefault(sweep_points.seedless(arg), w) == w, arg
+  # The two workers end within the cost of the cheapest point of each
+  # other; the order of the grid (first point first) idles one for longer.
+  assert abs(free_at[0] - free_at[1]) <= min(costs.values()) * 1.01
+  _, in_order = _simulate_in_order(points, costs, workers=2)
+  assert abs(in_order[0] - in_order[1]) > abs(free_at[0] - free_at[1])
+
+
+def _simulate_in_order(points, costs, workers):
+  free_at, starts = [0.0] * workers, []
+  for arg in points:
+    w = min(range(workers), key=lambda i: free_at[i])
+    starts.append((free_at[w], w, arg))
+    free_at[w] += costs[sweep_points.seedless(arg)]
+  return starts, free_at
 
 
 @pytest.mark.parametrize('count', [1, 2, 3, 4, 7])

@@ -91,7 +91,9 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
       packed = jax.tree.map(lambda y: y[0], jax.jit(jax.vmap(fn))(*stacked))
       diff = max(
         float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(packed))
+        for a, b in zip(
+          jax.tree.leaves(alone), jax.tree.leaves(packed), strict=True
+        )
       )
       print(f'{name:58s} {diff:10.3g}', flush=True)
       return
@@ -186,8 +188,8 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
 
 def _dot_kernel_gradient(x, dy):
   """The weight gradient of a 1x1 conv as it was: one `dot_general`."""
-  import jax.numpy as jnp
   from jax import lax
+  import jax.numpy as jnp
 
   rows = dy.shape[0] * dy.shape[1] * dy.shape[2]
   return lax.dot_general(

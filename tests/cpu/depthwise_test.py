@@ -270,7 +270,7 @@ def test_vmapped_kernels_give_each_kernels_own_bits(
 
 def test_layers_only_on_the_cpu_backend_and_switched_off_by_env(monkeypatch):
   layers = fast_path.layers()
-  assert set(layers) == {'conv', 'norm_act'}
+  assert set(layers) == {'conv', 'norm_act', 'dense'}
   # The same objects every call: two models built alike compare equal.
   assert fast_path.layers() == layers
   monkeypatch.setenv(fast_path.ENV_VAR, '0')
