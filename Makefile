@@ -92,6 +92,6 @@ sweep: setup data
 	@if [ -d /usr/share/datasets/fashion-mnist ] || [ -f $${TFDS_DATA_DIR:-$$HOME/tensorflow_datasets}/fashion_mnist/3.0.1/dataset_info.json ]; \
 	then download=False; \
 	else download=True; echo "Debian's Fashion-MNIST is not here: tfds will download fashion_mnist (needs internet)."; fi; \
-	$(PY) -m mnv2_flax.sweep --config=configs/ablation.py:$(SWEEP) --root=$(SWEEP_ROOT) \
+	$(PY) -m mnv2_flax.sweep --config='configs/ablation.py:$(SWEEP)' --root='$(SWEEP_ROOT)' \
 	  --parallel=$(SWEEP_PARALLEL) --set=data.download=$$download
 	@echo "Summary: $(SWEEP_ROOT)/results.md, figure: $(SWEEP_ROOT)/*.png"
