@@ -279,6 +279,26 @@ def test_error_missing_split(data_dirs):
     ip.dataset_meta(ip.get_builder(config), config)
 
 
+@pytest.mark.parametrize(
+  'train, minival, words',
+  [
+    ('train', 'train[32:]', 'shares 8 examples'),
+    ('train[:32]', 'train[30:]', 'shares 2 examples'),
+    ('train[:32]', 'train[40:]', 'holds no examples'),
+    ('train[:32]', 'held[32:]', "no split 'held'"),
+  ],
+)
+def test_error_minival_split_not_held_out(data_dirs, train, minival, words):
+  """The split for choices must hold examples never trained on."""
+  _, data_dir = data_dirs
+  config = small_config(data_dir, train_split=train, minival_split=minival)
+  with pytest.raises(ip.DataError, match=words) as e:
+    ip.dataset_meta(ip.get_builder(config), config)
+  assert 'config.data.minival_split' in str(e.value)
+  config.data.update(train_split='train[:32]', minival_split='train[32:]')
+  assert ip.dataset_meta(ip.get_builder(config), config).num_train_examples == 32
+
+
 def test_error_fashion_mnist_not_there(tmp_path):
   config = small_config(
     str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'nothing')

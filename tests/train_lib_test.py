@@ -295,12 +295,14 @@ def _final_params(workdir):
 
 @pytest.fixture(scope='module')
 def full_run(data_dirs, tmp_path_factory):
-  """10 steps (40 examples, batch 8, 2 epochs), evaluating at step 5 too.
+  """10 steps (32 of the 40 examples, batch 8, 2.5 epochs; the other 8 held
+  out as the minival split), evaluating at step 5 too.
 
   Returns (config, result, workdir, names of the programs compiled).
   """
   _, data_dir = data_dirs
-  config = tiny_config(data_dir, num_epochs=2.0, eval_every_steps=5)
+  config = tiny_config(data_dir, num_epochs=2.5, eval_every_steps=5)
+  config.data.update(train_split='train[:32]', minival_split='train[32:]')
   config.checkpoint.every_steps = 5
   workdir = tmp_path_factory.mktemp('full')
   result, compiled = count_compiles(
@@ -313,6 +315,14 @@ def test_a_run_writes_results_stats_events_and_checkpoints(full_run):
   _, result, workdir, _ = full_run
   assert result['num_examples'] == 23 and result['finished']
   assert 0.0 <= result['top1'] <= 1.0 and 'ema_flip_top5' in result
+  # The held-out examples, evaluated beside the test split and labelled.
+  assert result['minival_num_examples'] == 8
+  assert 0.0 <= result['minival_ema_top1'] <= 1.0
+  assert (result['eval_split'], result['minival_split']) == (
+    'test',
+    'train[32:]',
+  )
+  assert result['bits_depend_on']['backend'] == 'cpu'
   assert result['steps'] == result['completed_steps'] == 10
   assert result['macs'] > 0 and result['images_per_second'] > 0
   # The run's wall time: training, evaluation (twice here) and the rest.
