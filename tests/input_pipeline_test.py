@@ -296,7 +296,9 @@ def test_error_minival_split_not_held_out(data_dirs, train, minival, words):
     ip.dataset_meta(ip.get_builder(config), config)
   assert 'config.data.minival_split' in str(e.value)
   config.data.update(train_split='train[:32]', minival_split='train[32:]')
-  assert ip.dataset_meta(ip.get_builder(config), config).num_train_examples == 32
+  assert (
+    ip.dataset_meta(ip.get_builder(config), config).num_train_examples == 32
+  )
 
 
 def test_error_fashion_mnist_not_there(tmp_path):

@@ -33,6 +33,7 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
   from ml_collections import config_flags  # noqa: F401
 
   from mnv2_flax import defaults
+  from mnv2_flax import steps
   from mnv2_flax import training_state
   from mnv2_flax.cpu import batch_norm
   from mnv2_flax.cpu import depthwise
@@ -172,8 +173,7 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
           mutable=['batch_stats'],
           rngs={'dropout': jax.random.key(1)},
         )
-        onehot = jax.nn.one_hot(labels, logits.shape[-1])
-        return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
+        return steps.cross_entropy(logits, labels, logits.shape[-1])
 
       return jax.value_and_grad(loss)(params)
 
