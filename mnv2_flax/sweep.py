@@ -110,6 +110,9 @@ def run(
   stopped = None
   if parallel > 1:
     _prepare_datasets([configs[p] for p in todo])
+    if any(c.train.gpu_deterministic_ops for c in configs.values()):
+      # Workers set XLA's flag before JAX starts, from their overrides.
+      overrides = {**(overrides or {}), sweep_points.GPU_DETERMINISTIC: 'True'}
     stopped = sweep_workers.run_workers(
       module,
       packs,
@@ -276,8 +279,8 @@ def main(argv):
         )
     else:
       cli.start_jax(
-        gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(
-          module, overrides or {}
+        gpu_deterministic_ops=any(
+          c.train.gpu_deterministic_ops for c in configs.values()
         )
       )
       hardware.check_accelerator(required)

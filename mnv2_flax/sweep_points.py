@@ -69,13 +69,19 @@ def load_config_module(path: str):
   return module
 
 
-def gpu_deterministic_ops(module, overrides: dict[str, str]) -> bool:
-  """`config.train.gpu_deterministic_ops` of the sweep's configs (its
-  default config with the overrides): a process sets it before JAX
-  starts, once for all the points it trains."""
-  return bool(
-    apply_overrides(module.get_config(), overrides).train.gpu_deterministic_ops
+GPU_DETERMINISTIC = 'train.gpu_deterministic_ops'
+
+
+def gpu_deterministic_ops(overrides: dict[str, str]) -> bool:
+  """Whether the overrides turn on `config.train.gpu_deterministic_ops`:
+  a worker sets it before JAX starts, once for all the points it trains
+  (the sweep adds the override where a point's config sets it)."""
+  if GPU_DETERMINISTIC not in overrides:
+    return False
+  config = apply_overrides(
+    defaults.get_config(), {GPU_DETERMINISTIC: overrides[GPU_DETERMINISTIC]}
   )
+  return bool(config.train.gpu_deterministic_ops)
 
 
 def apply_overrides(

@@ -85,26 +85,26 @@ class _Worker:
     self.process.stdin.close()
 
 
-def pack_seed(pack: list[sweep_points.Point]) -> int:
-  """The seed of a pack's first point (0 where the points name none)."""
+def pack_seed(pack: list[sweep_points.Point]) -> str:
+  """The seed of a pack's first point ('' where the points name none)."""
   for item in pack[0].arg.split(','):
     if item.startswith('seed='):
-      return int(item[len('seed=') :])
-  return 0
+      return item[len('seed=') :]
+  return ''
 
 
 def next_pack(queue, built: set[str], costs: dict[str, float]) -> int:
   """The index in `queue` of the pack a free worker takes next.
 
   Seeds stay slowest (a stopped sweep has whole seeds done): the pack comes
-  from the lowest seed still queued, or from the seed after it where only
-  that one holds a shape the worker has `built` (its programs are compiled
-  and loaded there; elsewhere they would be built a second time). Among
-  those, a shape it has built, else the costliest (`costs`, by the point's
-  argument without its seed), so that the largest points start first and
-  no long point is left for the end.
+  from the first seed still queued (in the sweep's order, which `queue`
+  keeps), or from the seed after it where only that one holds a shape the
+  worker has `built` (its programs are compiled and loaded there; elsewhere
+  they would be built a second time). Among those, a shape it has built,
+  else the costliest (`costs`, by the point's argument without its seed),
+  so that the largest points start first and none is left for the end.
   """
-  seeds = sorted({pack_seed(pack) for pack in queue})
+  seeds = list(dict.fromkeys(pack_seed(pack) for pack in queue))
   shape = lambda i: sweep_points.seedless(queue[i][0].arg)  # noqa: E731
   cost = lambda i: costs.get(shape(i), 0.0)  # noqa: E731
   for seed in seeds[:2]:
@@ -256,7 +256,7 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
   answer = os.fdopen(os.dup(1), 'w', buffering=1)
   os.dup2(2, 1)  # what anything prints goes to the log, not the answers
   cli.start_jax(
-    gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(module, overrides)
+    gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(overrides)
   )
   cores = ','.join(map(str, sorted(os.sched_getaffinity(0))))
   for line in sys.stdin:

@@ -139,3 +139,27 @@ def test_expected_platform_follows_jax_platforms(
 ):
   monkeypatch.setenv('JAX_PLATFORMS', platforms)
   assert hardware.expected_platform() == expected
+
+
+def test_gpu_deterministic_ops_reach_xla_flags_once(monkeypatch):
+  """train.py and sweep workers add XLA's flag before JAX starts; a sweep
+  passes it to its workers as an override."""
+  from mnv2_flax import sweep_points  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  hardware.add_xla_flag(hardware.GPU_DETERMINISTIC_FLAG)
+  hardware.add_xla_flag(hardware.GPU_DETERMINISTIC_FLAG)
+  assert hardware.os.environ['XLA_FLAGS'].split() == [
+    '--xla_force_host_platform_device_count=2',
+    '--xla_gpu_deterministic_ops=true',
+  ]
+  key = sweep_points.GPU_DETERMINISTIC
+  assert sweep_points.gpu_deterministic_ops({key: 'True'})
+  assert not sweep_points.gpu_deterministic_ops({key: 'False'})
+  assert not sweep_points.gpu_deterministic_ops({})
+
+
+def test_results_name_what_a_runs_bits_depend_on():
+  bits = hardware.bits_depend_on()
+  assert bits['backend'] == 'cpu' and bits['jax'] == jax.__version__
+  assert bits['cpu_kernels'] in ('built', 'pure JAX') and bits['cpu']

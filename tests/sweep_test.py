@@ -414,11 +414,11 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
     f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path, '--pack=2'
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  # Both packs ran at once, each pinned to its own core, each logged in its
-  # first seed's workdir.
+  # Both packs ran at once (the costlier first), each pinned to its own
+  # core, each logged in its first seed's workdir.
   assert (
-    'running width=0.35,res=32,seed=0, width=0.35,res=32,seed=1, '
-    'width=0.5,res=32,seed=0, width=0.5,res=32,seed=1'
+    'running width=0.5,res=32,seed=0, width=0.5,res=32,seed=1, '
+    'width=0.35,res=32,seed=0, width=0.35,res=32,seed=1'
   ) in result.stderr
   assert 'Sweep: 4 of 4 runs done (0 failed)' in result.stderr
   cores = []
