@@ -33,14 +33,14 @@ def write_idx(directory, split, images, labels):
     f.write(np.array([2049, n], '>u4').tobytes() + labels.tobytes())
 
 
-def make_idx_dir(directory):
+def make_idx_dir(directory, num_train=NUM_TRAIN):
   """Train: random textures. Test: image i is the constant i (its id)."""
   rng = np.random.default_rng(0)
   write_idx(
     directory,
     'train',
-    rng.integers(0, 256, (NUM_TRAIN, 28, 28), dtype=np.uint8),
-    rng.integers(0, 10, NUM_TRAIN, dtype=np.uint8),
+    rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
+    rng.integers(0, 10, num_train, dtype=np.uint8),
   )
   write_idx(
     directory,
