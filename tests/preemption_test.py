@@ -261,6 +261,8 @@ def test_a_submitit_task_saves_on_sigusr2_is_requeued_and_resumes(
   root = tmp_path / 'sweep'
   overrides = {
     'data.data_dir': data_dirs[1],
+    'data.train_split': 'train',  # all 40 images, none held out
+    'data.minival_split': '',
     'data.batch_size': '8',
     'data.eval_batch_size': '8',
     'data.shuffle_buffer': '64',
