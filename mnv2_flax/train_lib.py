@@ -308,6 +308,7 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   # trains N seeds' images in its time): summed over runs they give what
   # the runs cost, and images/s is per second of a run's own share.
   share = len(live)
+  bits = hardware.bits_depend_on()
   for i, r in enumerate(live):
     if i in failed:
       results[todo[i]] = failed[i]
@@ -317,7 +318,7 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
         eval_metrics[i],
         eval_split=config.data.eval_split,
         minival_split=config.data.minival_split,
-        bits_depend_on=hardware.bits_depend_on(),
+        bits_depend_on=bits,
         train_seconds=train_seconds / share,
         eval_seconds=eval_seconds / share,
         images_per_second=(done - start_step)
