@@ -126,6 +126,51 @@ def test_train_stream_is_reproducible_under_a_seed(data_dirs):
   assert not np.array_equal(a[0]['image'], a[5]['image'])
 
 
+def test_splits_kept_in_memory_give_the_streams_read_from_the_files(
+  data_dirs, monkeypatch
+):
+  # config.data.cache: a split of one file is decoded once per process and
+  # later runs read it from memory; the streams must be the files' own.
+  _, data_dir = data_dirs
+  config = small_config(data_dir, minival_split='train[80%:]')
+  config.data.train_split = 'train[:80%]'
+  builder = ip.get_builder(config)
+  streams = {}
+  for cache in (False, True, True):
+    config.data.cache = cache
+    for seed in (0, 1):
+      config.seed = seed
+      streams.setdefault((cache, seed), []).append(
+        [
+          first_batches(ip.create_train_dataset(builder, config), 7),
+          first_batches(ip.create_eval_dataset(builder, config), 1),
+          first_batches(
+            ip.create_eval_dataset(builder, config, field='minival_split'), 1
+          ),
+        ]
+      )
+    if cache:  # the second cached pass reads no file
+      monkeypatch.setattr(
+        builder, 'as_dataset', lambda **kw: pytest.fail(f'read {kw}')
+      )
+  for seed in (0, 1):
+    files, memory, again = (
+      streams[(False, seed)][0],
+      *streams[(True, seed)],
+    )
+    for x, y, z in zip(
+      jax.tree.leaves(files),
+      jax.tree.leaves(memory),
+      jax.tree.leaves(again),
+      strict=True,
+    ):
+      np.testing.assert_array_equal(x, y)
+      np.testing.assert_array_equal(x, z)
+  assert not np.array_equal(
+    streams[(True, 0)][0][0][0]['label'], streams[(True, 1)][0][0][0]['label']
+  )
+
+
 def test_streams_run_without_the_autotuning_model(data_dirs):
   # With it, dropping an iterator waits out the model thread's sleep (up to
   # a minute at the end of a run, TF 2.21).

@@ -164,6 +164,46 @@ def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
   assert abs(in_order[0] - in_order[1]) > abs(free_at[0] - free_at[1])
 
 
+def test_a_parallel_sweep_builds_the_kernels_once_while_it_prepares_data(
+  monkeypatch,
+):
+  # Built in a thread beside the data preparation, waited for before the
+  # workers start (each would otherwise build them at its start); not
+  # where the fast path is off or the workers would not run on the CPU.
+  import threading  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  from mnv2_flax import hardware  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.cpu import kernels  # pylint: disable=g-import-not-at-top
+
+  events = []
+
+  def build():
+    events.append(('build', threading.current_thread().name))
+    time.sleep(0.3)
+    events.append(('built', None))
+    return 'library'
+
+  monkeypatch.setattr(kernels, 'build', build)
+  config = ablation.get_config('width=0.35,res=32')
+  with sweep._kernels_built([config]):
+    time.sleep(0.1)
+    events.append(('preparing', threading.current_thread().name))
+  events.append(('workers', None))
+  assert [e for e, _ in events] == ['build', 'preparing', 'built', 'workers']
+  assert events[0][1] != events[1][1]
+
+  events.clear()
+  config.train.cpu_fast_path = False
+  with sweep._kernels_built([config]):
+    pass
+  monkeypatch.setattr(hardware, 'expected_platform', lambda: 'gpu')
+  config.train.cpu_fast_path = True
+  with sweep._kernels_built([config]):
+    pass
+  assert not events
+
+
 def _simulate_in_order(points, costs, workers):
   free_at, starts = [0.0] * workers, []
   for arg in points:

@@ -36,6 +36,7 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
   from mnv2_flax import steps
   from mnv2_flax import training_state
   from mnv2_flax.cpu import batch_norm
+  from mnv2_flax.cpu import dense
   from mnv2_flax.cpu import depthwise
   from mnv2_flax.cpu import fast_path
 
@@ -150,6 +151,23 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
       )
 
     run(f'batchnorm{"+relu6" if act else ""} {shape}', norm_vjp, x, scale, bias)
+
+  # The classifier: pooled head features x (head, classes).
+  x = normal((batch, model.head_channels))
+  w = normal((model.head_channels, 10))
+
+  def classifier_vjp(x, w):
+    module = dense.Dense(10)
+    y, pull = jax.vjp(
+      lambda x, w: module.apply(
+        {'params': {'kernel': w, 'bias': jnp.zeros(10)}}, x
+      ),
+      x,
+      w,
+    )
+    return y, pull(jnp.cos(y))
+
+  run(f'classifier ({batch}, {x.shape[1]})x{w.shape}', classifier_vjp, x, w)
 
   pixels = normal((batch, size, size, channels))
   labels = jnp.asarray(rng.integers(0, 10, batch))

@@ -90,9 +90,11 @@ def _build(compiler: str, path: str) -> None:
       os.remove(tmp)
 
 
-@functools.cache
-def load() -> ctypes.CDLL | None:
-  """The compiled kernels, registered with XLA's CPU backend; None if none."""
+def build() -> str | None:
+  """The library's path, compiled first if it is not in the cache; None
+  (with one warning) without a compiler or if the build fails. Starts no
+  JAX backend: a sweep builds it once while it prepares its data, before
+  its workers start."""
   compiler = _compiler()
   if compiler is None:
     logging.warning(
@@ -105,14 +107,31 @@ def load() -> ctypes.CDLL | None:
     if not os.path.exists(path):
       logging.info('Building the native CPU kernels: %s', path)
       _build(compiler, path)
-    library = ctypes.cdll.LoadLibrary(path)
   except (OSError, subprocess.CalledProcessError) as e:
-    detail = getattr(e, 'stderr', '') or str(e)
-    logging.warning(
-      'Building the native CPU kernels failed; using the slower pure-JAX '
-      'paths. %s',
-      detail[-2000:],
-    )
+    _build_failed(e)
+    return None
+  return path
+
+
+def _build_failed(e: Exception) -> None:
+  detail = getattr(e, 'stderr', '') or str(e)
+  logging.warning(
+    'Building the native CPU kernels failed; using the slower pure-JAX '
+    'paths. %s',
+    detail[-2000:],
+  )
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+  """The compiled kernels, registered with XLA's CPU backend; None if none."""
+  path = build()
+  if path is None:
+    return None
+  try:
+    library = ctypes.cdll.LoadLibrary(path)
+  except OSError as e:
+    _build_failed(e)
     return None
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(
