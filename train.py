@@ -10,11 +10,17 @@ set, or with --multiprocess / --coordinator_address (README, "GPU, TPU and
 multi-host").
 """
 
+import contextlib
+import os
+
 from absl import flags
 from ml_collections import config_flags
 
 from mnv2_flax import cli
 from mnv2_flax import defaults
+from mnv2_flax import files
+from mnv2_flax import hardware
+from mnv2_flax import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'ml_collections config file.', lock_config=True
@@ -42,11 +48,43 @@ def main(argv):
     cli.fail(
       f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
     )
-  # A config mistake ends here, before the seconds TensorFlow and JAX take.
-  defaults.check(_CONFIG.value)
+  # A config mistake or a workdir in use ends here, before the seconds
+  # TensorFlow and JAX take and before anything is written.
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  defaults.check(config)
+  created = _missing_dirs(workdir)
+  with contextlib.ExitStack() as held:
+    if not hardware.multiprocess_reason(
+      _MULTIPROCESS.value, _COORDINATOR.value
+    ):
+      # One process: it holds the workdir from here (the run holds it
+      # again, re-entrantly). Several: process 0 locks it once JAX knows
+      # which process it is.
+      files.check_workdir(workdir)
+      held.enter_context(workdir_lock.hold(workdir))
+    try:
+      _train(config, workdir)
+    except BaseException:
+      held.close()
+      for directory in created:  # a refused run leaves no empty directory
+        with contextlib.suppress(OSError):
+          os.rmdir(directory)
+      raise
+
+
+def _missing_dirs(path: str) -> list[str]:
+  """`path` and its ancestors that do not exist yet, deepest first."""
+  missing, path = [], os.path.abspath(path)
+  while not os.path.exists(path) and path != os.path.dirname(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
+
+
+def _train(config, workdir):
   cli.start_jax(
-    _CONFIG.value.train.compilation_cache_dir,
-    gpu_deterministic_ops=_CONFIG.value.train.gpu_deterministic_ops,
+    config.train.compilation_cache_dir,
+    gpu_deterministic_ops=config.train.gpu_deterministic_ops,
     multiprocess=_MULTIPROCESS.value,
     coordinator=_COORDINATOR.value,
     num_processes=_NUM_PROCESSES.value,
@@ -54,7 +92,6 @@ def main(argv):
   )
   from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
 
-  config, workdir = _CONFIG.value, _WORKDIR.value
   if config.train.seeds == 1:
     train_lib.train_and_evaluate(config, workdir)
     return

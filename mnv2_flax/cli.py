@@ -23,6 +23,7 @@ import threading
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
 from mnv2_flax import preemption
 
@@ -116,12 +117,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(message)
 
 
-class _NoTracebacks(logging.Filter):
-  """Background save threads log a failure with its traceback, many times;
-  the message is enough (the main thread reports it once)."""
+class _QuietOrbax(logging.Filter):
+  """Orbax's log, as much as a user needs: its warnings and errors, without
+  tracebacks (background save threads log a failure with its traceback,
+  many times; the main thread reports it once), and without its INFO lines
+  (about 100 per checkpoint save) unless `--verbosity=1` or more. Not the
+  warning that a restored item has no `_CHECKPOINT_METADATA` file: orbax's
+  own optional file, which reads like corruption and is not."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.exc_info and '/orbax/' in record.pathname:
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < logging.WARNING:
+      return absl_logging.get_verbosity() >= 1
+    if 'Metadata file does not exist' in str(record.msg):
+      return False
+    if record.exc_info:
       record.exc_info, record.exc_text = None, None
     return True
 
@@ -134,7 +145,7 @@ def _quiet_background_failures() -> None:
   fault, which the main thread then reports once, as one line.
   """
   absl_logger = logging.getLogger('absl')
-  absl_logger.addFilter(_NoTracebacks())
+  absl_logger.addFilter(_QuietOrbax())
 
   def unraisable(args):
     absl_logger.debug('Ignored in a background task: %r', args.exc_value)
@@ -165,8 +176,6 @@ def start_jax(
   library's (`train_and_evaluate` runs it once per run).
   `gpu_deterministic_ops` adds XLA's flag to XLA_FLAGS first."""
   # pylint: disable=g-import-not-at-top
-  from absl import logging as absl_logging
-
   from mnv2_flax import compilation_cache
   from mnv2_flax import hardware
   from mnv2_flax.cpu import fast_path
@@ -185,6 +194,9 @@ def start_jax(
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, with `EXPECTED` errors as one line."""
+  # TensorFlow's C++ INFO lines (oneDNN's notice, twice) before it loads;
+  # its warnings and errors stay.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
   def guarded(argv):
     _quiet_background_failures()

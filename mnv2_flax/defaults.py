@@ -15,6 +15,11 @@ from absl import logging
 import ml_collections
 from ml_collections import config_dict
 
+from mnv2_flax import model_fields
+
+MIN_IMAGE_SIZE = model_fields.MIN_RESOLUTION
+MAX_IMAGE_SIZE = 4096
+
 OPTIMIZERS = ('rmsprop_tf', 'sgd', 'adamw')
 SCHEDULES = ('exponential', 'cosine', 'constant')
 WEIGHT_DECAY_MASKS = ('tf_slim', 'no_norm')
@@ -221,6 +226,7 @@ def check(config: ml_collections.ConfigDict) -> None:
     fail('checkpoint.every_steps', ckpt.every_steps, 'an integer > 0')
   if not (isinstance(ckpt.keep, int) and ckpt.keep > 0):
     fail('checkpoint.keep', ckpt.keep, 'an integer > 0')
+  model_fields.check(config.model.to_dict(), prefix='config.model.')
   check_data(config)
 
 
@@ -251,8 +257,14 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       f'config.data.{field}={data[field]!r} is not valid; expected {valid}.'
     )
 
-  if not isinstance(data.image_size, int) or not 32 <= data.image_size <= 4096:
-    fail('image_size', 'an integer in [32, 4096] (the model needs >= 32)')
+  if not isinstance(data.image_size, int) or not (
+    MIN_IMAGE_SIZE <= data.image_size <= MAX_IMAGE_SIZE
+  ):
+    fail(
+      'image_size',
+      f'an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (the model needs '
+      f'>= {MIN_IMAGE_SIZE})',
+    )
   if data.normalization not in NORMALIZATIONS:
     fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
   lo, hi = data.crop_area_range
@@ -341,6 +353,22 @@ def with_defaults(
   return ml_collections.ConfigDict(
     _merge(get_config().to_dict(), saved.to_dict())
   )
+
+
+def export_output(
+  workdir: str, fmt: str, quantize: str, batch_size: int, step: int | None
+) -> str:
+  """The default `--output` of `mnv2_flax.export`: inside the run's
+  workdir (a step dir's run), `export/<format>[_<quantize>]_b<batch>`
+  with the step when given ('export/tflite_int8_b1.tflite')."""
+  run = os.path.normpath(workdir)
+  if os.path.basename(os.path.dirname(run)) == 'checkpoints':  # a step dir
+    step = step if step is not None else os.path.basename(run)
+    run = os.path.dirname(os.path.dirname(run))
+  name = fmt + ('' if quantize == 'none' else f'_{quantize}')
+  name += f'_b{batch_size}' + ('' if step is None else f'_step{step}')
+  suffix = {'tflite': '.tflite', 'onnx': '.onnx', 'saved_model': ''}[fmt]
+  return os.path.join(run, 'export', name + suffix)
 
 
 def check_export(output: str, fmt: str, quantize: str, batch_size: int) -> None:

@@ -2,7 +2,11 @@
 
   python -m mnv2_flax.export --workdir=workdirs/quickstart [--step=N] \
       --format=tflite|saved_model|onnx --quantize=none|float16|int8 \
-      [--resolution=R] [--batch_size=1] [--raw] --output=quickstart.tflite
+      [--resolution=R] [--batch_size=1] [--raw] [--output=PATH]
+
+`--output` defaults to `<workdir>/export/<format>[_<quantize>]_b<batch>`
+(`.tflite`, `.onnx`; a directory for saved_model), beside the run it came
+from; an existing path is never overwritten.
 
 The exported model takes float32 pixels in [0, 255], NHWC, at a fixed batch
 size and resolution, and normalises them itself; it returns logits. It holds
@@ -33,15 +37,22 @@ def main(argv: Sequence[str]) -> None:
     cli.fail(
       f'unexpected arguments {argv[1:]}; flags take the form --name=value.'
     )
+  output = _OUTPUT.value or defaults.export_output(
+    _WORKDIR.value,
+    _FORMAT.value,
+    _QUANTIZE.value,
+    _BATCH_SIZE.value,
+    _STEP.value,
+  )
   defaults.check_export(
-    _OUTPUT.value, _FORMAT.value, _QUANTIZE.value, _BATCH_SIZE.value
+    output, _FORMAT.value, _QUANTIZE.value, _BATCH_SIZE.value
   )
   cli.start_jax()
   from mnv2_flax import export_lib  # pylint: disable=g-import-not-at-top
 
   result = export_lib.export(
     _WORKDIR.value,
-    _OUTPUT.value,
+    output,
     _FORMAT.value,
     _QUANTIZE.value,
     _STEP.value,
@@ -52,11 +63,12 @@ def main(argv: Sequence[str]) -> None:
     _CALIBRATION_IMAGES.value,
   )
   print(
-    f'{_OUTPUT.value}: {result["bytes"] / 1e6:.2f} MB; on {result["images"]} '
+    f'{output}: {result["bytes"] / 1e6:.2f} MB; on {result["images"]} '
     f'eval images: max |logit - Flax logit| {result["max_logit_diff"]:.2e}, '
     f'top-1 agreement {100 * result["top1_agreement"]:.2f}%, top-1 '
     f'{100 * result["top1"]:.2f}% (Flax {100 * result["flax_top1"]:.2f}%); '
-    f'one call {result["latency_ms"]:.3f} ms (Flax on this CPU '
+    f'one call of batch {_BATCH_SIZE.value} {result["latency_ms"]:.3f} ms '
+    f'(Flax on this CPU '
     f'{result["flax_latency_ms"]:.3f} ms), medians of 200.'
   )
 
@@ -64,7 +76,10 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == '__main__':
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory or step dir.')
   _OUTPUT = flags.DEFINE_string(
-    'output', None, 'File (.tflite, .onnx) or directory.'
+    'output',
+    None,
+    'File (.tflite, .onnx) or directory (saved_model); default '
+    '<workdir>/export/<format>[_<quantize>]_b<batch>.',
   )
   _FORMAT = flags.DEFINE_string(
     'format', 'tflite', ' or '.join(defaults.EXPORT_FORMATS)
@@ -80,5 +95,5 @@ if __name__ == '__main__':
   _CALIBRATION_IMAGES = flags.DEFINE_integer(
     'calibration_images', 200, 'Training images for int8 calibration.'
   )
-  flags.mark_flags_as_required(['workdir', 'output'])
+  flags.mark_flags_as_required(['workdir'])
   cli.run(main)

@@ -173,6 +173,7 @@ def export(
   num_classes = input_pipeline.dataset_meta(builder, config).num_classes
   serve = serving_fn(config, variables, num_classes, raw)
   shape = (batch_size, size, size, 3)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
 
   saved_model_dir = (
     output if fmt == 'saved_model' else f'{output}.saved_model.tmp'

@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from mnv2_flax import files as file_utils
+
 # The eval split's (what results report: Fashion-MNIST's test, ImageNet's
 # validation) and the minival split's (held out of train, for choices).
 METRICS = (
@@ -415,9 +417,6 @@ def plot(
   # The kind of figure follows the planned points, not the finished ones.
   sizes = {(p.args.get('width'), p.args.get('res')) for p in planned}
 
-  def bar(stat):
-    return 0 if stat.n < 2 else 100 * stat.half
-
   if len(sizes) <= 1:  # Fig. 6: variants of one size
     labels = [
       ','.join(f'{k}={p.args[k]}' for k in keys_varying) or 'default'
@@ -427,7 +426,7 @@ def plot(
     ax.bar(
       range(len(points)),
       [100 * s.mean for s in stats],
-      yerr=[bar(s) for s in stats],
+      yerr=error_bars(stats),
       capsize=4,
       alpha=0.7,
     )
@@ -467,7 +466,7 @@ def plot(
       ax.errorbar(
         macs,
         [100 * s.mean for s in stats],
-        yerr=[bar(s) for s in stats],
+        yerr=error_bars(stats),
         fmt='o-',
         capsize=3,
         label=label or None,
@@ -509,6 +508,18 @@ def plot(
   return name, out.getvalue()
 
 
+def error_bars(stats) -> list[list[float]]:
+  """Matplotlib's (below, above) of each accuracy's 95% interval, in points,
+  clipped to what accuracy can be: [0, 100] (two seeds' intervals are
+  wide). 0 for one seed."""
+  half = [0 if s.n < 2 else 100 * s.half for s in stats]
+  means = [100 * s.mean for s in stats]
+  return [
+    [min(h, m) for h, m in zip(half, means, strict=True)],
+    [min(h, 100 - m) for h, m in zip(half, means, strict=True)],
+  ]
+
+
 def write(
   rows: list[dict], keys: list[str], root: str, published=None
 ) -> dict[str, str | bytes]:
@@ -522,9 +533,5 @@ def write(
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(root, stale))
   for name, content in files.items():
-    path = os.path.join(root, name)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb' if isinstance(content, bytes) else 'w') as f:
-      f.write(content)
-    os.replace(tmp, path)
+    file_utils.write_atomically(os.path.join(root, name), content)
   return files

@@ -10,6 +10,7 @@ any process: the sweep's, a worker's or a Slurm task's.
 from collections.abc import Callable
 import contextlib
 import dataclasses
+import difflib
 import importlib.util
 import os
 import sys
@@ -84,6 +85,17 @@ def gpu_deterministic_ops(overrides: dict[str, str]) -> bool:
   return bool(config.train.gpu_deterministic_ops)
 
 
+def _field_paths(config, prefix: str = '') -> list[str]:
+  """Every field of `config` as a dotted path ('train.num_epochs')."""
+  paths = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      paths += _field_paths(value, f'{prefix}{key}.')
+    else:
+      paths.append(f'{prefix}{key}')
+  return paths
+
+
 def apply_overrides(
   config: ml_collections.ConfigDict, overrides: dict[str, str]
 ) -> ml_collections.ConfigDict:
@@ -98,7 +110,11 @@ def apply_overrides(
         else None
       )
     if not isinstance(node, ml_collections.ConfigDict) or field not in node:
-      raise ValueError(f'--set {key}={text}: the config has no field {key}.')
+      close = difflib.get_close_matches(key, _field_paths(config), n=1)
+      raise ValueError(
+        f'--set {key}={text}: the config has no field {key}'
+        + (f'; did you mean {close[0]}?' if close else '.')
+      )
     kind = node.get_ref(field).get_type()  # a placeholder's type too
     if text == 'None' and node[field] is None:
       value = None

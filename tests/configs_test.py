@@ -41,3 +41,15 @@ def test_finetune_digits_names_a_bad_mode():
 
   with pytest.raises(ValueError, match='not a mode; expected one of finetune'):
     finetune_digits.get_config('linear')
+
+
+def test_config_bounds_are_the_models():
+  from mnv2_flax import models  # pylint: disable=g-import-not-at-top
+
+  assert defaults.MIN_IMAGE_SIZE == models.MIN_RESOLUTION
+  config = defaults.with_defaults(
+    importlib.import_module('configs.quickstart').get_config()
+  )
+  config.data.image_size = models.MIN_RESOLUTION - 1
+  with pytest.raises(ValueError, match=r'image_size.*\[32, 4096\]'):
+    defaults.check(config)

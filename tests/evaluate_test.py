@@ -106,3 +106,16 @@ def test_export_to_litert_runs_beside_flax(trained, tmp_path):
   onnx = export_lib.export(str(workdir), str(tmp_path / 'm.onnx'), 'onnx')
   assert onnx['max_logit_diff'] <= 1e-4 and onnx['top1_agreement'] == 1.0
   assert sorted(os.listdir(tmp_path)) == ['f32.tflite', 'int8.tflite', 'm.onnx']
+
+
+def test_export_writes_inside_the_run_unless_told_otherwise():
+  from mnv2_flax import defaults  # pylint: disable=g-import-not-at-top
+
+  out = defaults.export_output('workdirs/q', 'tflite', 'int8', 1, None)
+  assert out == os.path.join('workdirs/q', 'export', 'tflite_int8_b1.tflite')
+  out = defaults.export_output(
+    'workdirs/q/checkpoints/400/', 'onnx', 'none', 8, None
+  )
+  assert out == os.path.join('workdirs/q', 'export', 'onnx_b8_step400.onnx')
+  out = defaults.export_output('w', 'saved_model', 'none', 1, 7)
+  assert out == os.path.join('w', 'export', 'saved_model_b1_step7')

@@ -523,3 +523,44 @@ def test_sklearn_digits_is_prepared_offline_with_a_fixed_split(tmp_path):
   test = tfds.as_numpy(builder.as_dataset(split='test', batch_size=-1))
   assert np.bincount(test['label']).tolist() == [50] * 10
   assert test['image'].shape == (500, 8, 8, 1) and test['image'].max() == 255
+
+
+@pytest.mark.parametrize(
+  'shape,size,fraction',
+  [
+    ((28, 28, 1), 32, 1.0),
+    ((37, 45, 3), 32, 0.875),
+    ((300, 200, 3), 64, 0.875),
+  ],
+)
+def test_jax_eval_resize_gives_the_pipelines_pixels(shape, size, fraction):
+  # preprocessing.resize_for_eval: what a user calls on a dataset's own
+  # images (the README's restore snippet) against the eval transform.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (4, *shape), dtype=np.uint8)
+  config = tiny_config('unused')
+  config.data.update(image_size=size, eval_crop_fraction=fraction)
+  want = np.stack(
+    [
+      ip._preprocess(
+        {'image': tf.constant(x), 'label': 0},
+        None,
+        train=False,
+        jpeg=False,
+        config=config,
+      )[0].numpy()
+      for x in images
+    ]
+  )
+  got = np.asarray(preprocessing.resize_for_eval(images, size, fraction))
+  assert got.shape == want.shape == (4, size, size, 3) and got.dtype == np.uint8
+  diff = np.abs(got.astype(int) - want.astype(int))
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+  one = preprocessing.resize_for_eval(images[0], size, fraction)
+  np.testing.assert_array_equal(one, got[0])
+  if shape[-1] == 1:  # (H, W) grey as stored without a channel axis
+    np.testing.assert_array_equal(
+      preprocessing.resize_for_eval(images[..., 0], size, fraction), got
+    )
+  with pytest.raises(ValueError, match='expected'):
+    preprocessing.resize_for_eval(np.zeros((2, 8, 8, 4)), size)

@@ -7,6 +7,7 @@ and is requeued. `tools/signal_drill.py` measures each signal.
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -179,12 +180,30 @@ def test_signals_save_their_step_and_the_same_command_resumes_exactly(
   )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'Resuming from step ' in done.stderr
+  # A save and a restore in a line or two: no orbax INFO lines, no warning
+  # about its optional metadata file, no oneDNN notice.
+  orbax = re.findall(r'^[IW]\d{4} .*/?(\w+\.py):\d+\] (.*)$', done.stderr, re.M)
+  noisy = [f for f in orbax if f[0] in ORBAX_FILES]
+  assert not noisy, noisy[:5]
+  assert 'Metadata file does not exist' not in done.stderr
+  assert 'oneDNN' not in done.stderr
   # What the cut-short save left was removed.
   left = os.listdir(os.path.join(workdir, 'checkpoints'))
   assert not [name for name in left if 'tmp' in name], left
   result = files.read_json(os.path.join(workdir, 'results.json'))
   assert result['finished'] and 'stopped' not in result
   assert _max_difference(_state(workdir), reference) == 0.0
+
+
+# Orbax modules that logged INFO lines on every save and restore.
+ORBAX_FILES = {
+  'checkpoint_manager.py',
+  'async_checkpointer.py',
+  'atomicity.py',
+  'composite_checkpoint_handler.py',
+  'base_pytree_checkpoint_handler.py',
+  'checkpoint.py',
+}
 
 
 def _free_port():

@@ -157,3 +157,17 @@ def test_files(tmp_path):
   # Three headers; 2 points, 1 comparison, 10 runs.
   assert markdown.count('\n| ') == 3 + 2 + 1 + 10
   assert (tmp_path / 'variants.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_figure_intervals_stay_within_what_accuracy_can_be():
+  # Two seeds far apart: the 95% interval (t = 12.7) runs past 0 and 100.
+  high = summary.interval([0.99, 0.91])
+  low = summary.interval([0.02, 0.10])
+  one = summary.interval([0.5])
+  below, above = summary.error_bars([high, low, one])
+  assert 100 * high.half > 40
+  assert above[0] == pytest.approx(100 - 95.0)
+  assert below[0] == pytest.approx(100 * high.half)
+  assert below[1] == pytest.approx(6.0)
+  assert above[1] == pytest.approx(100 * low.half)
+  assert below[2] == above[2] == 0

@@ -250,8 +250,12 @@ def test_overrides_are_typed_and_checked():
   assert config.model.output_stride == 8
   assert config.checkpoint.async_save is False
   assert config.data.batch_size == 16
-  with pytest.raises(ValueError, match='no field train.epochs'):
+  with pytest.raises(
+    ValueError, match='no field train.epochs; did you mean train.num_epochs?'
+  ):
     sweep_points.apply_overrides(config, {'train.epochs': '1'})
+  with pytest.raises(ValueError, match=r'no field nothing_like_it\.$'):
+    sweep_points.apply_overrides(config, {'nothing_like_it': '1'})
   with pytest.raises(ValueError, match='data.batch_size=many: expected a int'):
     sweep_points.apply_overrides(config, {'data.batch_size': 'many'})
 

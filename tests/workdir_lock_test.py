@@ -87,6 +87,39 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
   ), result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   assert snapshot(workdir) == before
+  # Refused before JAX started (its first log line names the devices).
+  assert 'device(s) in all' not in result.stderr
+
+
+@pytest.mark.parametrize(
+  'field,value,before_jax',
+  [
+    ('model.width_multiplier', '0', True),
+    ('data.name', 'fashion_mnits', False),
+  ],
+)
+def test_a_refused_run_leaves_no_workdir(field, value, before_jax, tmp_path):
+  workdir = tmp_path / 'new' / 'run'
+  result = subprocess.run(
+    [
+      sys.executable,
+      'train.py',
+      '--config=configs/quickstart.py',
+      f'--workdir={workdir}',
+      f'--config.{field}={value}',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    check=False,
+  )
+  assert result.returncode == 1
+  assert (
+    result.stderr.strip().splitlines()[-1].startswith(f'error: config.{field}=')
+  ), result.stderr[-2000:]
+  assert not (tmp_path / 'new').exists()
+  assert ('device(s) in all' not in result.stderr) == before_jax
 
 
 def test_a_sweep_point_in_use_is_left_alone(held):

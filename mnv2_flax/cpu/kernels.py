@@ -148,13 +148,13 @@ def require_cpu(what: str) -> None:
   """Refuses `what` (a CPU layer) unless JAX's default backend is the CPU.
 
   Its kernels are XLA:CPU custom calls and its pure-JAX fallbacks are shaped
-  for XLA:CPU; `mnv2_flax.cpu.layers()` returns {} elsewhere.
+  for XLA:CPU; `mnv2_flax.cpu.fast_path.layers()` returns {} elsewhere.
   """
   backend = jax.default_backend()
   if backend != 'cpu':
     raise NotOnCpuError(
       f'{what} is a layer for the CPU backend, and this program runs on '
-      f'{backend}: build the model without mnv2_flax.cpu.layers() '
+      f'{backend}: build the model without mnv2_flax.cpu.fast_path.layers() '
       '(training_state.create_model leaves them out off CPU).'
     )
 
