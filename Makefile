@@ -7,7 +7,7 @@ PYTHON312 ?= $(shell for p in python3.12 $${PYENV_ROOT:-$$HOME/.pyenv}/versions/
   $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 PY := $(VENV)/bin/python
 
-.PHONY: test lint format setup setup-gpu setup-tpu setup-slurm setup-export aot clean data sweep compiler check-bare
+.PHONY: test test-fast lint format setup setup-gpu setup-tpu setup-slurm setup-export aot clean data sweep compiler check-bare
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ $(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm $(VENV)/.
 # through its local executor) and the LiteRT interpreter (exports).
 test: setup-slurm setup-export
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The tests that start no process and train nothing: while working.
+test-fast: setup
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 lint: setup
 	$(PY) -m ruff check mnv2_flax tests tools configs benchmarks

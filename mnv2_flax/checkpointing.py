@@ -331,10 +331,7 @@ def restore_latest(
   Returns:
     (state on the first local device, step); (None, 0) without checkpoints.
   """
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target
-  )
+  abstract = _on_first_device(target)
   for step in sorted(manager.all_steps(), reverse=True):
     where = f'checkpoint {manager.directory}/{step}'
     problem = step_problem(manager, step)
@@ -394,12 +391,12 @@ def config_differences(
   ]
 
 
-def _abstract_from_metadata(metadata: Any) -> Any:
-  """Shapes and dtypes of the saved arrays, placed on this host's device."""
+def _on_first_device(tree: Any) -> Any:
+  """The shapes and dtypes of `tree` (arrays, shapes or Orbax's metadata),
+  as restore targets on this host's first device."""
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-    metadata,
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), tree
   )
 
 
@@ -451,7 +448,7 @@ def restore(
         target,
         f'checkpoint {path}/{step}',
       )
-    abstract = _abstract_from_metadata(metadata)
+    abstract = _on_first_device(metadata)
     try:
       saved = manager.restore(
         step,

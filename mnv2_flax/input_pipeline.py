@@ -294,8 +294,8 @@ def _augments_per_batch(builder, config, jpeg: bool) -> bool:
 
   It can when every image has the same stored shape and the crop is the
   whole image (`crop_area_range` (1, 1)): only the flip differs per example.
-  One batched call replaces a dozen small ops per image, which cost 27 ms of
-  CPU per Fashion-MNIST batch of 128 (a fifth of the quickstart's step).
+  One batched call replaces a dozen small ops per image (their cost:
+  docs/performance_cpu.md, "The host input pipeline").
   """
   shape = builder.info.features['image'].shape
   return (
@@ -354,10 +354,9 @@ def _one_file(builder, split) -> bool:
 
 # The decoded examples of the splits this process read last, by (dataset
 # directory, split): a sweep worker trains the runs of one dataset one after
-# another, and each run would decode its splits again (Fashion-MNIST's
-# 54,000 training images: 4.7 s on one core, from memory 0.35 s to the
-# first shuffled batch). In file order: the streams are those of a read
-# from the file (tests/input_pipeline_test.py).
+# another, and each run would decode its splits again (what that cost:
+# docs/sweeps.md, "Where a worker's time goes"). In file order: the
+# streams are those of a read from the file (tests/input_pipeline_test.py).
 _SPLITS = collections.OrderedDict()
 _KEEP_SPLITS = 4
 
@@ -401,14 +400,9 @@ def _prefetched(ds, config):
   options.deterministic = True
   options.threading.private_threadpool_size = config.data.threadpool_size
   options.experimental_optimization.map_parallelization = True
-  # No autotuning model: AUTOTUNE then means one map call per thread and
-  # tf.data's own growing prefetch buffer. With the model on (TF 2.21),
-  # destroying an iterator waits out the model thread's sleep, which grows to
-  # a minute: 12 s to drop a 70-second-old iterator, up to 42 s at the end of
-  # a quickstart run. Throughput on 2 cores: 20,200-20,500 images/s off vs
-  # 17,300-17,500 on (Fashion-MNIST, batch 256), 2,050-2,090 vs 2,010-2,070
-  # (375x500 JPEGs): python -m mnv2_flax.benchmark --input_pipeline
-  # [--synthetic_jpeg].
+  # No autotuning model (AUTOTUNE: one map call per thread): with it, an
+  # iterator's end waits out the model thread's sleep, up to a minute
+  # (docs/performance_cpu.md, "The host input pipeline").
   options.autotune.enabled = False
   return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
 

@@ -213,8 +213,7 @@ class InvertedResidual(nn.Module):
       and expansion_skip.shape == h.shape
     ):
       h = h + expansion_skip
-    expanded = h
-    self.sow('intermediates', 'expanded', expanded)
+    expanded = h  # the network's `features=['block_NN/expanded']`
     h = self.conv(
       hidden,
       (3, 3),

@@ -98,8 +98,9 @@ class Watch:
       os._exit(exit_code(signum))  # pylint: disable=protected-access
     self.signum, self.received_at = signum, time.monotonic()
     logging.warning(
-      'Received %s: finishing the step in flight, then saving (a second '
-      'signal exits at once).',
+      'Received %s: finishing the program in flight (one step, or up to '
+      'config.train.steps_per_call steps), then saving (a second signal '
+      'exits at once).',
       name,
     )
     if self._multiprocess and signum != signal.SIGTERM:

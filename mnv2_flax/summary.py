@@ -53,6 +53,7 @@ COLUMNS = (
   'steps',
   'status',
   'error',
+  'held_by',  # the process training it, where another one is
 )
 NAMES = dict(
   top1='top-1 %',
@@ -230,7 +231,7 @@ def _cell(key: str, value: Any) -> str:
     return f'{value:.1f} s'
   if key == 'images_per_second':
     return f'{value:,.0f}'
-  if key == 'error':
+  if key in ('error', 'held_by'):
     return str(value).replace('|', '/').replace('\n', ' ')[:80]
   return str(value)
 

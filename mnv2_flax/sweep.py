@@ -153,7 +153,7 @@ def run(
     'Sweep done: %d finished, %d failed, %d not run here. Summary: %s',
     sum(r['status'] == 'finished' for r in rows),
     sum(r['status'] == 'failed' for r in rows),
-    sum(r['status'] in ('pending', 'interrupted') for r in rows),
+    sum(r['status'] not in ('finished', 'failed') for r in rows),
     os.path.join(root, 'results.md'),
   )
   _log_fixed_cost(rows, todo, time.perf_counter() - start, parallel)
@@ -161,16 +161,27 @@ def run(
 
 
 def _tally(rows: list[dict[str, Any]]) -> str:
-  """'18 of 20 runs finished, 1 failed, 1 not finished'."""
+  """'18 of 20 runs finished, 1 failed, 1 not finished' (and the runs that
+  another process is training: which, by whom)."""
   counts = {}
   for row in rows:
     counts[row['status']] = counts.get(row['status'], 0) + 1
   text = f'{counts.get("finished", 0)} of {len(rows)} runs finished'
   if counts.get('failed'):
     text += f', {counts["failed"]} failed'
-  unfinished = len(rows) - counts.get('finished', 0) - counts.get('failed', 0)
+  elsewhere = [r for r in rows if r['status'] == sweep_points.RUNNING_ELSEWHERE]
+  unfinished = len(rows) - sum(
+    counts.get(s, 0)
+    for s in ('finished', 'failed', sweep_points.RUNNING_ELSEWHERE)
+  )
   if unfinished:
     text += f', {unfinished} not finished'
+  if elsewhere:
+    holders = sorted({r['held_by'] for r in elsewhere})
+    text += (
+      f', {len(elsewhere)} being trained by another process '
+      f'({"; ".join(holders)}), whose sweep summarises them when they end'
+    )
   return text
 
 
@@ -327,7 +338,10 @@ def main(argv):
     else rows[shard[0] :: shard[1]]
   )
   results = os.path.join(_ROOT.value, 'results.md')
-  if all(r['status'] == 'finished' for r in mine):
+  if all(
+    r['status'] in ('finished', sweep_points.RUNNING_ELSEWHERE) for r in mine
+  ):
+    # Two sweeps on one root share its points: nothing failed here.
     print(f'{_tally(mine)}; summary: {results}')
   else:
     cli.fail(

@@ -139,6 +139,10 @@ def apply_overrides(
   return config
 
 
+# The status of a point another process holds (another sweep on the root).
+RUNNING_ELSEWHERE = 'running elsewhere'
+
+
 def point_status(point: Point) -> dict[str, Any]:
   """The point's results, wall time and status from its workdir."""
   from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
@@ -157,6 +161,9 @@ def point_status(point: Point) -> dict[str, Any]:
     row['status'] = 'finished'
   elif sweep.get('error'):
     row['status'], row['error'] = 'failed', sweep['error']
+  elif holder := workdir_lock.in_use_by(point.workdir):
+    # Another sweep (or train.py) on this root is training it now.
+    row['status'], row['held_by'] = RUNNING_ELSEWHERE, holder
   elif os.path.isdir(os.path.join(point.workdir, 'checkpoints')):
     row['status'] = 'interrupted'
   else:
@@ -380,13 +387,18 @@ def _run_point(point, config, train_fn) -> str | None:
 
 
 class Progress:
-  """One log line per event: done, failed, running, ETA."""
+  """One log line per event: ended (finished, failed, stopped), running, ETA."""
 
   def __init__(self, total: int, parallel: int = 1):
     self.total, self.parallel = total, parallel
-    self.durations, self.failed = [], 0
+    self.durations, self.failed, self.stopped = [], 0, 0
 
-  def done(self, error: str | None, seconds: float) -> None:
+  def done(self, error: str | None, seconds: float, stopped: bool = False):
+    """A run ended: with `error`, failed; `stopped` by a signal, saved to
+    resume (its time does not count towards the ETA)."""
+    if stopped:
+      self.stopped += 1
+      return
     self.durations.append(seconds)
     self.failed += error is not None
 
@@ -399,10 +411,11 @@ class Progress:
       mean = sum(self.durations) / len(self.durations)
       eta = summary.format_duration(mean * left / self.parallel)
     logging.info(
-      'Sweep: %d of %d runs done (%d failed); running %s; ETA %s.',
+      'Sweep: %d of %d runs ended (%d failed%s); running %s; ETA %s.',
       len(self.durations),
       self.total,
       self.failed,
+      f', {self.stopped} stopped to resume' if self.stopped else '',
       ', '.join(p.arg for p in running) or 'none',
       eta,
     )

@@ -217,8 +217,11 @@ def _run_workers(
         line = pipe.readline()
         pack = worker.pack
         share = (time.perf_counter() - worker.started) / len(pack)
+        stopped = []
         if line:  # the pack has ended and its points recorded themselves
-          errors = [sweep_points.point_status(p)['error'] for p in pack]
+          statuses = [sweep_points.point_status(p) for p in pack]
+          errors = [s['error'] for s in statuses]
+          stopped = [s['status'] == 'interrupted' for s in statuses]
         elif stop.signum is not None:  # stopped at once: interrupted
           worker.process.wait()
           worker.pack = None
@@ -235,8 +238,8 @@ def _run_workers(
             logging.error('Sweep point %s failed: %s', point.arg, error)
             sweep_points.record(point, share, error)
           workers[workers.index(worker)] = worker = start(worker.slot)
-        for error in errors:
-          progress.done(error, share)
+        for i, error in enumerate(errors):
+          progress.done(error, share, stopped=bool(stopped) and stopped[i])
         feed(worker)
         progress.log(_running(workers))
         sweep_points.summarize(module, point_args, root)

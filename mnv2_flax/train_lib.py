@@ -11,6 +11,7 @@ states), `reporting` (TensorBoard events, results.json) and
 
 from collections.abc import Callable
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -174,16 +175,167 @@ def check_pack(
       )
 
 
+@dataclasses.dataclass
+class _Member:
+  """One member of a run (today a seed; a single run has one): its workdir
+  and what the loop keeps for it between log, eval and save steps."""
+
+  run: '_Run'
+  index: int  # on the stacked axis of a pack
+  name: str  # before its log lines in a pack ('seed 3: '), '' alone
+  writer: Any
+  logged: list[dict] = dataclasses.field(default_factory=list)
+  eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  failure: TrainingDivergedError | None = None  # it stopped, the others not
+
+  @property
+  def active(self) -> bool:
+    return self.failure is None
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the members of a run share: one state (stacked for a pack), its
+  compiled steps and data, the step counter's periodic actions."""
+
+  run: '_Run'  # the first member's: the shared config and schedule
+  pack: int  # members on the stacked axis; 0 for a single run
+  start_step: int
+  state: Any
+  call: '_StepCaller'
+  p_eval_step: Callable
+  eval_ds: Any
+  minival_ds: Any
+  progress: periodic_actions.ReportProgress
+  members: list[_Member]
+  model_stats: dict[str, Any]
+
+  def evaluate(self) -> None:
+    for member, metrics in zip(
+      self.members,
+      _evaluate_splits(
+        self.p_eval_step, self.state, self.eval_ds, self.minival_ds, self.pack
+      ),
+      strict=True,
+    ):
+      member.eval_metrics = metrics
+
+  def take_metrics(self, pending: list[dict], done: int) -> None:
+    """The pending steps' metrics to each member's log; a member whose
+    metrics turned non-finite stops there (a single run raises)."""
+    for member, new in zip(
+      self.members, _per_seed(pending, self.pack), strict=True
+    ):
+      bad = divergence.first_non_finite(new, done - len(new) + 1)
+      if bad and member.active:
+        member.failure = _diverged(member.run, bad, self.pack, member.name)
+      member.logged += new
+
+  def save(self, member: _Member, done: int, with_eval: bool) -> None:
+    checkpointing.save(
+      member.run.manager,
+      done,
+      programs.unstack(self.state, member.index) if self.pack else self.state,
+      member.run.config,
+      member.eval_metrics if with_eval else None,
+    )
+
+
 def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   """The loop of `train_seeds`, in the workdirs `runs` hold."""
   results = [
     files.read_json(run.results_path) if run.finished() else None
     for run in runs
   ]
-  todo = [i for i, r in enumerate(results) if r is None]
-  live = [runs[i] for i in todo]
+  live = [run for run, r in zip(runs, results, strict=True) if r is None]
   if not live:
     return results
+  loop = _start(live)
+  run, config = loop.run, loop.run.config
+  done, calls, signalled, pending, eval_seconds = (
+    loop.start_step,
+    0,
+    False,
+    [],
+    0.0,
+  )
+  loop_start = time.perf_counter()
+  while done < run.num_steps and any(m.active for m in loop.members):
+    loop.state, metrics, n = loop.call(loop.state, done, run.num_steps)
+    pending.append(metrics)
+    for _ in range(n):
+      done += 1
+      loop.progress(done)  # clu's periodic actions want every step
+    due = _due(done, run.num_steps, config)
+    # Every process asks at every call (multi-process: a collective choice).
+    if watch.stop_requested(calls) and done < run.num_steps:
+      signalled = True
+      due |= {'log', 'save', 'stop'}
+    calls += 1
+    if due:  # reading the steps' flags waits for them, as a save does
+      loop.take_metrics(pending, done)
+      pending = []
+    active = [m for m in loop.members if m.active]
+    if 'log' in due:
+      for m in loop.members:
+        if m.active:
+          reporting.log_train(
+            m.writer, m.logged, done, run.num_steps, run.steps_per_epoch, m.name
+          )
+        m.logged = []
+    if 'eval' in due and active:
+      eval_start = time.perf_counter()
+      with loop.progress.timed('eval'):
+        loop.evaluate()
+      eval_seconds += time.perf_counter() - eval_start
+      for m in active:
+        reporting.log_eval(m.writer, done, m.eval_metrics, m.name)
+    if 'save' in due:
+      for m in active:
+        loop.save(m, done, 'eval' in due)
+    if 'stop' in due:
+      if not signalled:
+        logging.info('Stopping after step %d as configured.', done)
+      break
+
+  train_seconds = time.perf_counter() - loop_start - eval_seconds
+  for m in loop.members:
+    checkpointing.wait_until_finished(m.run.manager)
+    m.writer.flush()
+  # A pack's members each count an equal share of its times (a pack of N
+  # trains N seeds' images in its time): summed over runs they give what
+  # the runs cost, and images/s is per second of a run's own share.
+  share = len(loop.members)
+  shared = dict(
+    eval_split=config.data.eval_split,
+    minival_split=config.data.minival_split,
+    bits_depend_on=hardware.bits_depend_on(),
+    train_seconds=train_seconds / share,
+    eval_seconds=eval_seconds / share,
+    images_per_second=(done - loop.start_step)
+    * config.data.batch_size
+    / max(train_seconds / share, 1e-9),
+    **loop.model_stats,
+    **({'pack': share} if loop.pack else {}),
+    **(
+      {'stopped': {'signal': watch.signal_name, 'step': done}}
+      if signalled
+      else {}
+    ),
+  )
+  finished = iter(
+    m.failure or m.run.finish(dict(m.eval_metrics, **shared), wall_start, share)
+    for m in loop.members
+  )
+  results = [next(finished) if r is None else r for r in results]
+  if signalled:
+    raise watch.stopped(done)
+  return results
+
+
+def _start(live: list['_Run']) -> _Loop:
+  """Restores the members (or initialises them), writes their model
+  statistics, starts their data and compiles (or reuses) the programs."""
   if len(live) > 1:
     _align_steps(live)
   restored = [run.restore() for run in live]
@@ -229,115 +381,35 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     input_pipeline.batch_spec(eval_ds) if evaluates_early else None,
     seeds,
   )
-  writers = [
-    reporting.create_writer(r.config, r.workdir, start_step) for r in live
-  ]
-  names = [f'seed {s}: ' for s in seeds] or ['']
-  progress = periodic_actions.ReportProgress(
-    num_train_steps=run.num_steps,
-    writer=writers[0],
-    every_steps=config.train.log_every_steps,
-  )
-  call = _StepCaller(config, run.learning_rate_fn, p_train_step, batches, seeds)
-
-  failed = {}  # pack only: index in `live` -> the divergence that stopped it
-  eval_metrics = [{} for _ in live]
-  pending, logged = [], [[] for _ in live]
-  eval_seconds = 0.0
-  loop_start, done, calls, signalled = time.perf_counter(), start_step, 0, False
-  while done < run.num_steps and len(failed) < len(live):
-    state, metrics, n = call(state, done, run.num_steps)
-    pending.append(metrics)
-    for _ in range(n):
-      done += 1
-      progress(done)  # clu's periodic actions want every step
-    due = _due(done, run.num_steps, config)
-    # Every process asks at every call (multi-process: a collective choice).
-    if watch.stop_requested(calls) and done < run.num_steps:
-      signalled = True
-      due |= {'log', 'save', 'stop'}
-    calls += 1
-    if due:  # reading the steps' flags waits for them, as a save does
-      for i, new in enumerate(_per_seed(pending, pack)):
-        bad = divergence.first_non_finite(new, done - len(new) + 1)
-        if bad and i not in failed:
-          failed[i] = _diverged(live[i], bad, pack, names[i])
-        logged[i] += new
-      pending = []
-    active = [i for i in range(len(live)) if i not in failed]
-    if 'log' in due:
-      for i in active:
-        reporting.log_train(
-          writers[i],
-          logged[i],
-          done,
-          run.num_steps,
-          run.steps_per_epoch,
-          names[i],
-        )
-      logged = [[] for _ in live]
-    if 'eval' in due and active:
-      eval_start = time.perf_counter()
-      with progress.timed('eval'):
-        eval_metrics = _evaluate_splits(
-          p_eval_step, state, eval_ds, minival_ds, pack
-        )
-      eval_seconds += time.perf_counter() - eval_start
-      for i in active:
-        reporting.log_eval(writers[i], done, eval_metrics[i], names[i])
-    if 'save' in due:
-      for i in active:
-        checkpointing.save(
-          live[i].manager,
-          done,
-          programs.unstack(state, i) if pack else state,
-          live[i].config,
-          eval_metrics[i] if 'eval' in due else None,
-        )
-    if 'stop' in due:
-      if not signalled:
-        logging.info('Stopping after step %d as configured.', done)
-      break
-
-  train_seconds = time.perf_counter() - loop_start - eval_seconds
-  for r in live:
-    checkpointing.wait_until_finished(r.manager)
-  for writer in writers:
-    writer.flush()
-  # A pack's seeds each count an equal share of its times (a pack of N
-  # trains N seeds' images in its time): summed over runs they give what
-  # the runs cost, and images/s is per second of a run's own share.
-  share = len(live)
-  bits = hardware.bits_depend_on()
-  for i, r in enumerate(live):
-    if i in failed:
-      results[todo[i]] = failed[i]
-      continue
-    results[todo[i]] = r.finish(
-      dict(
-        eval_metrics[i],
-        eval_split=config.data.eval_split,
-        minival_split=config.data.minival_split,
-        bits_depend_on=bits,
-        train_seconds=train_seconds / share,
-        eval_seconds=eval_seconds / share,
-        images_per_second=(done - start_step)
-        * config.data.batch_size
-        / max(train_seconds / share, 1e-9),
-        **model_stats,
-        **({'pack': len(live)} if pack else {}),
-        **(
-          {'stopped': {'signal': watch.signal_name, 'step': done}}
-          if signalled
-          else {}
-        ),
-      ),
-      wall_start,
-      share,
+  members = [
+    _Member(
+      r,
+      i,
+      f'seed {r.config.seed}: ' if pack else '',
+      reporting.create_writer(r.config, r.workdir, start_step),
     )
-  if signalled:
-    raise watch.stopped(done)
-  return results
+    for i, r in enumerate(live)
+  ]
+  loop = _Loop(
+    run=run,
+    pack=pack,
+    start_step=start_step,
+    state=state,
+    call=_StepCaller(
+      config, run.learning_rate_fn, p_train_step, batches, seeds
+    ),
+    p_eval_step=p_eval_step,
+    eval_ds=eval_ds,
+    minival_ds=minival_ds,
+    progress=periodic_actions.ReportProgress(
+      num_train_steps=run.num_steps,
+      writer=members[0].writer,
+      every_steps=config.train.log_every_steps,
+    ),
+    members=members,
+    model_stats=model_stats,
+  )
+  return loop
 
 
 def _align_steps(live: list['_Run']) -> None:

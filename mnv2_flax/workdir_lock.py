@@ -68,6 +68,19 @@ def describe(info: dict) -> str:
   )
 
 
+def in_use_by(directory: str, file: str = LOCK_FILE) -> str | None:
+  """Who holds `directory`'s lock, described, or None: read from the lock
+  file without touching the lock (a released lock's file is gone; one left
+  by a killed process names a process that no longer runs here). A holder
+  on another host cannot be checked and counts as holding."""
+  info = holder(directory, file)
+  if not info or info.get('pid') == os.getpid():
+    return None
+  if info.get('host') == socket.gethostname() and not _alive_here(info):
+    return None
+  return describe(info)
+
+
 def _alive_here(info: dict) -> bool:
   """Whether `info` names a running process of this host other than us."""
   if info.get('host') != socket.gethostname() or info.get('pid') == os.getpid():

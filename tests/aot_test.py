@@ -24,6 +24,7 @@ from mnv2_flax.cpu import kernels
     ('quickstart', quickstart.get_config()),
   ],
 )
+@pytest.mark.slow
 def test_train_and_eval_steps_lower_for_gpu_and_tpu(name, config):
   # Batches of 2 per device: lowering does not depend on the batch size.
   config.data.batch_size = config.data.eval_batch_size = 2
@@ -72,6 +73,7 @@ def test_the_check_finds_what_would_not_run_on_an_accelerator():
   importlib.util.find_spec('libtpu') is None,
   reason='libtpu not installed (make setup-tpu)',
 )
+@pytest.mark.slow
 def test_a_deviceless_tpu_compile_reports_the_cost():
   # A small one (compile time); `make aot` compiles the default config.
   config = quickstart.get_config()

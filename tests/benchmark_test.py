@@ -10,6 +10,7 @@ from mnv2_flax import benchmark_lib
 
 
 @pytest.mark.parametrize('mode', ['train', 'infer'])
+@pytest.mark.slow
 def test_benchmark_times_the_library_step(mode):
   r = benchmark_lib.run(
     width_multiplier=0.35,
@@ -41,6 +42,7 @@ def test_benchmark_times_the_library_step(mode):
   assert 'op time per step' in benchmark_lib.format_ops(ops, top=5)
 
 
+@pytest.mark.slow
 def test_benchmark_times_a_pack_in_turn_with_one_seed():
   r = benchmark_lib.run(
     width_multiplier=0.35,
@@ -87,6 +89,7 @@ def test_the_profile_reads_device_op_lines_and_cpu_runtime_threads():
   assert not benchmark_lib._is_op_line('/host:CPU', 'python3')
 
 
+@pytest.mark.slow
 def test_the_input_pipeline_is_timed_from_the_command_line(data_dirs):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   result = subprocess.run(

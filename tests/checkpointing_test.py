@@ -101,6 +101,7 @@ def trained_on_4(data_dirs, tmp_path_factory):
   return workdir, dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_saved_on_4_devices_restores_on_1(trained_on_4):
   workdir, saved = trained_on_4
   config, variables = checkpointing.restore(str(workdir))
@@ -114,6 +115,7 @@ def test_saved_on_4_devices_restores_on_1(trained_on_4):
   assert leaf.sharding.device_set == {jax.local_devices()[0]}
 
 
+@pytest.mark.slow
 def test_saved_on_1_device_restores_on_4(data_dirs, tmp_path):
 
   config = tiny_config(data_dirs[1], num_epochs=0.6)
@@ -128,6 +130,7 @@ def test_saved_on_1_device_restores_on_4(data_dirs, tmp_path):
     np.testing.assert_array_equal(value, theirs[key])
 
 
+@pytest.mark.slow
 def test_restore_accepts_workdir_checkpoints_dir_and_step_dir(trained_on_4):
   workdir, saved = trained_on_4
   step_dir = workdir / 'checkpoints' / '3'
@@ -146,6 +149,7 @@ def test_restore_accepts_workdir_checkpoints_dir_and_step_dir(trained_on_4):
     checkpointing.restore(str(workdir / 'nothing'))
 
 
+@pytest.mark.slow
 def test_mismatched_model_is_refused_naming_entries(trained_on_4):
   workdir, _ = trained_on_4
 
@@ -192,6 +196,7 @@ def test_config_differences_names_fields_and_ignores_json_lists():
   ]
 
 
+@pytest.mark.slow
 def test_plain_orbax_reads_the_checkpoint(trained_on_4):
   workdir, saved = trained_on_4
   step_dir = os.path.join(str(workdir), 'checkpoints', '3')
@@ -214,6 +219,7 @@ def test_plain_orbax_reads_the_checkpoint(trained_on_4):
   )
 
 
+@pytest.mark.slow
 def test_a_killed_save_is_never_taken_for_a_checkpoint(trained_on_4, tmp_path):
   workdir, saved = trained_on_4
   copy = tmp_path / 'copy'
@@ -231,6 +237,7 @@ def test_a_killed_save_is_never_taken_for_a_checkpoint(trained_on_4, tmp_path):
   assert manager.latest_step() == 3
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(
   data_dirs, trained_on_4, tmp_path
 ):

@@ -145,7 +145,7 @@ CASES = [
   (
     ['-m', 'mnv2_flax.sweep', f'--config={ABLATION}', '--root={tmp}/s']
     + ['--set=train.no_such=1', '--dry_run'],
-    '--set train.no_such=1: the config has no field train.no_such.',
+    'the config has no field train.no_such; did you mean',
   ),
   (
     ['-m', 'mnv2_flax.sweep', f'--config={ABLATION}:grid,width=0.35|wide']
@@ -180,6 +180,7 @@ CASES = [
 @pytest.mark.parametrize(
   'args, words', CASES, ids=[' '.join(c[0][:3])[-60:] for c in CASES]
 )
+@pytest.mark.slow
 def test_one_line_exit_1_nothing_changed(files, args, words):
   before = snapshot(files)
   args = [a.replace('{tmp}', str(files)) for a in args]
@@ -195,6 +196,7 @@ def test_one_line_exit_1_nothing_changed(files, args, words):
   assert snapshot(files) == before
 
 
+@pytest.mark.slow
 def test_stats_counts_any_resolution_without_allocating_it():
   # 100000 px: a real input array would be 120 GB.
   result = _run(['-m', 'mnv2_flax.stats', '--resolution=100000', '--json'], '')
@@ -202,6 +204,7 @@ def test_stats_counts_any_resolution_without_allocating_it():
   assert '"macs": 59688751280000' in result.stdout
 
 
+@pytest.mark.slow
 def test_a_dry_run_command_with_a_placeholder_field_runs(files):
   """The sweep prints train.py commands; one with --set data.data_dir runs
   (and reaches the data: cifar10 is not prepared in that empty data_dir)."""

@@ -56,6 +56,7 @@ def _kwargs(meta):
 
 
 @pytest.mark.parametrize('name, case', CASES)
+@pytest.mark.slow
 def test_logits_match_pytorch(name, case):
   meta, state_dict, cases = FIXTURES[name]
   images, expected = cases[case]
@@ -134,6 +135,7 @@ def test_wrong_width_is_reported_not_loaded():
   'name, case',
   [(n, c) for n, (_, _, cases) in TIMM_FIXTURES.items() for c in cases],
 )
+@pytest.mark.slow
 def test_timm_safetensors_logits_match_timm(name, case, tmp_path):
   from safetensors import numpy as safetensors_np
 

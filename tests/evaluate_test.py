@@ -24,6 +24,7 @@ def trained(data_dirs, tmp_path_factory):
   return workdir, train_lib.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_evaluates_a_workdir_to_its_final_metrics(trained, data_dirs):
   workdir, result = trained
   metrics = evaluate.evaluate_checkpoint(str(workdir), data_dir=data_dirs[1])
@@ -31,6 +32,7 @@ def test_evaluates_a_workdir_to_its_final_metrics(trained, data_dirs):
     assert metrics[key] == result[key], key
 
 
+@pytest.mark.slow
 def test_a_step_and_a_step_directory_select_that_checkpoint(trained):
   workdir, result = trained
   by_step = evaluate.evaluate_checkpoint(str(workdir), step=4)
@@ -39,6 +41,7 @@ def test_a_step_and_a_step_directory_select_that_checkpoint(trained):
   assert by_step['loss'] != result['loss']  # not the final step's
 
 
+@pytest.mark.slow
 def test_an_older_config_gets_defaults_and_loses_removed_fields(trained):
   workdir, result = trained
   config_file = workdir / 'checkpoints' / '5' / 'config' / 'metadata'
@@ -57,6 +60,7 @@ def test_an_older_config_gets_defaults_and_loses_removed_fields(trained):
   assert 'flip_top1' not in metrics
 
 
+@pytest.mark.slow
 def test_cli_prints_the_metrics(trained):
   workdir, result = trained
   out = subprocess.run(
@@ -80,6 +84,7 @@ def test_main_names_a_missing_checkpoint(tmp_path):
     flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_export_to_litert_runs_beside_flax(trained, tmp_path):
   """A run's EMA model as LiteRT float32 and int8 (calibrated on the run's
   training images), each checked on the eval images right after writing."""

@@ -1,6 +1,7 @@
 """Small Fashion-MNIST-format data that the tests write themselves, and the
 tests' run config."""
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -155,27 +156,51 @@ def truncate_largest_array(step_dir) -> None:
     f.truncate(os.path.getsize(largest) // 3)
 
 
+@dataclasses.dataclass
+class Compiles:
+  """The XLA compiles a call asked for: in all, and of pmap-ed steps (JAX
+  names each `jit(_fun)`), in all and once training started (after
+  `programs.prepare` returned: not compiled ahead of time)."""
+
+  total: int = 0
+  steps: int = 0
+  steps_in_loop: int = 0
+  names: list = dataclasses.field(default_factory=list)
+
+
 def count_compiles(run, clear: bool = True):
-  """Runs `run()`; returns its result and the programs it asked to compile
-  (pmap's are named after its inner function, jit(_fun)). Unless `clear` is
+  """Runs `run()`; returns its result and its `Compiles`. Unless `clear` is
   False, JAX's in-memory caches and the programs `mnv2_flax.programs` keeps
   for reuse are cleared first: the count does not depend on what ran before
   in this process."""
   if clear:
     jax.clear_caches()
     programs.forget()
-  compiled = []
+  compiles, training = Compiles(), [False]
 
   def on_compile(event, seconds, fun_name=None, **kwargs):
     if event == '/jax/core/compile/backend_compile_duration':
-      compiled.append(fun_name)
+      compiles.total += 1
+      step = fun_name == 'jit(_fun)'
+      compiles.steps += step
+      compiles.steps_in_loop += step and training[0]
+      compiles.names.append(fun_name)
+
+  prepare = programs.prepare
+
+  def prepared(*args, **kwargs):
+    out = prepare(*args, **kwargs)
+    training[0] = True
+    return out
 
   jax.monitoring.register_event_duration_secs_listener(on_compile)
+  programs.prepare = prepared
   try:
     result = run()
   finally:
+    programs.prepare = prepare
     jax.monitoring.unregister_event_duration_listener(on_compile)
-  return result, compiled
+  return result, compiles
 
 
 def mount_tmpfs(path, size: str) -> bool:

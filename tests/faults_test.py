@@ -159,7 +159,7 @@ def test_another_model_is_refused_before_writing_or_compiling(copy):
       ['does not match the model', 'params/'],
     )
   )
-  assert compiled == []
+  assert compiled.total == 0, compiled.names
   assert snapshot(workdir) == before  # model_stats.json included
 
 
@@ -182,6 +182,7 @@ def test_an_empty_step_directory_is_named_not_a_mismatch(copy):
     evaluate.evaluate_checkpoint(str(workdir))
 
 
+@pytest.mark.slow
 def test_a_truncated_array_file_is_named_with_the_previous_step(copy):
   config, workdir, _ = copy
   truncate_largest_array(workdir / 'checkpoints' / '5')
@@ -214,6 +215,7 @@ def test_unreadable_metadata_is_named_not_a_mismatch(copy):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_skip_corrupt_moves_the_step_aside_and_restores_the_previous(copy):
   config, workdir, _ = copy
   truncate_largest_array(workdir / 'checkpoints' / '5')
@@ -274,6 +276,7 @@ def diverged(data_dirs, tmp_path_factory):
   return config, workdir, str(info.value)
 
 
+@pytest.mark.slow
 def test_divergence_never_saves_a_non_finite_state(diverged):
   _, workdir, error = diverged
   steps = sorted(
@@ -289,6 +292,7 @@ def test_divergence_never_saves_a_non_finite_state(diverged):
       assert np.isfinite(np.asarray(leaf)).all(), step
 
 
+@pytest.mark.slow
 def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
   config, workdir, _ = diverged
   before = snapshot(workdir)
@@ -301,6 +305,7 @@ def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
   config, workdir, _ = diverged
   config = config.copy_and_resolve_references()
@@ -309,6 +314,7 @@ def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
   assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in caplog.text
 
 
+@pytest.mark.slow
 def test_the_finite_flag_sees_a_single_inf_anywhere():
   config = tiny_config()
   model = training_state.create_model(config, 10, axis_name=None)

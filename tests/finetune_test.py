@@ -50,6 +50,7 @@ def saved_run(tmp_path_factory):
   return workdir, state
 
 
+@pytest.mark.slow
 def test_another_class_count_loads_everything_but_the_classifier(
   saved_run, caplog
 ):
@@ -86,6 +87,7 @@ def test_another_class_count_loads_everything_but_the_classifier(
   assert 'Kept fresh (config.init_reset): block_17/' in caplog.text
 
 
+@pytest.mark.slow
 def test_another_width_stops_with_every_entry_named(saved_run):
   workdir, _ = saved_run
   config = tiny_config(cpu_fast_path=False)
@@ -101,6 +103,7 @@ def test_another_width_stops_with_every_entry_named(saved_run):
   assert 'width_multiplier=0.35 there, 0.5 here' in message
 
 
+@pytest.mark.slow
 def test_timm_and_keras_files(tmp_path, caplog):
   from safetensors import numpy as safetensors_np
 
@@ -179,6 +182,7 @@ def _write_sd(directory, state_dict):
   return path
 
 
+@pytest.mark.slow
 def test_frozen_backbone_and_batch_norm_train_only_the_classifier():
   config = tiny_config(cpu_fast_path=False)
   config.optim.freeze_backbone = True

@@ -101,6 +101,7 @@ print('RESULT' + json.dumps(dict(
 """
 
 
+@pytest.mark.slow
 def test_models_steps_and_the_benchmark_run_without_tensorflow(tmp_path):
   script = _BENCHMARK.format(modules=', '.join(NO_DATA_MODULES))
   result = _python(tmp_path, DATA_PACKAGES, '-c', script)

@@ -126,6 +126,7 @@ def test_train_stream_is_reproducible_under_a_seed(data_dirs):
   assert not np.array_equal(a[0]['image'], a[5]['image'])
 
 
+@pytest.mark.slow
 def test_splits_kept_in_memory_give_the_streams_read_from_the_files(
   data_dirs, monkeypatch
 ):
@@ -250,6 +251,7 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize('devices', [3, 8])
+@pytest.mark.slow
 def test_eval_counts_every_example_once_fake_devices(data_dirs, devices):
   _, data_dir = data_dirs
   out = run_on_fake_devices(
@@ -426,6 +428,7 @@ def test_error_batch_not_positive(data_dirs):
   not os.path.isdir(fashion_mnist.DEBIAN_DIR),
   reason='Debian package dataset-fashion-mnist not installed',
 )
+@pytest.mark.slow
 def test_real_fashion_mnist_from_the_debian_package(tmp_path):
   config = tiny_config(str(tmp_path))
   config.data.eval_batch_size = 500

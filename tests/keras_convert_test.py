@@ -40,6 +40,7 @@ def _random_keras(alpha, size, classes, seed):
 @pytest.mark.parametrize(
   'alpha, size', [(0.35, 32), (0.5, 48), (1.0, 33), (1.4, 40)]
 )
+@pytest.mark.slow
 def test_logits_equal_keras(alpha, size):
   net = _random_keras(alpha, size, classes=7, seed=int(alpha * 100) + size)
   variables = convert.from_keras(net)  # alpha and classes read off the net
@@ -52,6 +53,7 @@ def test_logits_equal_keras(alpha, size):
   assert np.abs(got - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_a_keras_file_converts_and_a_mismatch_names_the_layers(tmp_path):
   net = _random_keras(0.35, 32, classes=5, seed=1)
   path = str(tmp_path / 'net.keras')

@@ -30,6 +30,7 @@ def _leaves(workdir):
   not kernels.available(),
   reason='no C++ compiler: the pure-JAX layers are batched by XLA in a pack',
 )
+@pytest.mark.slow
 def test_a_pack_matches_its_seeds_trained_alone(data_dirs, tmp_path):
   """Each seed of a pack of 2 writes its own restorable workdir, with the
   parameters, statistics and test top-1 of that seed trained alone, bit for
@@ -82,6 +83,7 @@ def test_a_pack_refuses_configs_that_differ_beyond_the_seed(tmp_path):
   assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.slow
 def test_a_diverging_seed_stops_alone_and_the_others_go_on(data_dirs, tmp_path):
   """Seed 1 resumes from a checkpoint whose weights were scaled by 1e30
   (finite, but its loss is not): it stops alone at its next step, its last

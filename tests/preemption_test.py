@@ -145,6 +145,7 @@ def _last_line(err):
   return [line for line in err.splitlines() if line.strip()][-1]
 
 
+@pytest.mark.slow
 def test_signals_save_their_step_and_the_same_command_resumes_exactly(
   command, reference
 ):
@@ -236,6 +237,7 @@ def _two_processes(data_dir, workdir, port, logs):
   return procs
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_one_step_when_only_one_is_signalled(
   data_dirs, tmp_path
 ):
@@ -264,6 +266,7 @@ def test_two_processes_stop_at_one_step_when_only_one_is_signalled(
   assert files.read_json(os.path.join(workdir, 'results.json'))['finished']
 
 
+@pytest.mark.slow
 def test_a_submitit_task_saves_on_sigusr2_is_requeued_and_resumes(
   data_dirs, tmp_path, monkeypatch
 ):
@@ -319,6 +322,7 @@ def test_a_submitit_task_saves_on_sigusr2_is_requeued_and_resumes(
   assert files.read_json(str(workdir / 'results.json'))['finished']
 
 
+@pytest.mark.slow
 def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
   command, data_dirs, tmp_path
 ):

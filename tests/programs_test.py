@@ -6,6 +6,7 @@ from fake_data import logged
 from fake_data import tiny_config
 import jax
 import numpy as np
+import pytest
 
 from mnv2_flax import checkpointing
 from mnv2_flax import compilation_cache
@@ -17,6 +18,7 @@ def _train(config, workdir):
   return logged(lambda: train_lib.train_and_evaluate(config, str(workdir)))
 
 
+@pytest.mark.slow
 def test_a_child_compiles_on_a_miss_only_and_seeds_reuse_programs(
   data_dirs, tmp_path
 ):
@@ -41,7 +43,7 @@ def test_a_child_compiles_on_a_miss_only_and_seeds_reuse_programs(
   assert 'are in the compilation cache' in hit_log
   assert 'child process' not in hit_log
   assert 'Programs reused from an earlier run' in reuse_log
-  assert 'jit(_fun)' not in compiled and 'jit(init)' not in compiled
+  assert compiled.total == 0, compiled.names  # nor the initialiser
   # Reused programs give the bits of freshly built ones.
   a = checkpointing.restore(str(tmp_path / 'seed1'))[1]
   b = checkpointing.restore(str(tmp_path / 'again'))[1]

@@ -70,6 +70,7 @@ train_lib.train_and_evaluate(_config({data_dir!r}, 128, 3), {workdir!r})
   shutil.which('taskset') is None or len(os.sched_getaffinity(0)) < 2,
   reason='needs taskset and two cores',
 )
+@pytest.mark.slow
 def test_a_run_has_the_same_bits_on_one_core_and_on_two(data_dir, tmp_path):
   """XLA's CPU thread pool has one thread under `taskset -c 0`, two on two
   cores: the restored parameters, statistics, optimizer state and EMA are
@@ -100,6 +101,7 @@ def test_a_run_has_the_same_bits_on_one_core_and_on_two(data_dir, tmp_path):
 @pytest.mark.skipif(
   not kernels.available(), reason='no C++ compiler: the CPU kernels are off'
 )
+@pytest.mark.slow
 def test_a_pack_of_three_is_its_seeds_alone_at_the_sweeps_batch(
   data_dir, tmp_path
 ):

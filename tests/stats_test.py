@@ -40,6 +40,7 @@ TF_SLIM_TABLE = (
 
 
 @pytest.mark.parametrize('width, resolution, macs_m, params_m', TF_SLIM_TABLE)
+@pytest.mark.slow
 def test_tf_slim_checkpoint_table(width, resolution, macs_m, params_m):
   model = models.MobileNetV2(num_classes=1001, width_multiplier=width)
   counts = stats.count(model, resolution)
@@ -99,6 +100,7 @@ def _run_cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_cli_json_and_table():
   result = _run_cli(
     '--width_multiplier=0.75',

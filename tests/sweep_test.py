@@ -282,6 +282,7 @@ def _mtimes(root, names):
   }
 
 
+@pytest.mark.slow
 def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   data_dirs, tmp_path
 ):
@@ -366,6 +367,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+@pytest.mark.slow
 def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
   """Seeds 0 and 1 of the point train as one pack (`--pack=2`), seed 2
   alone; the files and summary are those of runs trained one at a time.
@@ -444,6 +446,7 @@ def _parallel_sweep(config_arg, root, overrides, cwd, *flags):
   )
 
 
+@pytest.mark.slow
 def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   """Two points of 2 seeds, `--pack=2`: each worker trains one point's
   seeds as a pack, on its own core."""
@@ -464,7 +467,7 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
     'running width=0.5,res=32,seed=0, width=0.5,res=32,seed=1, '
     'width=0.35,res=32,seed=0, width=0.35,res=32,seed=1'
   ) in result.stderr
-  assert 'Sweep: 4 of 4 runs done (0 failed)' in result.stderr
+  assert 'Sweep: 4 of 4 runs ended (0 failed)' in result.stderr
   cores = []
   for width in ('0.35', '0.5'):
     first, second = (
@@ -508,6 +511,7 @@ def get_config(arg):
 @pytest.mark.skipif(
   len(os.sched_getaffinity(0)) < 2, reason='needs 2 cores for 2 workers'
 )
+@pytest.mark.slow
 def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   data_dirs, tmp_path
 ):
@@ -526,7 +530,7 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   assert last.startswith(
     'error: 3 of 4 runs finished, 1 failed; the same command retries'
   ), result.stderr[-3000:]
-  assert 'Sweep: 4 of 4 runs done (1 failed)' in result.stderr
+  assert 'Sweep: 4 of 4 runs ended (1 failed)' in result.stderr
   with open(root / 'results.csv') as f:
     status = {r['seed']: r['status'] for r in csv.DictReader(f)}
   assert status == dict.fromkeys('012', 'finished') | {'crash': 'failed'}
@@ -549,6 +553,7 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   assert 'Sweep: 4 runs, 4 in this shard, 1 to run' in again.stderr
 
 
+@pytest.mark.slow
 def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   data_dirs, tmp_path, monkeypatch
 ):

@@ -14,6 +14,7 @@ from fake_data import snapshot
 from fake_data import tiny_config
 import pytest
 
+from mnv2_flax import sweep
 from mnv2_flax import sweep_points
 from mnv2_flax import train_lib
 from mnv2_flax import workdir_lock
@@ -98,6 +99,7 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
     ('data.name', 'fashion_mnits', False),
   ],
 )
+@pytest.mark.slow
 def test_a_refused_run_leaves_no_workdir(field, value, before_jax, tmp_path):
   workdir = tmp_path / 'new' / 'run'
   result = subprocess.run(
@@ -123,7 +125,7 @@ def test_a_refused_run_leaves_no_workdir(field, value, before_jax, tmp_path):
 
 
 def test_a_sweep_point_in_use_is_left_alone(held):
-  workdir, _ = held
+  workdir, holder = held
   point = sweep_points.Point('width=0.35', workdir)
   before = snapshot(workdir)
 
@@ -132,6 +134,20 @@ def test_a_sweep_point_in_use_is_left_alone(held):
 
   assert sweep_points.run_point(point, tiny_config(), train) is None
   assert snapshot(workdir) == before  # no sweep.json, no error.txt
+  # Its status and the sweep's last line name who trains it; the sweep
+  # that left it alone did not fail (two sweeps on one root share it).
+  status = sweep_points.point_status(point)
+  assert status['status'] == sweep_points.RUNNING_ELSEWHERE
+  assert (
+    f'process {holder.pid} on host {socket.gethostname()}'
+    in (status['held_by'])
+  )
+  tally = sweep._tally([status, {'status': 'finished'}])
+  assert tally.startswith('1 of 2 runs finished, 1 being trained by another')
+  assert str(holder.pid) in tally
+  holder.kill()
+  holder.wait()
+  assert sweep_points.point_status(point)['status'] == 'pending'
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(held, caplog):
@@ -182,6 +198,7 @@ print(input_pipeline.dataset_meta(input_pipeline.get_builder(config), config))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_one_dataset_once(tmp_path):
   """Both start on an empty data_dir while this process holds its dataset
   lock: both wait; once it is released one prepares and the other reads

@@ -44,6 +44,7 @@ NATIVE_TARGETS = ('mnv2_batch_norm_stats', 'mnv2_batch_norm_grad_sums')
     (jnp.bfloat16, 'jax.numpy'),
   ],
 )
+@pytest.mark.slow
 def test_equals_flax_batch_norm(activation, dtype, sums, monkeypatch):
   if sums == 'native' and not kernels.available():
     pytest.skip('the C++ kernels did not build here (no C++ compiler?)')
@@ -152,6 +153,7 @@ print('RESULT' + json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_cross_device_statistics_and_gradients_on_4_devices():
   """Under pmap the statistics and the input gradient span all devices."""
   out = run_on_fake_devices(_PMAP_SCRIPT.format(root=ROOT, tests=TESTS), 4)

@@ -75,6 +75,7 @@ def _grouped(x, k, strides, padding, dilation=(1, 1)):
     (1, 3, ((5, 0), (5, 0)), 2, 1),
   ],
 )
+@pytest.mark.slow
 def test_outputs_and_gradients_equal_grouped_conv(
   size, strides, padding, kernel, dilation, impl
 ):
@@ -283,6 +284,7 @@ def test_layers_only_on_the_cpu_backend_and_switched_off_by_env(monkeypatch):
 @pytest.mark.parametrize(
   'padding, kernels_built', [('tf', True), ('torch', True), ('tf', False)]
 )
+@pytest.mark.slow
 def test_models_agree_with_flax_layers(padding, kernels_built, monkeypatch):
   if kernels_built and not kernels.available():
     pytest.skip('the C++ kernels did not build here')

@@ -69,6 +69,7 @@ def _path_without_compilers(tmp_path) -> str:
 
 
 @pytest.mark.parametrize('no_compiler', ['failing CXX', 'none on PATH'])
+@pytest.mark.slow
 def test_without_a_compiler_the_layers_are_pure_jax(tmp_path, no_compiler):
   if no_compiler == 'failing CXX':
     env, warning = {'CXX': '/bin/false'}, 'Building the native CPU kernels'
@@ -84,6 +85,7 @@ def test_without_a_compiler_the_layers_are_pure_jax(tmp_path, no_compiler):
   not any(shutil.which(c) for c in ('c++', 'g++', 'clang++')),
   reason='no C++ compiler on PATH',
 )
+@pytest.mark.slow
 def test_the_built_library_is_cached_and_named_by_its_inputs(tmp_path):
   result, _ = _probe(tmp_path)
   assert result['available'] and result['finite']
