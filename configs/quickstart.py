@@ -4,11 +4,13 @@
 
 Hardware: a 2-core x86-64 CPU, no accelerator. Time: 3 min 44 s to 6 min 48 s
 wall from cold caches (the C++ kernels built, every program compiled), as the
-machine's speed varies by the hour. Result (seed 0; the same bits on any
-thread count on one machine), trained on 54,000 images with 6,000 held out:
-90.77% test top-1 single view (EMA 90.79%; 90.94% EMA flip-averaged),
-92.02% minival. The search that led here, the minival check of its learning
-rate and earlier results: docs/quickstart_recipe.md.
+machine's speed varies by the hour (5 min 12 s on a 2-core AMD EPYC).
+Result (seed 0; the same bits on any thread count on one machine), trained
+on 54,000 images with 6,000 held out: 90.64% test top-1 single view (EMA
+90.65%; 90.92% EMA flip-averaged), 91.70% minival (2026-12-07, AMD EPYC;
+90.77% / 92.02% on the first machine before the classifier's gradient
+became thread-independent). The search that led here, the minival check of
+its learning rate and earlier results: docs/quickstart_recipe.md.
 
 Fashion-MNIST is prepared offline on first use from the idx files of Debian's
 `dataset-fashion-mnist` package (or `config.data.manual_dir`).
