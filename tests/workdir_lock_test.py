@@ -68,19 +68,7 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
     f'def get_config():\n  return tiny_config({data_dirs[1]!r})\n'
   )
   before = snapshot(workdir)
-  result = subprocess.run(
-    [
-      sys.executable,
-      'train.py',
-      f'--config={config}',
-      f'--workdir={workdir}',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    check=False,
-  )
+  result = _train_py(f'--config={config}', f'--workdir={workdir}')
   assert result.returncode == 1
   lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert lines[-1].startswith(
@@ -90,6 +78,17 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
   assert snapshot(workdir) == before
   # Refused before JAX started (its first log line names the devices).
   assert 'device(s) in all' not in result.stderr
+
+
+def _train_py(*args):
+  return subprocess.run(
+    [sys.executable, 'train.py', *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    check=False,
+  )
 
 
 @pytest.mark.parametrize(
@@ -102,19 +101,10 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
 @pytest.mark.slow
 def test_a_refused_run_leaves_no_workdir(field, value, before_jax, tmp_path):
   workdir = tmp_path / 'new' / 'run'
-  result = subprocess.run(
-    [
-      sys.executable,
-      'train.py',
-      '--config=configs/quickstart.py',
-      f'--workdir={workdir}',
-      f'--config.{field}={value}',
-    ],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    check=False,
+  result = _train_py(
+    '--config=configs/quickstart.py',
+    f'--workdir={workdir}',
+    f'--config.{field}={value}',
   )
   assert result.returncode == 1
   assert (
