@@ -32,8 +32,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mnv2_flax import model_fields
-
 ModuleDef = Any
 Dtype = Any
 
@@ -49,14 +47,14 @@ BLOCK_SPECS: tuple[tuple[int, int, int, int], ...] = (
 )
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
-MIN_RESOLUTION = model_fields.MIN_RESOLUTION
+MIN_RESOLUTION = 32
 
-PADDINGS = model_fields.PADDINGS
-SHORTCUTS = model_fields.SHORTCUTS
-BOTTLENECK_ACTIVATIONS = model_fields.BOTTLENECK_ACTIVATIONS
+PADDINGS = ('tf', 'torch')
+SHORTCUTS = ('bottleneck', 'expansion', 'none')
+BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
 
-INIT_SCHEMES = model_fields.INIT_SCHEMES
-OUTPUT_STRIDES = model_fields.OUTPUT_STRIDES
+INIT_SCHEMES = ('tf_slim', 'torchvision')
+OUTPUT_STRIDES = (None, 1, 2, 4, 8, 16, 32)
 
 # The published variants, by name. Resolution is a property of the input, not
 # of the model: `mobilenet_v2_100` serves every row 1.0/96 ... 1.0/224.
@@ -95,6 +93,14 @@ def _kernel_inits(scheme: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
     nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'),
     nn.initializers.normal(stddev=0.01),
   )
+
+
+def _check_choice(field: str, value: Any, valid: Sequence[Any]) -> None:
+  if value not in valid:
+    raise ValueError(
+      f'{field}={value!r} is not valid; expected one of '
+      f'{", ".join(repr(v) for v in valid)}.'
+    )
 
 
 def _check_images(x: jax.Array) -> None:
@@ -316,11 +322,46 @@ class MobileNetV2(nn.Module):
   dense: ModuleDef = nn.Dense
 
   def __post_init__(self):
-    model_fields.check(
-      {
-        f: getattr(self, f)
-        for f in (*model_fields.RULES, *model_fields.CHOICES)
-      }
+    if not isinstance(self.width_multiplier, (int, float)) or (
+      self.width_multiplier <= 0
+    ):
+      raise ValueError(
+        f'width_multiplier={self.width_multiplier!r} is not '
+        'valid; expected a number > 0 (published: 0.35, 0.5, '
+        '0.75, 1.0, 1.3, 1.4).'
+      )
+    if not isinstance(self.num_classes, int) or self.num_classes < 0:
+      raise ValueError(
+        f'num_classes={self.num_classes!r} is not valid; '
+        'expected an integer >= 0 (0 = no classifier).'
+      )
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(
+        f'dropout_rate={self.dropout_rate!r} is not valid; '
+        'expected 0 <= dropout_rate < 1.'
+      )
+    if not 0 <= self.bn_momentum <= 1:
+      raise ValueError(
+        f'bn_momentum={self.bn_momentum!r} is not valid; '
+        'expected a value in [0, 1].'
+      )
+    if not self.bn_epsilon > 0:
+      raise ValueError(
+        f'bn_epsilon={self.bn_epsilon!r} is not valid; expected a value > 0.'
+      )
+    if self.expand_ratio is not None and not self.expand_ratio > 0:
+      raise ValueError(
+        f'expand_ratio={self.expand_ratio!r} is not valid; '
+        "expected None (the paper's 6) or a number > 0."
+      )
+    _check_choice('padding', self.padding, PADDINGS)
+    _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
+    _check_choice('shortcut', self.shortcut, SHORTCUTS)
+    _check_choice('output_stride', self.output_stride, OUTPUT_STRIDES)
+    _check_choice(
+      'bottleneck_activation',
+      self.bottleneck_activation,
+      BOTTLENECK_ACTIVATIONS,
     )
     super().__post_init__()
 
@@ -541,9 +582,5 @@ class MobileNetV2(nn.Module):
 
 def preset(name: str, **kwargs: Any) -> MobileNetV2:
   """Builds a published variant by name (see PRESETS), with overrides."""
-  if name not in PRESETS:
-    raise ValueError(
-      f'name={name!r} is not valid; expected one of '
-      f'{", ".join(repr(v) for v in PRESETS)}.'
-    )
+  _check_choice('name', name, tuple(PRESETS))
   return MobileNetV2(**{**PRESETS[name], **kwargs})

@@ -53,3 +53,51 @@ def test_config_bounds_are_the_models():
   config.data.image_size = models.MIN_RESOLUTION - 1
   with pytest.raises(ValueError, match=r'image_size.*\[32, 4096\]'):
     defaults.check(config)
+
+
+# Values each model field is probed with: valid, invalid, and a neighbour.
+_PROBES = {
+  'width_multiplier': [0.35, 1, 0, -1.0, '1.0', None],
+  'num_classes': [0, 10, -1, 2.5, '10'],
+  'dropout_rate': [0.0, 0.2, 1.0, -0.1],
+  'bn_momentum': [0.0, 0.997, 1.0, 1.5, -0.1],
+  'bn_epsilon': [1e-3, 0.0, -1e-5],
+  'expand_ratio': [None, 6.0, 1, 0, -2.0],
+  'padding': ['tf', 'torch', 'same'],
+  'init_scheme': ['tf_slim', 'torchvision', 'keras'],
+  'shortcut': ['bottleneck', 'expansion', 'none', 'all'],
+  'output_stride': [None, 8, 16, 32, 3, 64],
+  'bottleneck_activation': ['linear', 'relu6', 'relu'],
+}
+
+
+def test_config_checks_of_model_fields_are_the_models_own():
+  # model_fields checks config.model before JAX loads; the model checks
+  # itself when built (models.py imports flax, jax and numpy only): both
+  # accept and refuse the same values, with the same message.
+  from mnv2_flax import model_fields  # pylint: disable=g-import-not-at-top
+  from mnv2_flax import models  # pylint: disable=g-import-not-at-top
+
+  assert set(_PROBES) == set(model_fields.RULES) | set(model_fields.CHOICES)
+  for name in (
+    'PADDINGS',
+    'SHORTCUTS',
+    'BOTTLENECK_ACTIVATIONS',
+    'INIT_SCHEMES',
+    'OUTPUT_STRIDES',
+    'MIN_RESOLUTION',
+  ):
+    assert getattr(model_fields, name) == getattr(models, name), name
+  for field, values in _PROBES.items():
+    for value in values:
+      by_model = _error(models.MobileNetV2, **{field: value})
+      by_config = _error(model_fields.check, {field: value})
+      assert by_model == by_config, (field, value, by_model, by_config)
+
+
+def _error(fn, *args, **kwargs) -> str | None:
+  try:
+    fn(*args, **kwargs)
+  except ValueError as e:
+    return str(e)
+  return None
