@@ -111,8 +111,9 @@ def run(
   )
   stopped = None
   if parallel > 1:
-    with _kernels_built([configs[p] for p in todo]):
-      _prepare_datasets([configs[p] for p in todo])
+    todo_configs = [configs[p] for p in todo]
+    with _kernels_built(todo_configs):
+      _prepare_datasets(todo_configs)
     if any(c.train.gpu_deterministic_ops for c in configs.values()):
       # Workers set XLA's flag before JAX starts, from their overrides.
       overrides = {**(overrides or {}), sweep_points.GPU_DETERMINISTIC: 'True'}

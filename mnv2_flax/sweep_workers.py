@@ -217,7 +217,7 @@ def _run_workers(
         line = pipe.readline()
         pack = worker.pack
         share = (time.perf_counter() - worker.started) / len(pack)
-        stopped = []
+        stopped = [False] * len(pack)  # by a signal, saved to resume
         if line:  # the pack has ended and its points recorded themselves
           statuses = [sweep_points.point_status(p) for p in pack]
           errors = [s['error'] for s in statuses]
@@ -238,8 +238,8 @@ def _run_workers(
             logging.error('Sweep point %s failed: %s', point.arg, error)
             sweep_points.record(point, share, error)
           workers[workers.index(worker)] = worker = start(worker.slot)
-        for i, error in enumerate(errors):
-          progress.done(error, share, stopped=bool(stopped) and stopped[i])
+        for error, was_stopped in zip(errors, stopped, strict=True):
+          progress.done(error, share, stopped=was_stopped)
         feed(worker)
         progress.log(_running(workers))
         sweep_points.summarize(module, point_args, root)

@@ -252,14 +252,8 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
     return results
   loop = _start(live)
   run, config = loop.run, loop.run.config
-  done, calls, signalled, pending, eval_seconds = (
-    loop.start_step,
-    0,
-    False,
-    [],
-    0.0,
-  )
-  loop_start = time.perf_counter()
+  done, calls, signalled = loop.start_step, 0, False
+  pending, eval_seconds, loop_start = [], 0.0, time.perf_counter()
   while done < run.num_steps and any(m.active for m in loop.members):
     loop.state, metrics, n = loop.call(loop.state, done, run.num_steps)
     pending.append(metrics)
@@ -323,11 +317,13 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
       else {}
     ),
   )
-  finished = iter(
-    m.failure or m.run.finish(dict(m.eval_metrics, **shared), wall_start, share)
-    for m in loop.members
-  )
-  results = [next(finished) if r is None else r for r in results]
+  members = iter(loop.members)  # the runs whose results are None, in order
+  for i, result in enumerate(results):
+    if result is None:
+      m = next(members)
+      results[i] = m.failure or m.run.finish(
+        dict(m.eval_metrics, **shared), wall_start, share
+      )
   if signalled:
     raise watch.stopped(done)
   return results
