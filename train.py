@@ -18,9 +18,9 @@ from ml_collections import config_flags
 
 from mnv2_flax import cli
 from mnv2_flax import defaults
-from mnv2_flax import files
-from mnv2_flax import hardware
-from mnv2_flax import workdir_lock
+from mnv2_flax.runtime import files
+from mnv2_flax.runtime import hardware
+from mnv2_flax.runtime import workdir_lock
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'ml_collections config file.', lock_config=True
@@ -90,7 +90,7 @@ def _train(config, workdir):
     num_processes=_NUM_PROCESSES.value,
     process_id=_PROCESS_ID.value,
   )
-  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   if config.train.seeds == 1:
     train_lib.train_and_evaluate(config, workdir)

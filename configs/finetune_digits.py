@@ -7,8 +7,8 @@ run from scratch.
   python train.py --config=configs/finetune_digits.py:scratch \
     --workdir=workdirs/digits_scratch
 
-The task: scikit-learn's 1,797 8x8 digit scans (`mnv2_flax/digits.py`; 1,297
-train, 500 test), upscaled to the quickstart's 32 pixels. Modes (the
+The task: scikit-learn's 1,797 8x8 digit scans (`mnv2_flax/data/digits.py`;
+1,297 train, 500 test), upscaled to the quickstart's 32 pixels. Modes (the
 argument): 'finetune' (default) starts from the Fashion-MNIST quickstart's
 EMA weights, its classifier reset (digits are other classes); 'scratch' is
 the same run from a random init; 'probe' trains the classifier alone on

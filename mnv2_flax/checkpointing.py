@@ -24,7 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from mnv2_flax import tree_diff
+from mnv2_flax.runtime import tree_diff
 
 ITEMS = ('state', 'config')
 

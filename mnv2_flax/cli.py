@@ -25,7 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
-from mnv2_flax import preemption
+from mnv2_flax.runtime import preemption
 
 # The library's own errors subclass these: ValueError (config, data,
 # checkpoints), OSError (files, disks) and FloatingPointError (divergence).
@@ -176,9 +176,9 @@ def start_jax(
   library's (`train_and_evaluate` runs it once per run).
   `gpu_deterministic_ops` adds XLA's flag to XLA_FLAGS first."""
   # pylint: disable=g-import-not-at-top
-  from mnv2_flax import compilation_cache
-  from mnv2_flax import hardware
   from mnv2_flax.cpu import fast_path
+  from mnv2_flax.runtime import compilation_cache
+  from mnv2_flax.runtime import hardware
   # pylint: enable=g-import-not-at-top
 
   if gpu_deterministic_ops:

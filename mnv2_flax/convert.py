@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mnv2_flax import models
-from mnv2_flax import tree_diff
+from mnv2_flax.runtime import tree_diff
 
 # The MobileNetV2 fields that reproduce torchvision's numerics: symmetric
 # padding, BN epsilon 1e-5 and torch momentum 0.1 (Flax 0.9), its initialisers.

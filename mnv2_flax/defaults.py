@@ -41,10 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   """Every field of a run's config, at TF-slim's ImageNet recipe."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  # Fine-tuning (mnv2_flax/finetune.py): start a fresh run from a workdir or
-  # step directory of this project, a Keras .keras/.h5 file or a torchvision
-  # / timm .safetensors state dict; '' trains from scratch. The classifier
-  # is re-initialised when the class count differs.
+  # Fine-tuning (mnv2_flax/train/finetune.py): start a fresh run from a
+  # workdir or step directory of this project, a Keras .keras/.h5 file or a
+  # torchvision / timm .safetensors state dict; '' trains from scratch. The
+  # classifier is re-initialised when the class count differs.
   config.init_from = ''
   config.init_from_ema = True  # a project checkpoint's EMA (else raw) params
   # Regex of parameter paths (e.g. 'classifier/') kept at their fresh

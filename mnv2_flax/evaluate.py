@@ -27,18 +27,19 @@ def evaluate_checkpoint(
   # pylint: disable=g-import-not-at-top
   from mnv2_flax import checkpointing
   from mnv2_flax import defaults
-  from mnv2_flax import input_pipeline
-  from mnv2_flax import steps
-  from mnv2_flax import train_lib
-  from mnv2_flax import training_state
+  from mnv2_flax.data import input_pipeline
+  from mnv2_flax.data import prepare
+  from mnv2_flax.train import steps
+  from mnv2_flax.train import train_lib
+  from mnv2_flax.train import training_state
   # pylint: enable=g-import-not-at-top
 
   config, variables = checkpointing.restore(path, step)
   config = defaults.with_defaults(config)
   if data_dir:
     config.data.data_dir = data_dir
-  builder = input_pipeline.get_builder(config)
-  meta = input_pipeline.dataset_meta(builder, config)
+  builder = prepare.get_builder(config)
+  meta = prepare.dataset_meta(builder, config)
   model = training_state.create_model(config, meta.num_classes)
   return train_lib.evaluate(
     steps.make_p_eval_step(config),

@@ -43,7 +43,7 @@ def resize_for_eval(
 
   `pixels`: one image (H, W[, C]) or a batch (N, H, W[, C]), 1 or 3 channels,
   values in [0, 255], any size. As the eval pipeline does
-  (`input_pipeline._central_crop` and `_finish`): the central square of
+  (`data.transforms.central_crop` and `finish`): the central square of
   `crop_fraction` of the shorter side, a bilinear resize to `image_size`
   (half-pixel centres, no antialiasing), rounded to uint8, grey repeated to
   RGB. Equal to the pipeline's pixels but for rare off-by-one roundings

@@ -200,15 +200,12 @@ def main(argv: Sequence[str]) -> None:
       )
   # pylint: disable=g-import-not-at-top
   from mnv2_flax import defaults
-  from mnv2_flax import training_state
+  from mnv2_flax import models
   # pylint: enable=g-import-not-at-top
 
-  config = defaults.get_config()
-  config.model.width_multiplier = _WIDTH.value
-  config.train.cpu_fast_path = False
-  model = training_state.create_model(
-    config, _NUM_CLASSES.value, axis_name=None
-  )
+  fields = defaults.get_config().model.to_dict()
+  fields['width_multiplier'] = _WIDTH.value
+  model = models.MobileNetV2(num_classes=_NUM_CLASSES.value, **fields)
   stats = count(model, _RESOLUTION.value)
   if _JSON.value:
     print(

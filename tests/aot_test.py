@@ -11,8 +11,8 @@ import pytest
 
 from configs import default
 from configs import quickstart
-from mnv2_flax import aot
 from mnv2_flax import models
+from mnv2_flax.benchmark import aot
 from mnv2_flax.cpu import fast_path
 from mnv2_flax.cpu import kernels
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mnv2_flax import benchmark_lib
+from mnv2_flax.benchmark import lib as benchmark_lib
 
 
 @pytest.mark.parametrize('mode', ['train', 'infer'])

@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import train_lib
-from mnv2_flax import training_state
+from mnv2_flax.train import train_lib
+from mnv2_flax.train import training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))

@@ -14,7 +14,7 @@ import sys
 from fake_data import snapshot
 import pytest
 
-from mnv2_flax import fashion_mnist
+from mnv2_flax.data import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, 'configs', 'quickstart.py')

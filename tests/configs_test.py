@@ -5,7 +5,7 @@ import importlib
 import pytest
 
 from mnv2_flax import defaults
-from mnv2_flax import train_lib
+from mnv2_flax.train import train_lib
 
 NAMES = ('default', 'torchvision', 'quickstart', 'fashion_mnist_long')
 

@@ -14,7 +14,7 @@ from fake_data import make_idx_dir
 import jax
 import pytest
 
-from mnv2_flax import fashion_mnist
+from mnv2_flax.data import fashion_mnist
 
 jax.config.update('jax_disable_most_optimizations', True)
 # Tests that train the same shapes several times (resume) compile once.

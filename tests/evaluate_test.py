@@ -11,7 +11,7 @@ import pytest
 from train_lib_test import ROOT
 
 from mnv2_flax import evaluate
-from mnv2_flax import train_lib
+from mnv2_flax.train import train_lib
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +88,7 @@ def test_main_names_a_missing_checkpoint(tmp_path):
 def test_export_to_litert_runs_beside_flax(trained, tmp_path):
   """A run's EMA model as LiteRT float32 and int8 (calibrated on the run's
   training images), each checked on the eval images right after writing."""
-  from mnv2_flax import export_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.export import lib as export_lib  # pylint: disable=g-import-not-at-top
 
   workdir, result = trained
   f32 = export_lib.export(str(workdir), str(tmp_path / 'f32.tflite'))

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 
 from mnv2_flax import defaults
-from mnv2_flax import fashion_mnist
-from mnv2_flax import programs
+from mnv2_flax.data import fashion_mnist
+from mnv2_flax.train import programs
 
 NUM_TRAIN, NUM_TEST = 40, 23
 
@@ -170,9 +170,9 @@ class Compiles:
 
 def count_compiles(run, clear: bool = True):
   """Runs `run()`; returns its result and its `Compiles`. Unless `clear` is
-  False, JAX's in-memory caches and the programs `mnv2_flax.programs` keeps
-  for reuse are cleared first: the count does not depend on what ran before
-  in this process."""
+  False, JAX's in-memory caches and the programs `mnv2_flax.train.programs`
+  keeps for reuse are cleared first: the count does not depend on what ran
+  before in this process."""
   if clear:
     jax.clear_caches()
     programs.forget()

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import divergence
 from mnv2_flax import evaluate
-from mnv2_flax import input_pipeline
-from mnv2_flax import steps
-from mnv2_flax import train_lib
-from mnv2_flax import training_state
+from mnv2_flax.data import prepare
+from mnv2_flax.train import divergence
+from mnv2_flax.train import steps
+from mnv2_flax.train import train_lib
+from mnv2_flax.train import training_state
 
 
 @pytest.fixture(scope='module')
@@ -105,9 +105,7 @@ def test_a_dataset_that_is_not_there_changes_nothing(copy, tmp_path):
   config, workdir, before = copy
   config.data.name = 'cifar10'
   config.data.data_dir = str(tmp_path / 'empty')
-  _refused(
-    config, workdir, input_pipeline.DataError, ['cifar10 is not prepared']
-  )
+  _refused(config, workdir, prepare.DataError, ['cifar10 is not prepared'])
   assert snapshot(workdir) == before
 
 

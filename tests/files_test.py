@@ -1,10 +1,10 @@
-"""mnv2_flax.files: whole files or none."""
+"""mnv2_flax.runtime.files: whole files or none."""
 
 import os
 
 import pytest
 
-from mnv2_flax import files
+from mnv2_flax.runtime import files
 
 
 def test_a_write_replaces_the_file_and_leaves_nothing_else(tmp_path):

@@ -15,9 +15,9 @@ import pytest
 from mnv2_flax import checkpointing
 from mnv2_flax import convert
 from mnv2_flax import defaults
-from mnv2_flax import finetune
-from mnv2_flax import steps
-from mnv2_flax import training_state
+from mnv2_flax.train import finetune
+from mnv2_flax.train import steps
+from mnv2_flax.train import training_state
 
 
 def _fresh_state(config, num_classes, seed):

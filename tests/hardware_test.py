@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mnv2_flax import hardware
 from mnv2_flax import models
 from mnv2_flax.cpu import fast_path
 from mnv2_flax.cpu import host_malloc
 from mnv2_flax.cpu import kernels
+from mnv2_flax.runtime import hardware
 
 
 def test_describe_names_platform_and_devices():
@@ -144,7 +144,7 @@ def test_expected_platform_follows_jax_platforms(
 def test_gpu_deterministic_ops_reach_xla_flags_once(monkeypatch):
   """train.py and sweep workers add XLA's flag before JAX starts; a sweep
   passes it to its workers as an override."""
-  from mnv2_flax import sweep_points  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.sweep import grid  # pylint: disable=g-import-not-at-top
 
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
   hardware.add_xla_flag(hardware.GPU_DETERMINISTIC_FLAG)
@@ -153,13 +153,7 @@ def test_gpu_deterministic_ops_reach_xla_flags_once(monkeypatch):
     '--xla_force_host_platform_device_count=2',
     '--xla_gpu_deterministic_ops=true',
   ]
-  key = sweep_points.GPU_DETERMINISTIC
-  assert sweep_points.gpu_deterministic_ops({key: 'True'})
-  assert not sweep_points.gpu_deterministic_ops({key: 'False'})
-  assert not sweep_points.gpu_deterministic_ops({})
-
-
-def test_results_name_what_a_runs_bits_depend_on():
-  bits = hardware.bits_depend_on()
-  assert bits['backend'] == 'cpu' and bits['jax'] == jax.__version__
-  assert bits['cpu_kernels'] in ('built', 'pure JAX') and bits['cpu']
+  key = grid.GPU_DETERMINISTIC
+  assert grid.gpu_deterministic_ops({key: 'True'})
+  assert not grid.gpu_deterministic_ops({key: 'False'})
+  assert not grid.gpu_deterministic_ops({})

@@ -16,10 +16,12 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from mnv2_flax import defaults
-from mnv2_flax import fashion_mnist
-from mnv2_flax import input_pipeline as ip
-from mnv2_flax import placement
 from mnv2_flax import preprocessing
+from mnv2_flax.data import fashion_mnist
+from mnv2_flax.data import input_pipeline as ip
+from mnv2_flax.data import prepare
+from mnv2_flax.data import transforms
+from mnv2_flax.runtime import placement
 
 TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +48,10 @@ def test_prepared_fashion_mnist_reads_as_the_tfds_dataset(data_dirs):
   builder = tfds.builder('fashion_mnist', data_dir=data_dir)
   assert builder.info.splits['train'].num_examples == NUM_TRAIN
   assert builder.info.splits['test'].num_examples == NUM_TEST
-  meta = ip.dataset_meta(
-    ip.get_builder(small_config(data_dir)), small_config(data_dir)
+  meta = prepare.dataset_meta(
+    prepare.get_builder(small_config(data_dir)), small_config(data_dir)
   )
-  assert meta == ip.DatasetMeta(10, NUM_TRAIN, NUM_TEST)
+  assert meta == prepare.DatasetMeta(10, NUM_TRAIN, NUM_TEST)
 
 
 def test_later_runs_reuse_the_prepared_dataset(data_dirs, monkeypatch):
@@ -61,7 +63,7 @@ def test_later_runs_reuse_the_prepared_dataset(data_dirs, monkeypatch):
     raise AssertionError('prepared again')
 
   monkeypatch.setattr(fashion_mnist, 'prepare', fail)
-  ip.get_builder(small_config(data_dir))
+  prepare.get_builder(small_config(data_dir))
   assert os.stat(info).st_mtime_ns == before
 
 
@@ -70,7 +72,7 @@ def test_train_batches_shapes_dtypes_ranges(data_dirs, size):
   _, data_dir = data_dirs
   config = small_config(data_dir, image_size=size)
   batch = first_batches(
-    ip.create_train_dataset(ip.get_builder(config), config), 1
+    ip.create_train_dataset(prepare.get_builder(config), config), 1
   )[0]
   assert batch['image'].shape == (1, 8, size, size, 3)
   assert batch['image'].dtype == np.uint8  # normalised on the device
@@ -89,7 +91,7 @@ def test_uint8_batches_normalised_on_device_equal_the_host_float_path(
   # normalised; now the last step runs in the jitted step, on the device.
   _, data_dir = data_dirs
   config = small_config(data_dir, normalization=normalization, image_size=45)
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   (batch,) = first_batches(ip.create_train_dataset(builder, config), 1)
   images = batch['image'][0]
   device = jax.jit(preprocessing.normalize, static_argnums=1)(
@@ -103,7 +105,7 @@ def test_uint8_batches_normalised_on_device_equal_the_host_float_path(
   stored = np.random.default_rng(0).integers(0, 256, (28, 28, 1), np.uint8)
   resized = tf.image.resize(stored, (45, 45), method='bilinear').numpy()
   expected = np.clip(np.round(resized), 0, 255).astype(np.uint8)
-  finished = ip._finish(tf.constant(stored), config).numpy()
+  finished = transforms.finish(tf.constant(stored), config).numpy()
   assert finished.dtype == np.uint8 and finished.shape == (45, 45, 3)
   np.testing.assert_array_equal(finished, np.repeat(expected, 3, -1))
   assert np.abs(finished[..., 0] - resized[..., 0]).max() <= 0.5
@@ -112,7 +114,7 @@ def test_uint8_batches_normalised_on_device_equal_the_host_float_path(
 def test_train_stream_is_reproducible_under_a_seed(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir)
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   a = first_batches(ip.create_train_dataset(builder, config), 7)
   b = first_batches(ip.create_train_dataset(builder, config), 7)
   for x, y in zip(a, b, strict=True):
@@ -135,7 +137,7 @@ def test_splits_kept_in_memory_give_the_streams_read_from_the_files(
   _, data_dir = data_dirs
   config = small_config(data_dir, minival_split='train[80%:]')
   config.data.train_split = 'train[:80%]'
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   streams = {}
   for cache in (False, True, True):
     config.data.cache = cache
@@ -177,7 +179,7 @@ def test_streams_run_without_the_autotuning_model(data_dirs):
   # a minute at the end of a run, TF 2.21).
   _, data_dir = data_dirs
   config = small_config(data_dir)
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   for ds in (
     ip.create_train_dataset(builder, config),
     ip.create_eval_dataset(builder, config),
@@ -190,7 +192,7 @@ def test_streams_run_without_the_autotuning_model(data_dirs):
 def test_eval_counts_every_example_once_one_device(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir)
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   seen = []
   for processes in (1, 2):
     seen = []
@@ -217,13 +219,13 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from fake_data import tiny_config
-    from mnv2_flax import input_pipeline as ip
+    from mnv2_flax.data import input_pipeline as ip
     import jax
     config = tiny_config()
     config.data.data_dir = {data_dir!r}
     config.data.eval_batch_size = 2 * jax.device_count()
     config.data.batch_size = 2 * jax.device_count()
-    builder = ip.get_builder(config)
+    builder = prepare.get_builder(config)
     out = {{'devices': jax.local_device_count()}}
     for processes in (1, 2):
       config.data.eval_batch_size = 2 * jax.device_count() * processes
@@ -282,7 +284,7 @@ def test_prefetch_to_device(data_dirs):
   config = small_config(data_dir)
   batch = next(
     ip.prefetch_to_device(
-      ip.create_train_dataset(ip.get_builder(config), config),
+      ip.create_train_dataset(prepare.get_builder(config), config),
       placement.split(),
     )
   )
@@ -297,8 +299,8 @@ def test_imagenet_under_mock_data():
   config.data.batch_size = config.data.eval_batch_size = 4
   config.data.image_size = 64
   with tfds.testing.mock_data(num_examples=20, data_dir=config.data.data_dir):
-    builder = ip.get_builder(config)
-    meta = ip.dataset_meta(builder, config)
+    builder = prepare.get_builder(config)
+    meta = prepare.dataset_meta(builder, config)
     assert meta.num_classes == 1000 and meta.num_eval_examples == 20
     batch = first_batches(ip.create_train_dataset(builder, config), 1)[0]
     assert batch['image'].shape == (1, 4, 64, 64, 3)
@@ -315,15 +317,17 @@ def test_imagenet_under_mock_data():
 
 def test_error_unknown_dataset(tmp_path):
   config = small_config(str(tmp_path), name='no_such_dataset')
-  with pytest.raises(ip.DataError, match="config.data.name='no_such_dataset'"):
-    ip.get_builder(config)
+  with pytest.raises(
+    prepare.DataError, match="config.data.name='no_such_dataset'"
+  ):
+    prepare.get_builder(config)
 
 
 def test_error_missing_split(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir, eval_split='validation')
-  with pytest.raises(ip.DataError, match=r"no split 'validation'.*'test'"):
-    ip.dataset_meta(ip.get_builder(config), config)
+  with pytest.raises(prepare.DataError, match=r"no split 'validation'.*'test'"):
+    prepare.dataset_meta(prepare.get_builder(config), config)
 
 
 @pytest.mark.parametrize(
@@ -339,12 +343,13 @@ def test_error_minival_split_not_held_out(data_dirs, train, minival, words):
   """The split for choices must hold examples never trained on."""
   _, data_dir = data_dirs
   config = small_config(data_dir, train_split=train, minival_split=minival)
-  with pytest.raises(ip.DataError, match=words) as e:
-    ip.dataset_meta(ip.get_builder(config), config)
+  with pytest.raises(prepare.DataError, match=words) as e:
+    prepare.dataset_meta(prepare.get_builder(config), config)
   assert 'config.data.minival_split' in str(e.value)
   config.data.update(train_split='train[:32]', minival_split='train[32:]')
   assert (
-    ip.dataset_meta(ip.get_builder(config), config).num_train_examples == 32
+    prepare.dataset_meta(prepare.get_builder(config), config).num_train_examples
+    == 32
   )
 
 
@@ -352,8 +357,8 @@ def test_error_fashion_mnist_not_there(tmp_path):
   config = small_config(
     str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'nothing')
   )
-  with pytest.raises(ip.DataError, match='dataset-fashion-mnist'):
-    ip.get_builder(config)
+  with pytest.raises(prepare.DataError, match='dataset-fashion-mnist'):
+    prepare.get_builder(config)
 
 
 @pytest.mark.parametrize(
@@ -378,16 +383,16 @@ def test_error_bad_idx_file_writes_nothing(tmp_path, damage, words):
     f.write(damage(content))
   data_dir = tmp_path / 'tfds'
   config = small_config(str(data_dir), manual_dir=idx_dir)
-  with pytest.raises(ip.DataError, match=words):
-    ip.get_builder(config)
+  with pytest.raises(prepare.DataError, match=words):
+    prepare.get_builder(config)
   assert not (data_dir / 'fashion_mnist').exists()
 
 
 def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path):
   config = defaults.get_config()
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(ip.DataError) as error:
-    ip.get_builder(config)
+  with pytest.raises(prepare.DataError) as error:
+    prepare.get_builder(config)
   message = str(error.value)
   assert 'ILSVRC2012_img_train.tar' in message
   assert os.path.join(str(tmp_path), 'downloads', 'manual') in message
@@ -395,8 +400,8 @@ def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path):
 
 def test_error_other_dataset_not_prepared_without_download(tmp_path):
   config = small_config(str(tmp_path), name='cifar10')
-  with pytest.raises(ip.DataError, match='config.data.download=True'):
-    ip.get_builder(config)
+  with pytest.raises(prepare.DataError, match='config.data.download=True'):
+    prepare.get_builder(config)
 
 
 @pytest.mark.parametrize(
@@ -414,14 +419,14 @@ def test_error_bad_data_fields(data_dirs, field, value):
   _, data_dir = data_dirs
   config = small_config(data_dir, **{field: value})
   with pytest.raises(ValueError, match=f'config.data.{field}='):
-    ip.get_builder(config)
+    prepare.get_builder(config)
 
 
 def test_error_batch_not_positive(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir, batch_size=0)
   with pytest.raises(ValueError, match='config.data.batch_size=0'):
-    ip.create_train_dataset(ip.get_builder(config), config)
+    ip.create_train_dataset(prepare.get_builder(config), config)
 
 
 @pytest.mark.skipif(
@@ -432,8 +437,10 @@ def test_error_batch_not_positive(data_dirs):
 def test_real_fashion_mnist_from_the_debian_package(tmp_path):
   config = tiny_config(str(tmp_path))
   config.data.eval_batch_size = 500
-  builder = ip.get_builder(config)
-  assert ip.dataset_meta(builder, config) == ip.DatasetMeta(10, 60_000, 10_000)
+  builder = prepare.get_builder(config)
+  assert prepare.dataset_meta(builder, config) == prepare.DatasetMeta(
+    10, 60_000, 10_000
+  )
   batch = first_batches(ip.create_eval_dataset(builder, config), 1)[0]
   assert batch['image'].shape == (1, 500, 32, 32, 3)
   # Real clothes: black background and bright garments.
@@ -446,7 +453,7 @@ def test_batch_sharding_gives_every_process_its_rows_of_the_global_batch(
 ):
   _, data_dir = data_dirs
   config = small_config(data_dir, process_sharding='batch')
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   whole = first_batches(ip.create_train_dataset(builder, config, 0, 1), 6)
   parts = [
     first_batches(ip.create_train_dataset(builder, config, p, 2), 6)
@@ -468,7 +475,7 @@ def test_batch_sharding_gives_every_process_its_rows_of_the_global_batch(
 def test_start_step_continues_the_stream_exactly(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir)
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   fresh = first_batches(ip.create_train_dataset(builder, config), 9)
   resumed = first_batches(
     ip.create_train_dataset(builder, config, start_step=7), 2
@@ -487,10 +494,10 @@ def test_per_batch_augmentation_matches_per_example(
   # each image is either that image or its mirror (train: random textures).
   _, data_dir = data_dirs
   config = small_config(data_dir, random_flip=flip)
-  builder = ip.get_builder(config)
-  assert ip._augments_per_batch(builder, config, jpeg=False)
+  builder = prepare.get_builder(config)
+  assert transforms.augments_per_batch(builder, config, jpeg=False)
   batched = first_batches(ip.create_train_dataset(builder, config), 10)
-  monkeypatch.setattr(ip, '_augments_per_batch', lambda *args: False)
+  monkeypatch.setattr(transforms, 'augments_per_batch', lambda *args: False)
   config.data.random_flip = False
   plain = first_batches(ip.create_train_dataset(builder, config), 10)
   flipped = []
@@ -511,13 +518,15 @@ def test_per_batch_augmentation_matches_per_example(
 def test_random_crops_are_augmented_per_example(data_dirs):
   _, data_dir = data_dirs
   config = small_config(data_dir, crop_area_range=(0.5, 1.0))
-  assert not ip._augments_per_batch(ip.get_builder(config), config, False)
+  assert not transforms.augments_per_batch(
+    prepare.get_builder(config), config, False
+  )
 
 
 def test_sklearn_digits_is_prepared_offline_with_a_fixed_split(tmp_path):
   config = tiny_config(str(tmp_path))
   config.data.update(name='sklearn_digits', eval_split='test')
-  builder = ip.get_builder(config)
+  builder = prepare.get_builder(config)
   splits = builder.info.splits
   assert (splits['train'].num_examples, splits['test'].num_examples) == (
     1297,
@@ -545,7 +554,7 @@ def test_jax_eval_resize_gives_the_pipelines_pixels(shape, size, fraction):
   config.data.update(image_size=size, eval_crop_fraction=fraction)
   want = np.stack(
     [
-      ip._preprocess(
+      transforms.preprocess(
         {'image': tf.constant(x), 'label': 0},
         None,
         train=False,

@@ -1,7 +1,9 @@
-"""The package's shape: the model is a leaf, no import cycles, no configs/."""
+"""The package's shape: the model is a leaf; no import cycle between modules
+or kinds (subpackages); no configs/; the README lists every module."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -55,19 +57,64 @@ def test_models_imports_only_flax_jax_numpy():
   assert out.stdout.strip() == "['mnv2_flax', 'mnv2_flax.models']"
 
 
-def test_no_import_cycles_and_no_top_level_configs():
-  modules = _modules()
-  graph = {m: _imports(p, modules) - {m} for m, p in modules.items()}
+def _graph(modules) -> dict[str, set[str]]:
+  """Module -> the package's modules it imports, at any level of its code,
+  and the `__init__` of each package above it (importing a.b.c runs them)."""
+  graph = {}
+  for module, path in modules.items():
+    parts = module.split('.')
+    inits = {'.'.join(parts[:i]) for i in range(1, len(parts))}
+    graph[module] = (_imports(path, modules) | inits) - {module}
+  return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """One import path per cycle found (depth-first)."""
+  cycles, done = [], set()
+
+  def visit(node, path):
+    for dep in sorted(graph.get(node, ())):
+      if dep in path:
+        cycles.append(path[path.index(dep) :] + [dep])
+      elif dep not in done and dep in graph:
+        visit(dep, [*path, dep])
+    done.add(node)
+
+  for node in sorted(graph):
+    visit(node, [node])
+  return cycles
+
+
+def _kind(module: str) -> str:
+  """A subpackage is one kind; each module at the top is its own."""
+  return '.'.join(module.split('.')[:2])
+
+
+def test_no_import_cycles_between_modules_or_kinds_and_no_configs():
+  graph = _graph(_modules())
   assert not any('configs' in deps for deps in graph.values()), graph
+  assert not _cycles(graph), _cycles(graph)[:5]
+  # Kinds: no subpackage imports one that imports it back, lazily or not;
+  # what two kinds share sits below both (runtime/, or a top module).
+  kinds = {}
+  for module, deps in graph.items():
+    if module != 'mnv2_flax':  # the package's own __init__ is below all
+      kinds.setdefault(_kind(module), set()).update(
+        _kind(d) for d in deps if d != 'mnv2_flax' and _kind(d) != _kind(module)
+      )
+  assert not _cycles(kinds), _cycles(kinds)[:5]
+  # runtime/ is the floor: of the package it reads the config schema only.
+  assert kinds['mnv2_flax.runtime'] <= {'mnv2_flax.defaults'}, kinds[
+    'mnv2_flax.runtime'
+  ]
+  assert kinds['mnv2_flax.cpu'] <= {'mnv2_flax.runtime'}, kinds['mnv2_flax.cpu']
 
-  def reachable(start):
-    seen, todo = set(), [start]
-    while todo:
-      for dep in graph.get(todo.pop(), ()):
-        if dep not in seen and dep in graph:
-          seen.add(dep)
-          todo.append(dep)
-    return seen
 
-  cycles = [m for m in graph if m in reachable(m)]
-  assert not cycles, {m: graph[m] for m in cycles}
+def test_the_layout_the_readme_lists_is_the_package():
+  readme = open(os.path.join(os.path.dirname(PACKAGE), 'README.md')).read()
+  layout = readme.split('## Layout', 1)[1]
+  for module in _modules():
+    name = module.split('.')[-1]
+    if module != 'mnv2_flax' and name != '__init__':
+      listed = re.search(rf'(?<!\w){re.escape(name)}(?!\w)', layout)
+      assert listed, f'README "Layout" does not list {module}'

@@ -34,8 +34,8 @@ def main(data_dir, workdir, process_id, num_processes, port, out=None):
   from fake_data import tiny_config
 
   from mnv2_flax import checkpointing
-  from mnv2_flax import preemption
-  from mnv2_flax import train_lib
+  from mnv2_flax.runtime import preemption
+  from mnv2_flax.train import train_lib
 
   # 3 steps of 16 images (4 per device). The base rate is tiny: the gradients
   # are large at TF-slim's initialisation on noise images and a real step

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import divergence
-from mnv2_flax import train_lib
-from mnv2_flax import training_state
 from mnv2_flax.cpu import kernels
+from mnv2_flax.train import divergence
+from mnv2_flax.train import train_lib
+from mnv2_flax.train import training_state
 
 
 def _config(data_dir, seed, **train):

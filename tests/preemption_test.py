@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import files
-from mnv2_flax import sweep_points
-from mnv2_flax import sweep_submit
-from mnv2_flax import train_lib
+from mnv2_flax.runtime import files
+from mnv2_flax.sweep import grid
+from mnv2_flax.sweep import slurm
+from mnv2_flax.train import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, 'tests')
@@ -299,9 +299,9 @@ def test_a_submitit_task_saves_on_sigusr2_is_requeued_and_resumes(
   )
   executor.update_parameters(timeout_min=10)
   job = executor.submit(
-    sweep_submit.PointTask(ablation.__file__, str(root), overrides), [point]
+    slurm.PointTask(ablation.__file__, str(root), overrides), [point]
   )
-  workdir = root / sweep_points.point_name(point)
+  workdir = root / grid.point_name(point)
   deadline = time.monotonic() + 300
   while not (workdir / 'checkpoints' / '10').is_dir():
     assert not job.done(), job.stderr()

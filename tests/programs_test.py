@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import compilation_cache
-from mnv2_flax import programs
-from mnv2_flax import train_lib
+from mnv2_flax.runtime import compilation_cache
+from mnv2_flax.train import programs
+from mnv2_flax.train import train_lib
 
 
 def _train(config, workdir):

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mnv2_flax import checkpointing
-from mnv2_flax import fashion_mnist
-from mnv2_flax import train_lib
 from mnv2_flax.cpu import kernels
+from mnv2_flax.data import fashion_mnist
+from mnv2_flax.train import train_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 NUM_TRAIN = 256
@@ -61,7 +61,7 @@ sys.path.insert(0, {tests!r})
 import jax
 jax.config.update('jax_disable_most_optimizations', True)
 from reproducibility_test import _config
-from mnv2_flax import train_lib
+from mnv2_flax.train import train_lib
 train_lib.train_and_evaluate(_config({data_dir!r}, 128, 3), {workdir!r})
 """
 

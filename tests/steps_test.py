@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mnv2_flax import steps
-from mnv2_flax import train_lib
-from mnv2_flax import training_state
+from mnv2_flax.train import steps
+from mnv2_flax.train import train_lib
+from mnv2_flax.train import training_state
 
 
 @pytest.mark.slow

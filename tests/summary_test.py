@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mnv2_flax import summary
+from mnv2_flax.sweep import summary
 
 # Student t quantiles t(0.975, dof), from printed tables.
 T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}

@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from configs import ablation
-from mnv2_flax import sweep
-from mnv2_flax import sweep_points
-from mnv2_flax import sweep_submit
-from mnv2_flax import sweep_workers
-from mnv2_flax import train_lib
+from mnv2_flax.sweep import driver
+from mnv2_flax.sweep import grid
+from mnv2_flax.sweep import slurm
+from mnv2_flax.sweep import workers
+from mnv2_flax.train import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,14 +47,14 @@ def test_named_sweeps():
 
 
 def test_user_grids():
-  grid = ablation.get_sweep('grid,width=0.35|0.5|1.0,res=32|48,seeds=3')
-  assert len(grid) == 18 and len(set(grid)) == 18
-  assert grid[:3] == [
+  args = ablation.get_sweep('grid,width=0.35|0.5|1.0,res=32|48,seeds=3')
+  assert len(args) == 18 and len(set(args)) == 18
+  assert args[:3] == [
     'width=0.35,res=32,seed=0',
     'width=0.35,res=48,seed=0',
     'width=0.5,res=32,seed=0',
   ]
-  assert grid[-1] == 'width=1.0,res=48,seed=2'
+  assert args[-1] == 'width=1.0,res=48,seed=2'
   # Without a name it is a grid too; chosen seeds; one-value keys are fixed.
   assert ablation.get_sweep('expand=4|6,seed=3|9,epochs=2') == [
     'expand=4,epochs=2,seed=3',
@@ -111,42 +111,39 @@ def test_point_names_are_distinct_and_shell_safe():
     (ablation.get_sweep(name) for name in ablation.SWEEPS if name != 'grid'),
     start=[],
   )
-  names = [sweep_points.point_name(a) for a in args]
-  assert sweep_points.point_name('width=0.5,res=24') == 'width-0.5_res-24'
+  names = [grid.point_name(a) for a in args]
+  assert grid.point_name('width=0.5,res=24') == 'width-0.5_res-24'
   assert len(set(names)) == len(set(args))
   assert all(
     n.replace('-', '').replace('_', '').replace('.', '').isalnum()
     for n in names
   )
   with pytest.raises(ValueError, match='no valid directory name'):
-    sweep_points.point_name('width=0.5,res=../x')
+    grid.point_name('width=0.5,res=../x')
 
 
-def _simulate(points, costs, workers):
-  """Workers taking packs by `sweep_workers.next_pack`, each pack taking
+def _simulate(points, costs, count):
+  """Workers taking packs by `workers.next_pack`, each pack taking
   its cost in time: (order of (time, worker, arg) starts, finish time of
   each worker)."""
-  queue = [[sweep_points.Point(arg, '')] for arg in points]
-  built = [set() for _ in range(workers)]
-  free_at, starts = [0.0] * workers, []
+  queue = [[grid.Point(arg, '')] for arg in points]
+  built = [set() for _ in range(count)]
+  free_at, starts = [0.0] * count, []
   while queue:
-    w = min(range(workers), key=lambda i: free_at[i])
-    pack = queue.pop(sweep_workers.next_pack(queue, built[w], costs))
-    built[w].add(sweep_points.seedless(pack[0].arg))
+    w = min(range(count), key=lambda i: free_at[i])
+    pack = queue.pop(workers.next_pack(queue, built[w], costs))
+    built[w].add(grid.seedless(pack[0].arg))
     starts.append((free_at[w], w, pack[0].arg))
-    free_at[w] += costs[sweep_points.seedless(pack[0].arg)]
+    free_at[w] += costs[grid.seedless(pack[0].arg)]
   return starts, free_at
 
 
 def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
   points = ablation.get_sweep('fashion_mnist')  # 4 points x seeds 0-4
-  costs = {
-    sweep_points.seedless(a): sweep_points.cost(ablation.get_config(a))
-    for a in points
-  }
+  costs = {grid.seedless(a): grid.cost(ablation.get_config(a)) for a in points}
   assert costs['width=0.75,res=48'] == max(costs.values())
   assert costs['width=0.35,res=32'] == min(costs.values())
-  starts, free_at = _simulate(points, costs, workers=2)
+  starts, free_at = _simulate(points, costs, count=2)
   # The costliest point starts first; seeds stay slowest: no pack starts
   # while a seed two below it is still queued.
   assert starts[0][2] == 'width=0.75,res=48,seed=0'
@@ -156,7 +153,7 @@ def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
   # worker takes what is left rather than idle.
   owner = {}
   for _, w, arg in starts[:-1]:
-    assert owner.setdefault(sweep_points.seedless(arg), w) == w, arg
+    assert owner.setdefault(grid.seedless(arg), w) == w, arg
   # The two workers end within the cost of the cheapest point of each
   # other; the order of the grid (first point first) idles one for longer.
   assert abs(free_at[0] - free_at[1]) <= min(costs.values()) * 1.01
@@ -173,8 +170,8 @@ def test_a_parallel_sweep_builds_the_kernels_once_while_it_prepares_data(
   import threading  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
 
-  from mnv2_flax import hardware  # pylint: disable=g-import-not-at-top
   from mnv2_flax.cpu import kernels  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.runtime import hardware  # pylint: disable=g-import-not-at-top
 
   events = []
 
@@ -186,7 +183,7 @@ def test_a_parallel_sweep_builds_the_kernels_once_while_it_prepares_data(
 
   monkeypatch.setattr(kernels, 'build', build)
   config = ablation.get_config('width=0.35,res=32')
-  with sweep._kernels_built([config]):
+  with driver._kernels_built([config]):
     time.sleep(0.1)
     events.append(('preparing', threading.current_thread().name))
   events.append(('workers', None))
@@ -195,11 +192,11 @@ def test_a_parallel_sweep_builds_the_kernels_once_while_it_prepares_data(
 
   events.clear()
   config.train.cpu_fast_path = False
-  with sweep._kernels_built([config]):
+  with driver._kernels_built([config]):
     pass
   monkeypatch.setattr(hardware, 'expected_platform', lambda: 'gpu')
   config.train.cpu_fast_path = True
-  with sweep._kernels_built([config]):
+  with driver._kernels_built([config]):
     pass
   assert not events
 
@@ -209,7 +206,7 @@ def _simulate_in_order(points, costs, workers):
   for arg in points:
     w = min(range(workers), key=lambda i: free_at[i])
     starts.append((free_at[w], w, arg))
-    free_at[w] += costs[sweep_points.seedless(arg)]
+    free_at[w] += costs[grid.seedless(arg)]
   return starts, free_at
 
 
@@ -217,12 +214,12 @@ def _simulate_in_order(points, costs, workers):
 def test_shards_split_disjointly_and_completely(count):
   args = ablation.get_sweep('imagenet')
   shards = [
-    sweep.dry_run_commands('configs/ablation.py', args, '/r', shard=(i, count))
+    driver.dry_run_commands('configs/ablation.py', args, '/r', shard=(i, count))
     for i in range(count)
   ]
   flat = sum(shards, start=[])
   assert sorted(flat) == sorted(
-    sweep.dry_run_commands('configs/ablation.py', args, '/r')
+    driver.dry_run_commands('configs/ablation.py', args, '/r')
   )
   assert len(flat) == len(set(flat)) == 21
   assert flat[0] == (
@@ -231,12 +228,12 @@ def test_shards_split_disjointly_and_completely(count):
     '--workdir=/r/data-imagenet_width-0.35_res-96'
   )
   with pytest.raises(ValueError, match='--shard'):
-    sweep.parse_shard(f'{count}/{count}')
+    driver.parse_shard(f'{count}/{count}')
 
 
 def test_overrides_are_typed_and_checked():
   config = ablation.get_config(None)
-  sweep_points.apply_overrides(
+  grid.apply_overrides(
     config,
     {
       'train.num_epochs': '2',
@@ -253,11 +250,11 @@ def test_overrides_are_typed_and_checked():
   with pytest.raises(
     ValueError, match='no field train.epochs; did you mean train.num_epochs?'
   ):
-    sweep_points.apply_overrides(config, {'train.epochs': '1'})
+    grid.apply_overrides(config, {'train.epochs': '1'})
   with pytest.raises(ValueError, match=r'no field nothing_like_it\.$'):
-    sweep_points.apply_overrides(config, {'nothing_like_it': '1'})
+    grid.apply_overrides(config, {'nothing_like_it': '1'})
   with pytest.raises(ValueError, match='data.batch_size=many: expected a int'):
-    sweep_points.apply_overrides(config, {'data.batch_size': 'many'})
+    grid.apply_overrides(config, {'data.batch_size': 'many'})
 
 
 def _tiny(data_dir, **extra):
@@ -289,7 +286,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   _, data_dir = data_dirs
   root = str(tmp_path / 'sweep')
   points = ablation.get_sweep('grid,width=0.35,res=32,seeds=3')
-  names = [sweep_points.point_name(p) for p in points]
+  names = [grid.point_name(p) for p in points]
   calls, resumed = [], []
 
   def train(config, workdir):  # the real loop, its calls recorded
@@ -307,11 +304,10 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   # 1. Seed 0 finishes; seed 1 is interrupted after a step; seed 2 waits.
   interrupt = True
   with pytest.raises(KeyboardInterrupt):
-    sweep.run(ablation, points, root, _tiny(data_dir), train_fn=train, pack=1)
+    driver.run(ablation, points, root, _tiny(data_dir), train_fn=train, pack=1)
   assert calls == names[:2]
   statuses = [
-    sweep_points.point_status(p)['status']
-    for p in sweep_points.make_points(points, root)
+    grid.point_status(p)['status'] for p in grid.make_points(points, root)
   ]
   assert statuses == ['finished', 'interrupted', 'pending']
   finished = _mtimes(root, names[:1])
@@ -323,7 +319,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   os.makedirs(os.path.join(root, names[2]))
   with open(os.path.join(root, names[2], 'checkpoints'), 'w') as f:
     f.write('not a directory')
-  rows = sweep.run(
+  rows = driver.run(
     ablation, points, root, _tiny(data_dir), train_fn=train, pack=1
   )
   assert calls == names[1:] and resumed == [True, False]
@@ -341,7 +337,7 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
   calls.clear()
   os.remove(os.path.join(root, names[2], 'checkpoints'))
   finished = _mtimes(root, names[:2])
-  rows = sweep.run(
+  rows = driver.run(
     ablation, points, root, _tiny(data_dir), train_fn=train, pack=1
   )
   assert calls == names[2:]
@@ -376,17 +372,17 @@ def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
   _, data_dir = data_dirs
   root = str(tmp_path / 'sweep')
   points = ablation.get_sweep('grid,width=0.35,res=32,seeds=4')
-  names = [sweep_points.point_name(p) for p in points]
-  configs = sweep_points.point_configs(
-    ablation, sweep_points.make_points(points, root), _tiny(data_dir)
+  names = [grid.point_name(p) for p in points]
+  configs = grid.point_configs(
+    ablation, grid.make_points(points, root), _tiny(data_dir)
   )
-  assert [len(p) for p in sweep_points.make_packs(list(configs), 2)] == [2, 2]
+  assert [len(p) for p in grid.make_packs(list(configs), 2)] == [2, 2]
   # Seed 3 was stopped after its first step by an earlier run.
-  config = configs[sweep_points.make_points(points, root)[3]]
+  config = configs[grid.make_points(points, root)[3]]
   config.train.stop_after_step = 1
   train_lib.train_and_evaluate(config, os.path.join(root, names[3]))
 
-  rows = sweep.run(ablation, points, root, _tiny(data_dir), pack=2)
+  rows = driver.run(ablation, points, root, _tiny(data_dir), pack=2)
   assert [r['status'] for r in rows] == ['finished'] * 4
   results = [
     json.loads(open(os.path.join(root, n, 'results.json')).read())
@@ -397,25 +393,25 @@ def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
   assert [r.get('pack') for r in results] == [2, 2, None, None]
   assert all(r['completed_steps'] == 2 for r in results)
   for name in names:  # each point records its share of the wall time
-    record = json.loads(open(os.path.join(root, name, 'sweep.json')).read())
+    record = json.loads(open(os.path.join(root, name, 'driver.json')).read())
     assert record['wall_seconds'] > 0 and record['error'] is None
   with open(os.path.join(root, 'points.csv')) as f:
     (point,) = list(csv.DictReader(f))
   assert point['n'] == '4'
   # A rerun finds everything finished.
-  rows = sweep.run(ablation, points, root, _tiny(data_dir))
+  rows = driver.run(ablation, points, root, _tiny(data_dir))
   assert [r['status'] for r in rows] == ['finished'] * 4
-  assert [len(p) for p in sweep_points.make_packs(list(configs), 0)] == [4]
+  assert [len(p) for p in grid.make_packs(list(configs), 0)] == [4]
   with pytest.raises(ValueError, match='--pack=-1'):
-    sweep_points.make_packs(list(configs), -1)
+    grid.make_packs(list(configs), -1)
   # No packs by default on the CPU (measured slower there).
-  assert sweep_points.default_pack() == 1
+  assert grid.default_pack() == 1
 
 
 def test_a_bad_point_stops_the_sweep_before_anything_runs(tmp_path):
   points = ablation.get_sweep('grid,width=0.35,res=32|24')
   with pytest.raises(ValueError, match="sweep point 'width=0.35,res=24'"):
-    sweep.run(ablation, points, str(tmp_path / 's'), train_fn=None)
+    driver.run(ablation, points, str(tmp_path / 's'), train_fn=None)
   assert not os.path.exists(tmp_path / 's')
 
 
@@ -455,10 +451,14 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   idx_dir, _ = data_dirs
   data_dir = str(tmp_path / 'tfds')
   root = tmp_path / 'sweep'
-  grid = 'grid,width=0.35|0.5,res=32,seeds=2'
+  sweep_arg = 'grid,width=0.35|0.5,res=32,seeds=2'
   overrides = _tiny(data_dir, **{'data.manual_dir': idx_dir})
   result = _parallel_sweep(
-    f'{ROOT}/configs/ablation.py:{grid}', root, overrides, tmp_path, '--pack=2'
+    f'{ROOT}/configs/ablation.py:{sweep_arg}',
+    root,
+    overrides,
+    tmp_path,
+    '--pack=2',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   # Both packs ran at once (the costlier first), each pinned to its own
@@ -471,8 +471,7 @@ def test_parallel_runs_a_user_grid_in_two_pinned_processes(data_dirs, tmp_path):
   cores = []
   for width in ('0.35', '0.5'):
     first, second = (
-      root / sweep_points.point_name(f'width={width},res=32,seed={s}')
-      for s in (0, 1)
+      root / grid.point_name(f'width={width},res=32,seed={s}') for s in (0, 1)
     )
     log = (first / 'log.txt').read_text()
     cores.append(re.search(r'CPU cores: ([\d,]+);', log).group(1))
@@ -534,14 +533,12 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
   with open(root / 'results.csv') as f:
     status = {r['seed']: r['status'] for r in csv.DictReader(f)}
   assert status == dict.fromkeys('012', 'finished') | {'crash': 'failed'}
-  crash = sweep_points.point_name('width=0.35,res=32,seed=crash')
-  record = json.loads((root / crash / 'sweep.json').read_text())
+  crash = grid.point_name('width=0.35,res=32,seed=crash')
+  record = json.loads((root / crash / 'driver.json').read_text())
   assert record['error'].startswith('worker exited with status -9')
   # Two workers (plus the one that replaced the crashed one, if any points
   # were left) trained the 3 points: one of them trained two in turn.
-  names = [
-    sweep_points.point_name(f'width=0.35,res=32,seed={i}') for i in '012'
-  ]
+  names = [grid.point_name(f'width=0.35,res=32,seed={i}') for i in '012']
   logs = [(root / name / 'log.txt').read_text() for name in names]
   pids = [re.search(r'worker process (\d+)\.', log).group(1) for log in logs]
   assert len(set(pids)) < 3, pids
@@ -563,7 +560,7 @@ def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   root = str(tmp_path / 'sweep')
   points = ablation.get_sweep('grid,width=0.35,res=32,seeds=2')
   args = (ablation, points, root, _tiny(data_dir), 'local')
-  rows = sweep_submit.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  rows = slurm.submit(*args, dict(timeout_min=10), poll_seconds=1)
   assert [r['status'] for r in rows] == ['finished'] * 2
   jobs = os.listdir(os.path.join(root, 'submitit'))
   registry = json.loads(
@@ -580,15 +577,15 @@ def test_submitit_local_array_runs_and_a_rerun_submits_nothing_finished(
   with open(os.path.join(root, 'points.csv')) as f:
     assert next(csv.DictReader(f))['n'] == '2'
   # Rerun: nothing is left to submit.
-  rows = sweep_submit.submit(*args, dict(timeout_min=10), poll_seconds=1)
+  rows = slurm.submit(*args, dict(timeout_min=10), poll_seconds=1)
   assert [r['status'] for r in rows] == ['finished'] * 2
   assert sorted(os.listdir(os.path.join(root, 'submitit'))) == sorted(jobs)
   # A rerun leaves a job that is still alive alone: it is waited for.
-  assert sweep_submit._job_alive(None, root, 'local', str(os.getpid()))
-  assert not sweep_submit._job_alive(None, root, 'local', registry[points[0]])
+  assert slurm._job_alive(None, root, 'local', str(os.getpid()))
+  assert not slurm._job_alive(None, root, 'local', registry[points[0]])
   # Unknown submitit parameters: one clear error, nothing submitted.
   with pytest.raises(ValueError, match='--submit_params'):
-    sweep_submit.submit(
+    slurm.submit(
       ablation,
       ablation.get_sweep('grid,width=0.35,res=40'),
       root,
@@ -602,8 +599,8 @@ def test_config_loads_from_outside_the_repository_root(tmp_path):
   """configs/ablation.py imports configs.default: no PYTHONPATH needed."""
   path = os.path.join(ROOT, 'configs', 'ablation.py')
   code = (
-    'from mnv2_flax import sweep_points; '
-    f'm = sweep_points.load_config_module({path!r}); '
+    'from mnv2_flax.sweep import grid; '
+    f'm = grid.load_config_module({path!r}); '
     'print(len(m.get_sweep(None)))'
   )
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}

@@ -24,10 +24,10 @@ import pytest
 
 from mnv2_flax import checkpointing
 from mnv2_flax import preprocessing
-from mnv2_flax import programs
-from mnv2_flax import steps
-from mnv2_flax import train_lib
-from mnv2_flax import training_state
+from mnv2_flax.train import programs
+from mnv2_flax.train import steps
+from mnv2_flax.train import train_lib
+from mnv2_flax.train import training_state
 
 # First-step loss for seed 0 (TF-slim init, width 0.35, res 32, float32, CPU).
 GOLDEN_FIRST_LOSS = 4.347808
@@ -84,7 +84,7 @@ _PMAP_SCRIPT = textwrap.dedent("""
     jax.config.update('jax_disable_most_optimizations', True)
     from fake_data import tiny_config
     from train_lib_test import _fixed_batch
-    from mnv2_flax import steps, training_state
+    from mnv2_flax.train import steps, training_state
     config = tiny_config()
     model = training_state.create_model(config, 10)
     lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)

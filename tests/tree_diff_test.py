@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_flax import tree_diff
-from mnv2_flax.tree_diff import Problem
+from mnv2_flax.runtime import tree_diff
+from mnv2_flax.runtime.tree_diff import Problem
 
 MODEL = {'a/kernel': (3, 3), 'b/kernel': (4,), 'c/bias': (2,)}
 

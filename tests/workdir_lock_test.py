@@ -14,15 +14,15 @@ from fake_data import snapshot
 from fake_data import tiny_config
 import pytest
 
-from mnv2_flax import sweep
-from mnv2_flax import sweep_points
-from mnv2_flax import train_lib
-from mnv2_flax import workdir_lock
+from mnv2_flax.runtime import workdir_lock
+from mnv2_flax.sweep import driver
+from mnv2_flax.sweep import grid
+from mnv2_flax.train import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
 import sys, time
-from mnv2_flax import workdir_lock
+from mnv2_flax.runtime import workdir_lock
 with workdir_lock.hold(sys.argv[1]):
   print('held', flush=True)
   time.sleep(600)
@@ -116,28 +116,28 @@ def test_a_refused_run_leaves_no_workdir(field, value, before_jax, tmp_path):
 
 def test_a_sweep_point_in_use_is_left_alone(held):
   workdir, holder = held
-  point = sweep_points.Point('width=0.35', workdir)
+  point = grid.Point('width=0.35', workdir)
   before = snapshot(workdir)
 
   def train(config, workdir):
     raise AssertionError('trained a point another process holds')
 
-  assert sweep_points.run_point(point, tiny_config(), train) is None
-  assert snapshot(workdir) == before  # no sweep.json, no error.txt
+  assert grid.run_point(point, tiny_config(), train) is None
+  assert snapshot(workdir) == before  # no driver.json, no error.txt
   # Its status and the sweep's last line name who trains it; the sweep
   # that left it alone did not fail (two sweeps on one root share it).
-  status = sweep_points.point_status(point)
-  assert status['status'] == sweep_points.RUNNING_ELSEWHERE
+  status = grid.point_status(point)
+  assert status['status'] == grid.RUNNING_ELSEWHERE
   assert (
     f'process {holder.pid} on host {socket.gethostname()}'
     in (status['held_by'])
   )
-  tally = sweep._tally([status, {'status': 'finished'}])
+  tally = driver.tally([status, {'status': 'finished'}])
   assert tally.startswith('1 of 2 runs finished, 1 being trained by another')
   assert str(holder.pid) in tally
   holder.kill()
   holder.wait()
-  assert sweep_points.point_status(point)['status'] == 'pending'
+  assert grid.point_status(point)['status'] == 'pending'
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(held, caplog):
@@ -178,13 +178,14 @@ def test_without_working_locks_a_live_holder_here_still_refuses(
 PREPARE = """
 import sys
 from absl import logging
-from mnv2_flax import defaults, input_pipeline
+from mnv2_flax import defaults
+from mnv2_flax.data import prepare
 logging.set_verbosity(logging.INFO)
 config = defaults.get_config()
 config.data.update(
   name='sklearn_digits', data_dir=sys.argv[1], eval_split='test'
 )
-print(input_pipeline.dataset_meta(input_pipeline.get_builder(config), config))
+print(prepare.dataset_meta(prepare.get_builder(config), config))
 """
 
 

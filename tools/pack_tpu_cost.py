@@ -25,9 +25,9 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import quickstart  # noqa: E402  pylint: disable=g-import-not-at-top
-from mnv2_flax import aot  # noqa: E402
-from mnv2_flax import placement  # noqa: E402
-from mnv2_flax import training_state  # noqa: E402
+from mnv2_flax.benchmark import aot  # noqa: E402
+from mnv2_flax.runtime import placement  # noqa: E402
+from mnv2_flax.train import training_state  # noqa: E402
 
 _PACKS = flags.DEFINE_list('packs', ['1', '4', '8'], 'Pack sizes.')
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:1x1', 'TPU topology.')

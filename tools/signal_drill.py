@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from mnv2_flax import checkpointing
-from mnv2_flax import files
+from mnv2_flax.runtime import files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ROOT = flags.DEFINE_string('root', '/tmp/mnv2_flax_signal_drill', 'Scratch.')

@@ -33,12 +33,12 @@ def _child(config_arg: str, out: str, repeats: int, pack: int = 1) -> None:
   from ml_collections import config_flags  # noqa: F401
 
   from mnv2_flax import defaults
-  from mnv2_flax import steps
-  from mnv2_flax import training_state
   from mnv2_flax.cpu import batch_norm
   from mnv2_flax.cpu import dense
   from mnv2_flax.cpu import depthwise
   from mnv2_flax.cpu import fast_path
+  from mnv2_flax.train import steps
+  from mnv2_flax.train import training_state
 
   path, _, arg = config_arg.partition(':')
   import importlib.util
@@ -222,10 +222,10 @@ def _cost(steps: int) -> None:
   timed in turn in one process (benchmark_lib's program and timing)."""
   import jax
 
-  from mnv2_flax import benchmark_lib
-  from mnv2_flax import placement
-  from mnv2_flax import training_state
+  from mnv2_flax.benchmark import lib as benchmark_lib
   from mnv2_flax.cpu import depthwise
+  from mnv2_flax.runtime import placement
+  from mnv2_flax.train import training_state
 
   shapes = (
     ('sweep w0.35 32px b256', 0.35, 32, 256, None),

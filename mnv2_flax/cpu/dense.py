@@ -24,8 +24,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from mnv2_flax import per_seed
 from mnv2_flax.cpu import depthwise
+from mnv2_flax.runtime import per_seed
 
 
 def _rows(a):

@@ -31,8 +31,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from mnv2_flax import per_seed
 from mnv2_flax.cpu import kernels
+from mnv2_flax.runtime import per_seed
 
 
 def conv_general_dilated(

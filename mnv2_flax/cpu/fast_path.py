@@ -25,11 +25,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from mnv2_flax import hardware
 from mnv2_flax.cpu import batch_norm
 from mnv2_flax.cpu import dense
 from mnv2_flax.cpu import depthwise
 from mnv2_flax.cpu import host_malloc
+from mnv2_flax.runtime import hardware
 
 ENV_VAR = 'MNV2_FLAX_CPU'
 

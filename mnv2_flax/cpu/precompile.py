@@ -116,8 +116,8 @@ def start(target: str, cache_dir: str, **kwargs: Any) -> Child | None:
   if not wanted(cache_dir):
     return None
   # pylint: disable=g-import-not-at-top
-  from mnv2_flax import compilation_cache
   from mnv2_flax.cpu import kernels
+  from mnv2_flax.runtime import compilation_cache
   # pylint: enable=g-import-not-at-top
 
   # This process reads the cache that the child writes.
@@ -141,7 +141,7 @@ def start(target: str, cache_dir: str, **kwargs: Any) -> Child | None:
 
 def _compile(job: dict[str, Any]) -> None:
   """The child's work: the programs the training process will load."""
-  from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.runtime import compilation_cache  # pylint: disable=g-import-not-at-top
 
   for name, value in job['jax_config'].items():
     if jax.config.values.get(name) != value:

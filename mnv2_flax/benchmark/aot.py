@@ -25,10 +25,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from mnv2_flax import hardware
-from mnv2_flax import placement
-from mnv2_flax import steps
-from mnv2_flax import training_state
+from mnv2_flax.runtime import hardware
+from mnv2_flax.runtime import placement
+from mnv2_flax.train import steps
+from mnv2_flax.train import training_state
 
 # Classes of the datasets the configs name; others: `num_classes=`.
 NUM_CLASSES = {'imagenet2012': 1000, 'fashion_mnist': 10}

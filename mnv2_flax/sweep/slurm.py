@@ -2,7 +2,7 @@
 
 `python -m mnv2_flax.sweep ... --submit=slurm` submits the unfinished points
 as one array job of one task per point and its seeds (trained in packs,
-`sweep_points.make_packs`), waits for it and summarises.
+`grid.make_packs`), waits for it and summarises.
 """
 
 import os
@@ -13,9 +13,9 @@ from typing import Any
 from absl import logging
 
 from mnv2_flax import cli
-from mnv2_flax import files
-from mnv2_flax import preemption
-from mnv2_flax import sweep_points
+from mnv2_flax.runtime import files
+from mnv2_flax.runtime import preemption
+from mnv2_flax.sweep import grid
 
 SUBMITIT = (
   'submitit is not installed: `make setup-slurm` '
@@ -25,7 +25,7 @@ SUBMITIT = (
 
 class PointTask:
   """The seeds of a point as one submitit job, trained in packs of at most
-  `pack` seeds (`sweep_points.run_pack`) one after another in its process:
+  `pack` seeds (`grid.run_pack`) one after another in its process:
   picklable (the config file's path, not the module) and requeued where
   Slurm preempts or times it out (`checkpoint`); the rerun skips finished
   points and resumes the others from their checkpoints."""
@@ -42,29 +42,25 @@ class PointTask:
 
   def __call__(self, point_args: list[str]) -> list[str | None]:
     logging.set_verbosity(logging.INFO)  # the task's log: as train.py's
-    module = sweep_points.load_config_module(self.config_path)
+    module = grid.load_config_module(self.config_path)
     points = [
-      sweep_points.Point(a, os.path.join(self.root, sweep_points.point_name(a)))
+      grid.Point(a, os.path.join(self.root, grid.point_name(a)))
       for a in point_args
     ]
-    configs = sweep_points.point_configs(module, points, self.overrides)
+    configs = grid.point_configs(module, points, self.overrides)
     cli.start_jax(
       gpu_deterministic_ops=any(
         c.train.gpu_deterministic_ops for c in configs.values()
       )
     )
-    todo = [
-      p for p in points if sweep_points.point_status(p)['status'] != 'finished'
-    ]
+    todo = [p for p in points if grid.point_status(p)['status'] != 'finished']
     errors = dict.fromkeys(points)
     try:
       cap = self.pack
       if cap is None:  # decided where the task runs (a GPU node, ...)
-        cap = sweep_points.default_pack()
-      for pack in sweep_points.make_packs(todo, cap):
-        errors.update(
-          zip(pack, sweep_points.run_pack(pack, configs), strict=True)
-        )
+        cap = grid.default_pack()
+      for pack in grid.make_packs(todo, cap):
+        errors.update(zip(pack, grid.run_pack(pack, configs), strict=True))
     except preemption.Stopped as stop:
       # The points are saved. Now submitit's own handler of the signal: on
       # SIGUSR2 it checkpoints this task and requeues it (and exits), on
@@ -114,14 +110,14 @@ def submit(
   `<root>/submitit/jobs.json`: a rerun submits only points that are
   neither finished nor still queued or running, and waits for all of them.
   A task trains a point's seeds in packs of at most `pack` (0: all; None:
-  `sweep_points.default_pack()`).
+  `grid.default_pack()`).
   """
   try:
     import submitit  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ValueError(f'--submit={cluster}: {SUBMITIT}.') from None
-  points = sweep_points.make_points(point_args, root)
-  sweep_points.point_configs(module, points, overrides)
+  points = grid.make_points(point_args, root)
+  grid.point_configs(module, points, overrides)
   registry = os.path.join(root, 'submitit', 'jobs.json')
   earlier = files.read_json(registry)
   waiting = {}  # point: a function that says whether its job is done
@@ -135,7 +131,7 @@ def submit(
   todo = [
     p
     for p in points
-    if p not in waiting and sweep_points.point_status(p)['status'] != 'finished'
+    if p not in waiting and grid.point_status(p)['status'] != 'finished'
   ]
   jobs = []
   if todo:
@@ -155,7 +151,7 @@ def submit(
         'slurm_array_parallelism, ...).'
       ) from None
     task = PointTask(os.path.abspath(module.__file__), root, overrides, pack)
-    groups = sweep_points.make_packs(todo, 0)  # a task per point
+    groups = grid.make_packs(todo, 0)  # a task per point
     jobs = executor.map_array(task, [[p.arg for p in g] for g in groups])
     for group, job in zip(groups, jobs, strict=True):
       earlier.update({p.arg: job.job_id for p in group})
@@ -182,14 +178,14 @@ def submit(
     if job.exception() is None:
       continue
     for point in group:  # what the task could not record itself
-      if sweep_points.point_status(point)['status'] in (
+      if grid.point_status(point)['status'] in (
         'pending',
         'interrupted',
       ):
         error = f'job {job.job_id} {job.state}: see {job.paths.stderr}'
         logging.error('Sweep point %s failed: %s', point.arg, error)
-        sweep_points.record(point, 0.0, error)
-  return sweep_points.summarize(module, point_args, root)
+        grid.record(point, 0.0, error)
+  return grid.summarize(module, point_args, root)
 
 
 def parse_params(text: str) -> dict[str, Any]:

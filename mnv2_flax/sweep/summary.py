@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
-from mnv2_flax import files as file_utils
+from mnv2_flax.runtime import files as file_utils
 
 # The eval split's (what results report: Fashion-MNIST's test, ImageNet's
 # validation) and the minival split's (held out of train, for choices).

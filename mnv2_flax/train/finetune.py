@@ -30,7 +30,7 @@ import numpy as np
 from mnv2_flax import checkpointing
 from mnv2_flax import convert
 from mnv2_flax import defaults
-from mnv2_flax import tree_diff
+from mnv2_flax.runtime import tree_diff
 
 # (padding, bn_epsilon) each source was trained with.
 _NUMERICS = {

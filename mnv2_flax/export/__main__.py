@@ -48,7 +48,7 @@ def main(argv: Sequence[str]) -> None:
     output, _FORMAT.value, _QUANTIZE.value, _BATCH_SIZE.value
   )
   cli.start_jax()
-  from mnv2_flax import export_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.export import lib as export_lib  # pylint: disable=g-import-not-at-top
 
   result = export_lib.export(
     _WORKDIR.value,

@@ -15,10 +15,11 @@ import tensorflow as tf
 
 from mnv2_flax import checkpointing
 from mnv2_flax import defaults
-from mnv2_flax import input_pipeline
 from mnv2_flax import models
 from mnv2_flax import preprocessing
-from mnv2_flax import training_state
+from mnv2_flax.data import input_pipeline
+from mnv2_flax.data import prepare
+from mnv2_flax.train import training_state
 
 ONNX_OPSET = 17
 
@@ -169,8 +170,8 @@ def export(
   if resolution:
     config.data.image_size = resolution
   size = config.data.image_size
-  builder = input_pipeline.get_builder(config)
-  num_classes = input_pipeline.dataset_meta(builder, config).num_classes
+  builder = prepare.get_builder(config)
+  num_classes = prepare.dataset_meta(builder, config).num_classes
   serve = serving_fn(config, variables, num_classes, raw)
   shape = (batch_size, size, size, 3)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

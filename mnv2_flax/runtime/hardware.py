@@ -56,44 +56,6 @@ def add_xla_flag(flag: str) -> None:
     os.environ['XLA_FLAGS'] = ' '.join([*flags, flag])
 
 
-def bits_depend_on() -> dict[str, str]:
-  """What a run's bits depend on besides its config and seed, for
-  results.json: the software, the processor XLA compiled for, the devices
-  and XLA's flags. On the CPU, not the thread count."""
-  import platform  # pylint: disable=g-import-not-at-top
-
-  import jax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-
-  from mnv2_flax.cpu import kernels  # pylint: disable=g-import-not-at-top
-
-  device = jax.local_devices()[0]
-  out = dict(
-    jax=jax.__version__,
-    jaxlib=jaxlib.__version__,
-    backend=jax.default_backend(),
-    device_kind=device.device_kind,
-    devices=str(jax.device_count()),
-    processes=str(jax.process_count()),
-    xla_flags=os.environ.get('XLA_FLAGS', ''),
-  )
-  if out['backend'] == 'cpu':
-    out['cpu'] = _cpu_model() or platform.processor()
-    out['cpu_kernels'] = 'built' if kernels.available() else 'pure JAX'
-  return out
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return ''
-
-
 def check_accelerator(required: bool) -> None:
   """Raises AcceleratorMissingError if `required` and JAX runs on CPU."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -3,17 +3,20 @@ summaries (TensorBoard events through clu), model statistics, results."""
 
 import dataclasses
 import os
+import platform
 from typing import Any
 
 from absl import logging
 from flax import traverse_util
 import jax
+import jaxlib
 import ml_collections
 import numpy as np
 
-from mnv2_flax import files
 from mnv2_flax import models
 from mnv2_flax import stats
+from mnv2_flax.cpu import kernels
+from mnv2_flax.runtime import files
 
 RESULTS_FILE = 'results.json'
 MODEL_STATS_FILE = 'model_stats.json'
@@ -163,3 +166,34 @@ def log_eval(writer, step: int, metrics: dict[str, float], name: str = ''):
     metrics['num_examples'],
     flip,
   )
+
+
+def bits_depend_on() -> dict[str, str]:
+  """What a run's bits depend on besides its config and seed, for
+  results.json: the software, the processor XLA compiled for, the devices
+  and XLA's flags. On the CPU, not the thread count."""
+  device = jax.local_devices()[0]
+  out = dict(
+    jax=jax.__version__,
+    jaxlib=jaxlib.__version__,
+    backend=jax.default_backend(),
+    device_kind=device.device_kind,
+    devices=str(jax.device_count()),
+    processes=str(jax.process_count()),
+    xla_flags=os.environ.get('XLA_FLAGS', ''),
+  )
+  if out['backend'] == 'cpu':
+    out['cpu'] = _cpu_model() or platform.processor()
+    out['cpu_kernels'] = 'built' if kernels.available() else 'pure JAX'
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return ''

@@ -21,8 +21,8 @@ import ml_collections
 import optax
 
 from mnv2_flax import models
-from mnv2_flax import placement
 from mnv2_flax.cpu import fast_path
+from mnv2_flax.runtime import placement
 
 
 class TrainState(train_state.TrainState):

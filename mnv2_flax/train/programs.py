@@ -23,12 +23,12 @@ import jax
 import ml_collections
 import optax
 
-from mnv2_flax import compilation_cache
 from mnv2_flax import models
-from mnv2_flax import placement
-from mnv2_flax import steps
-from mnv2_flax import training_state
 from mnv2_flax.cpu import precompile
+from mnv2_flax.runtime import compilation_cache
+from mnv2_flax.runtime import placement
+from mnv2_flax.train import steps
+from mnv2_flax.train import training_state
 
 
 def lower_steps(
@@ -332,7 +332,7 @@ def _precompile(
     logging.info('Programs %s are in the compilation cache.', key)
     return
   child = precompile.start(
-    'mnv2_flax.programs:lower_run_programs',
+    'mnv2_flax.train.programs:lower_run_programs',
     cache_dir,
     config=config,
     num_classes=num_classes,

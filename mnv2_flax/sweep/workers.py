@@ -2,7 +2,7 @@
 
 `python -m mnv2_flax.sweep --parallel=N` starts N workers, each on its share
 of the devices (`hardware.shares`), and sends each the next pack (the seeds
-of a point, `sweep_points.make_packs`) when it has finished the last:
+of a point, `grid.make_packs`) when it has finished the last:
 imports, JAX's start-up and its caches are paid once per worker, not once
 per point. A worker that dies has its points recorded as failed (the next
 run retries them) and is replaced while packs are left.
@@ -18,9 +18,9 @@ import time
 from absl import logging
 
 from mnv2_flax import cli
-from mnv2_flax import hardware
-from mnv2_flax import preemption
-from mnv2_flax import sweep_points
+from mnv2_flax.runtime import hardware
+from mnv2_flax.runtime import preemption
+from mnv2_flax.sweep import grid
 
 
 def worker_command(module, root: str, overrides: dict[str, str]) -> list[str]:
@@ -76,7 +76,7 @@ class _Worker:
         bufsize=1,
       )
 
-  def send(self, pack: list[sweep_points.Point]) -> None:
+  def send(self, pack: list[grid.Point]) -> None:
     self.pack, self.started = pack, time.perf_counter()
     self.process.stdin.write(_SEPARATOR.join(p.arg for p in pack) + '\n')
     self.process.stdin.flush()
@@ -85,7 +85,7 @@ class _Worker:
     self.process.stdin.close()
 
 
-def pack_seed(pack: list[sweep_points.Point]) -> str:
+def pack_seed(pack: list[grid.Point]) -> str:
   """The seed of a pack's first point ('' where the points name none)."""
   for item in pack[0].arg.split(','):
     if item.startswith('seed='):
@@ -105,7 +105,7 @@ def next_pack(queue, built: set[str], costs: dict[str, float]) -> int:
   so that the largest points start first and none is left for the end.
   """
   seeds = list(dict.fromkeys(pack_seed(pack) for pack in queue))
-  shape = lambda i: sweep_points.seedless(queue[i][0].arg)  # noqa: E731
+  shape = lambda i: grid.seedless(queue[i][0].arg)  # noqa: E731
   cost = lambda i: costs.get(shape(i), 0.0)  # noqa: E731
   for seed in seeds[:2]:
     mine = [
@@ -171,7 +171,7 @@ class _Forward:
         worker.process.send_signal(signum)
 
 
-def _running(workers) -> list[sweep_points.Point]:
+def _running(workers) -> list[grid.Point]:
   return [p for w in workers if w.pack for p in w.pack]
 
 
@@ -184,7 +184,7 @@ def _run_workers(
   logs = os.path.join(root, 'workers')
   os.makedirs(logs, exist_ok=True)
   queue, workers = list(packs), []
-  progress = sweep_points.Progress(sum(map(len, packs)), parallel)
+  progress = grid.Progress(sum(map(len, packs)), parallel)
 
   stop.workers = workers
 
@@ -198,7 +198,7 @@ def _run_workers(
   def feed(worker):
     if queue and stop.signum is None:
       pack = queue.pop(next_pack(queue, worker.built, costs))
-      worker.built.add(sweep_points.seedless(pack[0].arg))
+      worker.built.add(grid.seedless(pack[0].arg))
       worker.send(pack)
     else:
       worker.pack = None
@@ -219,7 +219,7 @@ def _run_workers(
         share = (time.perf_counter() - worker.started) / len(pack)
         stopped = [False] * len(pack)  # by a signal, saved to resume
         if line:  # the pack has ended and its points recorded themselves
-          statuses = [sweep_points.point_status(p) for p in pack]
+          statuses = [grid.point_status(p) for p in pack]
           errors = [s['error'] for s in statuses]
           stopped = [s['status'] == 'interrupted' for s in statuses]
         elif stop.signum is not None:  # stopped at once: interrupted
@@ -236,13 +236,13 @@ def _run_workers(
           errors = [error] * len(pack)
           for point in pack:
             logging.error('Sweep point %s failed: %s', point.arg, error)
-            sweep_points.record(point, share, error)
+            grid.record(point, share, error)
           workers[workers.index(worker)] = worker = start(worker.slot)
         for error, was_stopped in zip(errors, stopped, strict=True):
           progress.done(error, share, stopped=was_stopped)
         feed(worker)
         progress.log(_running(workers))
-        sweep_points.summarize(module, point_args, root)
+        grid.summarize(module, point_args, root)
     for worker in workers:
       worker.process.wait()
   finally:  # a failure here: stop the workers (they save their points)
@@ -258,13 +258,11 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
   log in its first point's `<workdir>/log.txt`, and answers on stdout."""
   answer = os.fdopen(os.dup(1), 'w', buffering=1)
   os.dup2(2, 1)  # what anything prints goes to the log, not the answers
-  cli.start_jax(
-    gpu_deterministic_ops=sweep_points.gpu_deterministic_ops(overrides)
-  )
+  cli.start_jax(gpu_deterministic_ops=grid.gpu_deterministic_ops(overrides))
   cores = ','.join(map(str, sorted(os.sched_getaffinity(0))))
   for line in sys.stdin:
     pack = [
-      sweep_points.Point(arg, os.path.join(root, sweep_points.point_name(arg)))
+      grid.Point(arg, os.path.join(root, grid.point_name(arg)))
       for arg in line.strip('\n').split(_SEPARATOR)
     ]
     log_path = os.path.join(pack[0].workdir, 'log.txt')
@@ -274,19 +272,19 @@ def work(module, root: str, overrides: dict[str, str]) -> None:
         with open(os.path.join(point.workdir, 'log.txt'), 'a') as f:
           f.write(f'Trained in a pack of {len(pack)} seeds; log: {log_path}\n')
     _log_to(log_path)
-    from mnv2_flax import hardware as hw  # pylint: disable=g-import-not-at-top
+    from mnv2_flax.runtime import hardware as hw  # pylint: disable=g-import-not-at-top
 
     logging.info(
       '%s CPU cores: %s; worker process %d.', hw.describe(), cores, os.getpid()
     )
     try:
-      configs = sweep_points.point_configs(module, pack, overrides)
+      configs = grid.point_configs(module, pack, overrides)
     except ValueError as e:
       for point in pack:
-        sweep_points.record(point, 0.0, str(e))
+        grid.record(point, 0.0, str(e))
     else:
       try:
-        sweep_points.run_pack(pack, configs)
+        grid.run_pack(pack, configs)
       except preemption.Stopped:
         answer.write(f'{line.strip()}\n')  # saved and recorded
         raise

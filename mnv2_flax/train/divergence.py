@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from mnv2_flax import checkpointing
-from mnv2_flax import files
+from mnv2_flax.runtime import files
 
 FILE = 'diverged.json'
 

@@ -27,18 +27,19 @@ import numpy as np
 
 from mnv2_flax import checkpointing
 from mnv2_flax import defaults
-from mnv2_flax import divergence
-from mnv2_flax import files
-from mnv2_flax import finetune
-from mnv2_flax import hardware
-from mnv2_flax import input_pipeline
-from mnv2_flax import placement
-from mnv2_flax import preemption
-from mnv2_flax import programs
-from mnv2_flax import reporting
-from mnv2_flax import steps
-from mnv2_flax import training_state
-from mnv2_flax import workdir_lock
+from mnv2_flax.data import input_pipeline
+from mnv2_flax.data import prepare
+from mnv2_flax.runtime import files
+from mnv2_flax.runtime import hardware
+from mnv2_flax.runtime import placement
+from mnv2_flax.runtime import preemption
+from mnv2_flax.runtime import workdir_lock
+from mnv2_flax.train import divergence
+from mnv2_flax.train import finetune
+from mnv2_flax.train import programs
+from mnv2_flax.train import reporting
+from mnv2_flax.train import steps
+from mnv2_flax.train import training_state
 
 TrainingDivergedError = divergence.TrainingDivergedError
 
@@ -303,7 +304,7 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   shared = dict(
     eval_split=config.data.eval_split,
     minival_split=config.data.minival_split,
-    bits_depend_on=hardware.bits_depend_on(),
+    bits_depend_on=reporting.bits_depend_on(),
     train_seconds=train_seconds / share,
     eval_seconds=eval_seconds / share,
     images_per_second=(done - loop.start_step)
@@ -491,8 +492,8 @@ class _Run:
 
   def _build(self, config: ml_collections.ConfigDict, workdir: str) -> None:
     self.config, self.workdir = config, workdir
-    self.builder = input_pipeline.get_builder(config)
-    self.meta = input_pipeline.dataset_meta(self.builder, config)
+    self.builder = prepare.get_builder(config)
+    self.meta = prepare.dataset_meta(self.builder, config)
     self.steps_per_epoch = _steps_per_epoch(
       config, self.meta.num_train_examples
     )

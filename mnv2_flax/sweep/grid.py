@@ -22,10 +22,10 @@ from absl import logging
 import ml_collections
 
 from mnv2_flax import defaults
-from mnv2_flax import files
-from mnv2_flax import hardware
-from mnv2_flax import preemption
-from mnv2_flax import workdir_lock
+from mnv2_flax.runtime import files
+from mnv2_flax.runtime import hardware
+from mnv2_flax.runtime import preemption
+from mnv2_flax.runtime import workdir_lock
 
 # JAX, TensorFlow and the training code load in the processes that train
 # (`_train`), SciPy with the summary: the sweep's flags and every point's
@@ -145,7 +145,7 @@ RUNNING_ELSEWHERE = 'running elsewhere'
 
 def point_status(point: Point) -> dict[str, Any]:
   """The point's results, wall time and status from its workdir."""
-  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.sweep import summary  # pylint: disable=g-import-not-at-top
 
   results = files.read_json(os.path.join(point.workdir, 'results.json'))
   sweep = files.read_json(os.path.join(point.workdir, 'sweep.json'))
@@ -202,7 +202,7 @@ def point_configs(
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`train_lib.train_and_evaluate`, imported when a point first trains."""
-  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   return train_lib.train_and_evaluate(config, workdir)
 
@@ -211,7 +211,7 @@ def train_pack(
   configs: list[ml_collections.ConfigDict], workdirs: list[str]
 ) -> list[dict | Exception]:
   """`train_lib.train_seeds`, imported when a pack first trains."""
-  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   return train_lib.train_seeds(configs, workdirs)
 
@@ -303,7 +303,7 @@ def run_pack(
 
 
 def _run_pack(points, configs, train_fn, train_pack_fn):
-  from mnv2_flax import train_lib  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
   _enable_compilation_cache(configs[points[0]])
@@ -346,7 +346,7 @@ def _failed(point: Point, error: Exception) -> str:
 
 def _enable_compilation_cache(config: ml_collections.ConfigDict) -> None:
   if config.train.compilation_cache_dir:
-    from mnv2_flax import compilation_cache  # pylint: disable=g-import-not-at-top
+    from mnv2_flax.runtime import compilation_cache  # pylint: disable=g-import-not-at-top
 
     compilation_cache.enable(config)
 
@@ -406,7 +406,7 @@ class Progress:
     left = self.total - len(self.durations)
     eta = '?'
     if self.durations:
-      from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+      from mnv2_flax.sweep import summary  # pylint: disable=g-import-not-at-top
 
       mean = sum(self.durations) / len(self.durations)
       eta = summary.format_duration(mean * left / self.parallel)
@@ -434,8 +434,8 @@ def _args(arg: str) -> dict[str, str]:
 
 
 def summarize(module, point_args: list[str], root: str) -> list[dict]:
-  """Writes the summary files (mnv2_flax.summary); returns the run rows."""
-  from mnv2_flax import summary  # pylint: disable=g-import-not-at-top
+  """Writes the summary files (`summary`); returns the run rows."""
+  from mnv2_flax.sweep import summary  # pylint: disable=g-import-not-at-top
 
   os.makedirs(root, exist_ok=True)
   points = make_points(point_args, root)

@@ -24,13 +24,13 @@ import ml_collections
 import numpy as np
 
 from mnv2_flax import defaults
-from mnv2_flax import placement
 from mnv2_flax import preprocessing
-from mnv2_flax import programs
 from mnv2_flax import stats
-from mnv2_flax import steps as steps_lib
-from mnv2_flax import training_state
 from mnv2_flax.cpu import fast_path
+from mnv2_flax.runtime import placement
+from mnv2_flax.train import programs
+from mnv2_flax.train import steps as steps_lib
+from mnv2_flax.train import training_state
 
 MODES = ('train', 'infer')
 DTYPES = ('float32', 'bfloat16')

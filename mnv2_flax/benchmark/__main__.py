@@ -122,12 +122,12 @@ def _time_input_pipeline() -> None:
   if _CONFIG.value is None:
     raise ValueError('--input_pipeline: pass --config=path/to/config.py.')
   config = _CONFIG.value
-  from mnv2_flax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.benchmark import pipeline  # pylint: disable=g-import-not-at-top
 
   if _SYNTHETIC_JPEG.value:
-    result = input_pipeline.benchmark_jpeg(config, steps=_STEPS.value)
+    result = pipeline.benchmark_jpeg(config, steps=_STEPS.value)
   else:
-    result = input_pipeline.benchmark(config, steps=_STEPS.value)
+    result = pipeline.benchmark(config, steps=_STEPS.value)
   name = '375x500 JPEG' if _SYNTHETIC_JPEG.value else config.data.name
   print(
     f'{name} train pipeline at {config.data.image_size}px, '
@@ -149,8 +149,8 @@ def main(argv):
     _time_input_pipeline()
     return
   # pylint: disable=g-import-not-at-top
-  from mnv2_flax import aot
-  from mnv2_flax import benchmark_lib
+  from mnv2_flax.benchmark import aot
+  from mnv2_flax.benchmark import lib as benchmark_lib
   # pylint: enable=g-import-not-at-top
 
   if _AOT_TOPOLOGY.value:

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mnv2_flax import per_seed
-from mnv2_flax import placement
 from mnv2_flax import preprocessing
-from mnv2_flax.training_state import TrainState
+from mnv2_flax.runtime import per_seed
+from mnv2_flax.runtime import placement
+from mnv2_flax.train.training_state import TrainState
 
 AXIS = placement.AXIS
 

@@ -1,0 +1,1 @@
+"""`python -m mnv2_flax.export` (`__main__`) and its library (`lib`)."""
