@@ -56,6 +56,33 @@ BOTTLENECK_ACTIVATIONS = ('linear', 'relu6')
 INIT_SCHEMES = ('tf_slim', 'torchvision')
 OUTPUT_STRIDES = (None, 1, 2, 4, 8, 16, 32)
 
+# What each field may be; model_fields.py holds the same rules in plain
+# Python for config checks before JAX loads (tests/configs_test.py: equal).
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+  'width_multiplier': (
+    lambda v: isinstance(v, int | float) and v > 0,
+    'a number > 0 (published: 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)',
+  ),
+  'num_classes': (
+    lambda v: isinstance(v, int) and v >= 0,
+    'an integer >= 0 (0 = no classifier)',
+  ),
+  'dropout_rate': (lambda v: 0 <= v < 1, '0 <= dropout_rate < 1'),
+  'bn_momentum': (lambda v: 0 <= v <= 1, 'a value in [0, 1]'),
+  'bn_epsilon': (lambda v: v > 0, 'a value > 0'),
+  'expand_ratio': (
+    lambda v: v is None or v > 0,
+    "None (the paper's 6) or a number > 0",
+  ),
+}
+_FIELD_CHOICES = {
+  'padding': PADDINGS,
+  'init_scheme': INIT_SCHEMES,
+  'shortcut': SHORTCUTS,
+  'output_stride': OUTPUT_STRIDES,
+  'bottleneck_activation': BOTTLENECK_ACTIVATIONS,
+}
+
 # The published variants, by name. Resolution is a property of the input, not
 # of the model: `mobilenet_v2_100` serves every row 1.0/96 ... 1.0/224.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -322,47 +349,13 @@ class MobileNetV2(nn.Module):
   dense: ModuleDef = nn.Dense
 
   def __post_init__(self):
-    if not isinstance(self.width_multiplier, (int, float)) or (
-      self.width_multiplier <= 0
-    ):
-      raise ValueError(
-        f'width_multiplier={self.width_multiplier!r} is not '
-        'valid; expected a number > 0 (published: 0.35, 0.5, '
-        '0.75, 1.0, 1.3, 1.4).'
-      )
-    if not isinstance(self.num_classes, int) or self.num_classes < 0:
-      raise ValueError(
-        f'num_classes={self.num_classes!r} is not valid; '
-        'expected an integer >= 0 (0 = no classifier).'
-      )
-    if not 0 <= self.dropout_rate < 1:
-      raise ValueError(
-        f'dropout_rate={self.dropout_rate!r} is not valid; '
-        'expected 0 <= dropout_rate < 1.'
-      )
-    if not 0 <= self.bn_momentum <= 1:
-      raise ValueError(
-        f'bn_momentum={self.bn_momentum!r} is not valid; '
-        'expected a value in [0, 1].'
-      )
-    if not self.bn_epsilon > 0:
-      raise ValueError(
-        f'bn_epsilon={self.bn_epsilon!r} is not valid; expected a value > 0.'
-      )
-    if self.expand_ratio is not None and not self.expand_ratio > 0:
-      raise ValueError(
-        f'expand_ratio={self.expand_ratio!r} is not valid; '
-        "expected None (the paper's 6) or a number > 0."
-      )
-    _check_choice('padding', self.padding, PADDINGS)
-    _check_choice('init_scheme', self.init_scheme, INIT_SCHEMES)
-    _check_choice('shortcut', self.shortcut, SHORTCUTS)
-    _check_choice('output_stride', self.output_stride, OUTPUT_STRIDES)
-    _check_choice(
-      'bottleneck_activation',
-      self.bottleneck_activation,
-      BOTTLENECK_ACTIVATIONS,
-    )
+    for field, (valid, expected) in _FIELD_RULES.items():
+      if not valid(getattr(self, field)):
+        raise ValueError(
+          f'{field}={getattr(self, field)!r} is not valid; expected {expected}.'
+        )
+    for field, choices in _FIELD_CHOICES.items():
+      _check_choice(field, getattr(self, field), choices)
     super().__post_init__()
 
   @property
