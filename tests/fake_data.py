@@ -2,6 +2,7 @@
 tests' run config."""
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -16,6 +17,7 @@ import numpy as np
 from mnv2_flax import defaults
 from mnv2_flax.data import fashion_mnist
 from mnv2_flax.train import programs
+from mnv2_flax.train import steps as steps_lib
 
 NUM_TRAIN, NUM_TEST = 40, 23
 
@@ -158,14 +160,19 @@ def truncate_largest_array(step_dir) -> None:
 
 @dataclasses.dataclass
 class Compiles:
-  """The XLA compiles a call asked for: in all, and of pmap-ed steps (JAX
-  names each `jit(_fun)`), in all and once training started (after
-  `programs.prepare` returned: not compiled ahead of time)."""
+  """What a call compiled: XLA compiles in all (`total`, `names`), and the
+  steps it built (traced, so lowered and compiled or loaded: the project's
+  `train_step`, `train_steps` and `eval_step`, counted by their own names),
+  in all and once training started (after `programs.prepare` returned: not
+  built ahead of time)."""
 
   total: int = 0
   steps: int = 0
   steps_in_loop: int = 0
   names: list = dataclasses.field(default_factory=list)
+
+
+STEP_FUNCTIONS = ('train_step', 'train_steps', 'eval_step')
 
 
 def count_compiles(run, clear: bool = True):
@@ -176,15 +183,27 @@ def count_compiles(run, clear: bool = True):
   if clear:
     jax.clear_caches()
     programs.forget()
-  compiles, training = Compiles(), [False]
+  compiles, training, depth = Compiles(), [False], [0]
 
   def on_compile(event, seconds, fun_name=None, **kwargs):
     if event == '/jax/core/compile/backend_compile_duration':
       compiles.total += 1
-      step = fun_name == 'jit(_fun)'
-      compiles.steps += step
-      compiles.steps_in_loop += step and training[0]
       compiles.names.append(fun_name)
+
+  def counted(name, fn):
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+      if not depth[0]:  # train_steps calls train_step: one build
+        compiles.steps += 1
+        compiles.steps_in_loop += training[0]
+        compiles.names.append(name)
+      depth[0] += 1
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        depth[0] -= 1
+
+    return traced
 
   prepare = programs.prepare
 
@@ -193,12 +212,17 @@ def count_compiles(run, clear: bool = True):
     training[0] = True
     return out
 
+  originals = {n: getattr(steps_lib, n) for n in STEP_FUNCTIONS}
   jax.monitoring.register_event_duration_secs_listener(on_compile)
   programs.prepare = prepared
+  for name, fn in originals.items():
+    setattr(steps_lib, name, counted(name, fn))
   try:
     result = run()
   finally:
     programs.prepare = prepare
+    for name, fn in originals.items():
+      setattr(steps_lib, name, fn)
     jax.monitoring.unregister_event_duration_listener(on_compile)
   return result, compiles
 

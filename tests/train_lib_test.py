@@ -347,8 +347,8 @@ def test_a_run_writes_results_stats_events_and_checkpoints(full_run):
 def test_a_run_compiles_its_steps_ahead_and_never_again(full_run):
   # The train step and the eval step (the run evaluates at step 5) are
   # compiled before training, and not again once it runs (not the step for
-  # the state the first step returns). pmap names every program jit(_fun);
-  # the loop's other compiles are small eager ops (an add of eval sums).
+  # the state the first step returns); the loop's other compiles are small
+  # eager ops (an add of eval sums).
   *_, compiles = full_run
   assert compiles.steps == 2, compiles.names
   assert compiles.steps_in_loop == 0, compiles.names
