@@ -1,4 +1,4 @@
-"""Test-wide JAX settings: fast CPU compiles.
+"""Test-wide JAX settings: fast CPU compiles, one compilation cache.
 
 XLA's CPU optimisation passes dominate this suite's time (jitting `init` of a
 width-0.35 model: 17 s with them, 3.5 s without, on 2 cores); the tiny
@@ -17,11 +17,26 @@ import pytest
 from mnv2_flax.data import fashion_mnist
 
 jax.config.update('jax_disable_most_optimizations', True)
-# Tests that train the same shapes several times (resume) compile once.
-# Removed at exit: each pytest worker otherwise leaves ~10 MB in /tmp.
-_CACHE_DIR = tempfile.mkdtemp(prefix='mnv2_flax_test_jax_cache_')
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
-jax.config.update('jax_compilation_cache_dir', _CACHE_DIR)
+
+
+def _suite_cache() -> str:
+  """One compilation cache for the whole run: the pytest process makes it
+  (and removes it at exit); the xdist workers and every process a test
+  starts find it in the environment, so a shape compiled once anywhere in
+  the suite is loaded everywhere else. A config's own
+  `train.compilation_cache_dir` still wins (the tests of the cache)."""
+  directory = os.environ.get('MNV2_FLAX_TEST_CACHE')
+  if not directory:
+    directory = tempfile.mkdtemp(prefix='mnv2_flax_test_jax_cache_')
+    for path in (directory, directory + '-precompiled'):  # and its records
+      atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ['MNV2_FLAX_TEST_CACHE'] = directory
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = directory
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
+  return directory
+
+
+jax.config.update('jax_compilation_cache_dir', _suite_cache())
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
