@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -81,12 +82,67 @@ def test_benchmark_rejects_bad_flags(field, value, words):
     benchmark_lib.run(resolution=32, batch_size=4, **{field: value})
 
 
-def test_the_profile_reads_device_op_lines_and_cpu_runtime_threads():
-  assert benchmark_lib._is_op_line('/device:GPU:0', 'XLA Ops')
-  assert benchmark_lib._is_op_line('/device:TPU:3', 'XLA Ops')
-  assert not benchmark_lib._is_op_line('/device:GPU:0', 'XLA Modules')
-  assert benchmark_lib._is_op_line('/host:CPU', 'tf_XLACpuWorker/1234')
-  assert not benchmark_lib._is_op_line('/host:CPU', 'python3')
+def _trace(*planes):
+  """A trace as jax.profiler.ProfileData reads it: planes of lines of
+  events, given as {plane: {line: [(event, ns), ...]}}."""
+  ns = types.SimpleNamespace
+  return ns(
+    planes=[
+      ns(
+        name=plane,
+        lines=[
+          ns(name=line, events=[ns(name=e, duration_ns=t) for e, t in events])
+          for line, events in lines.items()
+        ],
+      )
+      for plane, lines in planes
+    ]
+  )
+
+
+HLO = """
+%fusion.3 = f32[8,4,4,8]{3,2,1,0} fusion(...), metadata={op_name="jit(s)/conv"}
+%dot.1 = f32[8,10]{1,0} dot(...), metadata={op_name="jit(s)/classifier"}
+"""
+
+
+@pytest.mark.parametrize('device', ['/device:GPU:0', '/device:TPU:3'])
+def test_profiled_ops_come_from_the_accelerators_op_line_only(device):
+  trace = _trace(
+    (
+      device,
+      {
+        'XLA Ops': [('fusion.3', 4_000_000), ('dot.1', 1_000_000)],
+        'XLA Modules': [('jit_step', 6_000_000)],  # the whole program
+      },
+    ),
+    ('/host:CPU', {'python3': [('fusion.3', 9_000_000)]}),
+  )
+  ops = benchmark_lib.ops_of_trace(trace, HLO, steps=2)
+  assert [(o['name'], o['ms_per_step']) for o in ops] == [
+    ('fusion.3', 2.0),
+    ('dot.1', 0.5),
+  ]
+  assert ops[0]['kind'] == 'fusion' and ops[0]['source'] == 'jit(s)/conv'
+  assert ops[1]['shape'] == 'f32[8,10]{1,0}'
+
+
+def test_profiled_ops_on_the_cpu_are_the_xla_runtime_threads():
+  trace = _trace(
+    (
+      '/host:CPU',
+      {
+        'tf_XLACpuWorker/1234': [
+          ('fusion.3', 3_000_000),
+          ('ThunkExecutor::Execute', 8_000_000),  # the runtime, not an op
+        ],
+        'tf_XLAEigen/77': [('fusion.3', 1_000_000)],
+        'python3': [('dot.1', 5_000_000)],
+      },
+    )
+  )
+  ops = benchmark_lib.ops_of_trace(trace, HLO, steps=1)
+  assert [(o['name'], o['ms_per_step']) for o in ops] == [('fusion.3', 4.0)]
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ compiles the train step for that TPU topology (libtpu, `make setup-tpu`)
 and prints XLA's FLOPs, bytes accessed and temporary memory per chip.
 
 Needs JAX, Flax, Optax, ml_collections and clu only (no TensorFlow): it runs
-on a bare accelerator image. The library is `benchmark_lib`.
+on a bare accelerator image. The library is `benchmark/lib.py`.
 """
 
 import dataclasses

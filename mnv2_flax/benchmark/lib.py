@@ -305,6 +305,13 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
     jax.profiler.stop_trace()
     (path,) = glob.glob(f'{logdir}/**/*.xplane.pb', recursive=True)
     data = jax.profiler.ProfileData.from_file(path)
+  return ops_of_trace(data, compiled.as_text(), steps)
+
+
+def ops_of_trace(data, hlo: str, steps: int) -> list[dict]:
+  """`profile_ops`'s entries from a trace (`jax.profiler.ProfileData`, or
+  anything with its planes, lines and events) of `steps` runs of the
+  program whose HLO text is `hlo`."""
   total = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
@@ -313,7 +320,6 @@ def profile_ops(compiled, args, steps: int) -> list[dict]:
       for event in line.events:
         if not event.name.startswith(('ThunkExecutor', 'SlinkyThreadPool')):
           total[event.name] += event.duration_ns
-  hlo = compiled.as_text()
   ops = []
   for name, ns in total.most_common():
     line = re.search(rf'%{re.escape(name)} = (\S+) .*', hlo)
