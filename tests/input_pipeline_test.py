@@ -220,6 +220,7 @@ _FAKE_DEVICES_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from fake_data import tiny_config
     from mnv2_flax.data import input_pipeline as ip
+    from mnv2_flax.data import prepare
     import jax
     config = tiny_config()
     config.data.data_dir = {data_dir!r}

@@ -393,7 +393,7 @@ def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
   assert [r.get('pack') for r in results] == [2, 2, None, None]
   assert all(r['completed_steps'] == 2 for r in results)
   for name in names:  # each point records its share of the wall time
-    record = json.loads(open(os.path.join(root, name, 'driver.json')).read())
+    record = json.loads(open(os.path.join(root, name, 'sweep.json')).read())
     assert record['wall_seconds'] > 0 and record['error'] is None
   with open(os.path.join(root, 'points.csv')) as f:
     (point,) = list(csv.DictReader(f))
@@ -534,7 +534,7 @@ def test_workers_train_many_points_and_a_crash_is_recorded_alone(
     status = {r['seed']: r['status'] for r in csv.DictReader(f)}
   assert status == dict.fromkeys('012', 'finished') | {'crash': 'failed'}
   crash = grid.point_name('width=0.35,res=32,seed=crash')
-  record = json.loads((root / crash / 'driver.json').read_text())
+  record = json.loads((root / crash / 'sweep.json').read_text())
   assert record['error'].startswith('worker exited with status -9')
   # Two workers (plus the one that replaced the crashed one, if any points
   # were left) trained the 3 points: one of them trained two in turn.

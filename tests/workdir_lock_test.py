@@ -123,7 +123,7 @@ def test_a_sweep_point_in_use_is_left_alone(held):
     raise AssertionError('trained a point another process holds')
 
   assert grid.run_point(point, tiny_config(), train) is None
-  assert snapshot(workdir) == before  # no driver.json, no error.txt
+  assert snapshot(workdir) == before  # no sweep.json, no error.txt
   # Its status and the sweep's last line name who trains it; the sweep
   # that left it alone did not fail (two sweeps on one root share it).
   status = grid.point_status(point)
