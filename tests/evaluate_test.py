@@ -13,6 +13,10 @@ from train_lib_test import ROOT
 from mnv2_flax import evaluate
 from mnv2_flax.train import train_lib
 
+# Its tests share a trained module fixture: one xdist worker runs them all
+# (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope='module')
 def trained(data_dirs, tmp_path_factory):

@@ -121,7 +121,8 @@ def tiny_config(data_dir=None, **train):
     eval_every_steps=1000,
     compilation_cache_dir='',
   )
-  config.checkpoint.update(every_steps=2, keep=2, async_save=False)
+  # A save at the end only: tests of resuming set their own interval.
+  config.checkpoint.update(every_steps=1000, keep=2, async_save=False)
   config.train.update(train)
   return config
 

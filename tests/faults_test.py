@@ -27,6 +27,10 @@ from mnv2_flax.train import steps
 from mnv2_flax.train import train_lib
 from mnv2_flax.train import training_state
 
+# Its tests share a trained module fixture: one xdist worker runs them all
+# (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 @pytest.fixture(scope='module')
 def trained(data_dirs, tmp_path_factory):

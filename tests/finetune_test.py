@@ -19,6 +19,10 @@ from mnv2_flax.train import finetune
 from mnv2_flax.train import steps
 from mnv2_flax.train import training_state
 
+# Its tests share a trained module fixture: one xdist worker runs them all
+# (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 
 def _fresh_state(config, num_classes, seed):
   model = training_state.create_model(config, num_classes, axis_name=None)

@@ -84,8 +84,7 @@ def command(data_dirs, tmp_path_factory):
 def reference(data_dirs, tmp_path_factory):
   """The final state of the run never stopped (trained in this process)."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  config = tiny_config(data_dirs[1], num_epochs=EPOCHS)
-  config.checkpoint.every_steps = SAVE_EVERY
+  config = tiny_config(data_dirs[1], num_epochs=EPOCHS)  # saves at the end
   config.train.log_every_steps = 5
   train_lib.train_and_evaluate(config, workdir)
   return _state(workdir)
@@ -334,7 +333,6 @@ def test_a_pack_killed_and_signalled_resumes_to_the_uninterrupted_packs_bits(
   configs = []
   for seed in (0, 1):
     config = tiny_config(data_dirs[1], num_epochs=EPOCHS / 2)  # 40 steps
-    config.checkpoint.every_steps = SAVE_EVERY
     config.train.log_every_steps = 5
     config.seed = seed
     configs.append(config)
