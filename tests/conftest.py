@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+from absl import logging as absl_logging
 from fake_data import make_idx_dir
 import jax
 import pytest
@@ -17,6 +18,9 @@ import pytest
 from mnv2_flax.data import fashion_mnist
 
 jax.config.update('jax_disable_most_optimizations', True)
+# INFO, as the command lines log: tests read the library's INFO lines
+# (caplog), whatever ran before them in their worker.
+absl_logging.set_verbosity(absl_logging.INFO)
 
 
 def _suite_cache() -> str:

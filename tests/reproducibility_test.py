@@ -18,6 +18,10 @@ from mnv2_flax.cpu import kernels
 from mnv2_flax.data import fashion_mnist
 from mnv2_flax.train import train_lib
 
+# Its tests share a trained module fixture: one xdist worker runs them all
+# (`make test`: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group(__name__)
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 NUM_TRAIN = 256
 
@@ -63,9 +67,6 @@ jax.config.update('jax_disable_most_optimizations', True)
 from reproducibility_test import _config
 from mnv2_flax.train import train_lib
 
-# Its tests share a trained module fixture: one xdist worker runs them all
-# (`make test`: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group(__name__)
 train_lib.train_and_evaluate(_config({data_dir!r}, 128, 3), {workdir!r})
 """
 
