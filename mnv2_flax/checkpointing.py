@@ -11,8 +11,10 @@ data stream is the step itself: the train stream is a pure function of the
 seed, and `create_train_dataset(start_step=...)` skips what was consumed.
 """
 
+import contextlib
 import glob
 import json
+import logging as stdlib_logging
 import os
 import shutil
 from typing import Any
@@ -400,6 +402,35 @@ def _on_first_device(tree: Any) -> Any:
   )
 
 
+# What orbax warns of on every read-only restore: its options adjusted to
+# read-only, and its own optional metadata file absent (which reads like
+# corruption and is not).
+_READ_ONLY_NOTICES = (
+  'read_only=True, setting',
+  'Given directory is read only',
+  'Metadata file does not exist',
+)
+
+
+class _NoReadOnlyNotices(stdlib_logging.Filter):
+  def filter(self, record: stdlib_logging.LogRecord) -> bool:
+    return '/orbax/' not in record.pathname or not any(
+      notice in str(record.msg) for notice in _READ_ONLY_NOTICES
+    )
+
+
+@contextlib.contextmanager
+def _read_only_notices_off():
+  """`restore` from a script or notebook without orbax's notices (the
+  command lines filter them for the whole process: `cli`)."""
+  logger, notices = stdlib_logging.getLogger('absl'), _NoReadOnlyNotices()
+  logger.addFilter(notices)
+  try:
+    yield
+  finally:
+    logger.removeFilter(notices)
+
+
 def restore(
   path: str, step: int | None = None, target: Any = None
 ) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
@@ -424,9 +455,14 @@ def restore(
     path = os.path.join(path, 'checkpoints')
   if not os.path.isdir(path):
     raise FileNotFoundError(f'No checkpoint directory at {path}.')
-  with ocp.CheckpointManager(
-    path, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
-  ) as manager:
+  with (
+    _read_only_notices_off(),
+    ocp.CheckpointManager(
+      path,
+      item_names=ITEMS,
+      options=ocp.CheckpointManagerOptions(read_only=True),
+    ) as manager,
+  ):
     steps = manager.all_steps()
     if not steps:
       raise FileNotFoundError(f'{path} holds no complete checkpoint.')
