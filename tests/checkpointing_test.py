@@ -21,8 +21,8 @@ from mnv2_flax import checkpointing
 from mnv2_flax.train import train_lib
 from mnv2_flax.train import training_state
 
-# Its tests share a trained module fixture: one xdist worker runs them all
-# (`make test`: --dist loadgroup).
+# Its tests share a trained module fixture: under `--dist loadgroup` one
+# xdist worker runs them all (`make test`'s loadfile keeps a file together).
 pytestmark = pytest.mark.xdist_group(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

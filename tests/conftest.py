@@ -18,9 +18,6 @@ import pytest
 from mnv2_flax.data import fashion_mnist
 
 jax.config.update('jax_disable_most_optimizations', True)
-# INFO, as the command lines log: tests read the library's INFO lines
-# (caplog), whatever ran before them in their worker.
-absl_logging.set_verbosity(absl_logging.INFO)
 
 
 def _suite_cache() -> str:
@@ -42,6 +39,14 @@ def _suite_cache() -> str:
 
 jax.config.update('jax_compilation_cache_dir', _suite_cache())
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+@pytest.fixture(autouse=True)
+def _absl_info():
+  """absl at INFO, as the command lines log, before every test: tests read
+  the library's INFO lines (caplog), and a test before them in their worker
+  may have lowered it (`stats.main` sets WARNING)."""
+  absl_logging.set_verbosity(absl_logging.INFO)
 
 
 @pytest.fixture(scope='session')

@@ -13,8 +13,8 @@ from train_lib_test import ROOT
 from mnv2_flax import evaluate
 from mnv2_flax.train import train_lib
 
-# Its tests share a trained module fixture: one xdist worker runs them all
-# (`make test`: --dist loadgroup).
+# Its tests share a trained module fixture: under `--dist loadgroup` one
+# xdist worker runs them all (`make test`'s loadfile keeps a file together).
 pytestmark = pytest.mark.xdist_group(__name__)
 
 

@@ -18,8 +18,8 @@ from mnv2_flax.cpu import kernels
 from mnv2_flax.data import fashion_mnist
 from mnv2_flax.train import train_lib
 
-# Its tests share a trained module fixture: one xdist worker runs them all
-# (`make test`: --dist loadgroup).
+# Its tests share a trained module fixture: under `--dist loadgroup` one
+# xdist worker runs them all (`make test`'s loadfile keeps a file together).
 pytestmark = pytest.mark.xdist_group(__name__)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
