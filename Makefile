@@ -34,11 +34,11 @@ $(VENV)/.installed-gpu $(VENV)/.installed-tpu $(VENV)/.installed-slurm $(VENV)/.
 # The optional extras the tests exercise: submitit (the sweep's Slurm path,
 # through its local executor) and the LiteRT interpreter (exports).
 test: setup-slurm setup-export
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The tests that start no process and train nothing: while working.
 test-fast: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup -m "not slow" tests
 
 lint: setup
 	$(PY) -m ruff check mnv2_flax tests tools configs benchmarks

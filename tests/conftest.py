@@ -6,6 +6,7 @@ programs under test run fast enough unoptimised.
 """
 
 import atexit
+import logging
 import os
 import shutil
 import tempfile
@@ -47,6 +48,35 @@ def _absl_info():
   the library's INFO lines (caplog), and a test before them in their worker
   may have lowered it (`stats.main` sets WARNING)."""
   absl_logging.set_verbosity(absl_logging.INFO)
+
+
+class _Lines(logging.Handler):
+  """The absl logger's records, as lines (`absl_log.text`)."""
+
+  def __init__(self):
+    super().__init__(logging.DEBUG)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(f'{record.levelname} {record.getMessage()}')
+
+  @property
+  def text(self):
+    return '\n'.join(self.lines)
+
+
+@pytest.fixture
+def absl_log():
+  """What the library logs during the test, read from the absl logger
+  itself: caplog reads the root logger, which an earlier test in the same
+  worker can leave without INFO records (under `--dist loadgroup` three
+  tests lost theirs)."""
+  logger, lines = logging.getLogger('absl'), _Lines()
+  logger.addHandler(lines)
+  try:
+    yield lines
+  finally:
+    logger.removeHandler(lines)
 
 
 @pytest.fixture(scope='session')

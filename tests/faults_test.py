@@ -308,12 +308,14 @@ def test_resuming_a_diverged_run_unchanged_is_refused(diverged):
 
 
 @pytest.mark.slow
-def test_resuming_a_diverged_run_with_a_changed_config_warns(diverged, caplog):
+def test_resuming_a_diverged_run_with_a_changed_config_warns(
+  diverged, absl_log
+):
   config, workdir, _ = diverged
   config = config.copy_and_resolve_references()
   config.optim.learning_rate = 0.01
   divergence.check_resumable(str(workdir), config)  # no error
-  assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in caplog.text
+  assert 'config.optim.learning_rate: 1000000.0 -> 0.01' in absl_log.text
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """Fine-tuning: `config.init_from` sources, the classifier swap, mismatches,
 a frozen backbone and frozen BatchNorm."""
 
-import logging
 import os
 
 from convert_test import TIMM_FIXTURES
@@ -56,13 +55,12 @@ def saved_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_another_class_count_loads_everything_but_the_classifier(
-  saved_run, caplog
+  saved_run, absl_log
 ):
   workdir, source = saved_run
   config = tiny_config(cpu_fast_path=False)
   config.init_from = workdir
   fresh = _fresh_state(config, 7, seed=1)
-  caplog.set_level(logging.INFO)
   state = finetune.load(fresh, config)
   got, ema = _flat(state.params), _flat(source.ema_params)
   for path, value in got.items():
@@ -75,7 +73,7 @@ def test_another_class_count_loads_everything_but_the_classifier(
     np.testing.assert_array_equal, state.batch_stats, source.batch_stats
   )
   jax.tree.map(np.testing.assert_array_equal, state.ema_params, state.params)
-  assert 'has 10 classes, this run 7 classes' in caplog.text
+  assert 'has 10 classes, this run 7 classes' in absl_log.text
 
   # The raw parameters, a step directory, and a regex kept fresh.
   config.init_from = os.path.join(workdir, 'checkpoints', '3')
@@ -88,7 +86,7 @@ def test_another_class_count_loads_everything_but_the_classifier(
   for path in got:
     if path.startswith('block_17/'):
       np.testing.assert_array_equal(got[path], _flat(fresh.params)[path])
-  assert 'Kept fresh (config.init_reset): block_17/' in caplog.text
+  assert 'Kept fresh (config.init_reset): block_17/' in absl_log.text
 
 
 @pytest.mark.slow
@@ -108,7 +106,7 @@ def test_another_width_stops_with_every_entry_named(saved_run):
 
 
 @pytest.mark.slow
-def test_timm_and_keras_files(tmp_path, caplog):
+def test_timm_and_keras_files(tmp_path, absl_log):
   from safetensors import numpy as safetensors_np
 
   meta, state_dict, _ = TIMM_FIXTURES['mobilenetv2_035']
@@ -117,16 +115,15 @@ def test_timm_and_keras_files(tmp_path, caplog):
   config = tiny_config(cpu_fast_path=False)
   config.init_from = path
   config.model.update(padding='torch', bn_epsilon=1e-5)
-  caplog.set_level(logging.INFO)
   state = finetune.load(_fresh_state(config, 10, seed=0), config)
   expected = convert.from_timm(state_dict, width_multiplier=0.35)
   jax.tree.map(np.testing.assert_array_equal, state.params, expected['params'])
-  assert 'timm state dict' in caplog.text and 'WARNING' not in caplog.text
+  assert 'timm state dict' in absl_log.text and 'WARNING' not in absl_log.text
 
   # The TF-padded model with torch weights loads, with a warning.
   config.model.update(padding='tf', bn_epsilon=1e-3)
   finetune.load(_fresh_state(config, 10, seed=0), config)
-  assert "trained with padding='torch'" in caplog.text
+  assert "trained with padding='torch'" in absl_log.text
 
   import keras
 
@@ -141,7 +138,7 @@ def test_timm_and_keras_files(tmp_path, caplog):
     state.params['head_conv']['kernel'],
     expected['params']['head_conv']['kernel'],
   )
-  assert 'Keras has none, this run 10 classes' in caplog.text
+  assert 'Keras has none, this run 10 classes' in absl_log.text
 
 
 @pytest.mark.parametrize(
@@ -203,6 +200,7 @@ def test_frozen_backbone_and_batch_norm_train_only_the_classifier():
       s,
       b,
       jax.random.key(0),
+      training_state.hyperparameters(config),
       config=config,
       learning_rate_fn=lr,
       axis_name=None,

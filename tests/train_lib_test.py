@@ -3,7 +3,6 @@
 import functools
 import glob
 import json
-import logging
 import os
 import re
 import shutil
@@ -359,11 +358,10 @@ def test_a_run_compiles_its_steps_ahead_and_never_again(full_run):
 
 
 @pytest.mark.slow
-def test_a_finished_run_is_not_run_again(full_run, caplog):
+def test_a_finished_run_is_not_run_again(full_run, absl_log):
   config, result, workdir, _ = full_run
-  caplog.set_level(logging.INFO)
   again = train_lib.train_and_evaluate(config, str(workdir))
-  assert again == result and 'Already finished' in caplog.text
+  assert again == result and 'Already finished' in absl_log.text
 
 
 @pytest.fixture(scope='module')
@@ -481,7 +479,7 @@ def test_a_disk_full_mid_save_then_the_same_command_finishes_as_before(
 
 
 @pytest.mark.slow
-def test_a_linear_probe_from_a_finished_run(full_run, tmp_path, caplog):
+def test_a_linear_probe_from_a_finished_run(full_run, tmp_path, absl_log):
   """init_from a workdir, the classifier reset, backbone and BN frozen: the
   run trains the classifier alone, from the source's EMA weights."""
   config, _, source, _ = full_run
@@ -490,10 +488,9 @@ def test_a_linear_probe_from_a_finished_run(full_run, tmp_path, caplog):
   config.train.num_epochs = 1.0
   config.optim.freeze_backbone = True
   config.model.bn_frozen = True
-  caplog.set_level(logging.INFO)
   result = train_lib.train_and_evaluate(config, str(tmp_path))
   assert result['finished'] and 'Initialised from config.init_from=' in (
-    caplog.text
+    absl_log.text
   )
   pretrained, tuned = _final_params(source), _final_params(tmp_path)
 

@@ -140,7 +140,7 @@ def test_a_sweep_point_in_use_is_left_alone(held):
   assert grid.point_status(point)['status'] == 'pending'
 
 
-def test_a_lock_left_by_a_killed_process_is_taken_over(held, caplog):
+def test_a_lock_left_by_a_killed_process_is_taken_over(held, absl_log):
   workdir, holder = held
   holder.send_signal(signal.SIGKILL)
   holder.wait()
@@ -149,8 +149,8 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(held, caplog):
     assert workdir_lock.holder(workdir)['pid'] == os.getpid()
     with workdir_lock.hold(workdir):  # re-entrant in one process
       pass
-  assert f'left by process {holder.pid} on host' in caplog.text
-  assert 'which no longer runs' in caplog.text
+  assert f'left by process {holder.pid} on host' in absl_log.text
+  assert 'which no longer runs' in absl_log.text
   assert workdir_lock.holder(workdir) == {}  # released: nobody named
 
 
