@@ -31,14 +31,15 @@ def test_a_program_of_3_steps_equals_3_single_steps():
     }
     for _ in range(3)
   ]
+  hparams = training_state.hyperparameters(config)
   single = steps.make_p_train_step(config, lr)
   # Copies: the steps donate (free) the state they are given.
   one_by_one, losses = jax.tree.map(jnp.copy, state), []
   for batch in batches:
-    one_by_one, metrics = single(one_by_one, batch, jax.random.key(1))
+    one_by_one, metrics = single(one_by_one, batch, jax.random.key(1), hparams)
     losses.append(float(metrics['loss']))
   three = steps.make_p_train_step(config, lr, steps=3)
-  together, metrics = three(state, tuple(batches), jax.random.key(1))
+  together, metrics = three(state, tuple(batches), jax.random.key(1), hparams)
   assert metrics['loss'].shape == (3,)
   np.testing.assert_allclose(metrics['loss'], losses, rtol=1e-4)
   assert int(together.step) == int(one_by_one.step) == 3

@@ -95,7 +95,16 @@ def sharded_programs(
   rng = jax.ShapeDtypeStruct(
     seeds, jax.random.key(0).dtype, sharding=replicated
   )
-  train_args = (state, batch(config.data.batch_size, lambda s: {}, seeds), rng)
+  hparams = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+    training_state.hyperparameters(config, pack),
+  )
+  train_args = (
+    state,
+    batch(config.data.batch_size, lambda s: {}, seeds),
+    rng,
+    hparams,
+  )
   eval_args = (
     state,
     batch(config.data.eval_batch_size, lambda s: {'mask': (s, np.float32)}),

@@ -247,6 +247,10 @@ def _train_program(config, model, mesh, num_classes, steps_per_call, pack):
     jax.device_put(state, replicated),
     batch if steps_per_call == 1 else (batch,) * steps_per_call,
     jax.device_put(rng, replicated),
+    jax.device_put(
+      training_state.hyperparameters(config, pack if pack > 1 else 0),
+      replicated,
+    ),
   )
   return step, args
 

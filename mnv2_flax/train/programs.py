@@ -69,15 +69,21 @@ def lower_steps(
   rng = jax.random.key(config.seed + 1)
   if pack:
     rng = jax.ShapeDtypeStruct(seeds, rng.dtype, sharding=replicated)
+  hparams = {
+    k: jax.ShapeDtypeStruct(seeds, jax.numpy.float32)
+    for k in training_state.HYPERPARAMETERS
+  }
   train_batch = placement.placed(train_batch, split)
   if k > 1:  # single steps run only to reach a log, eval or save step
     lowered = {
       f'Train program of {k} steps': p_train_step.lower(
-        state, (train_batch,) * k, rng
+        state, (train_batch,) * k, rng, hparams
       )
     }
   else:
-    lowered = {'Train step': p_train_step.lower(state, train_batch, rng)}
+    lowered = {
+      'Train step': p_train_step.lower(state, train_batch, rng, hparams)
+    }
   if eval_batch is not None:
     lowered['Eval step'] = p_eval_step.lower(
       state, placement.placed(eval_batch, split)
@@ -249,9 +255,14 @@ def forget() -> None:
 
 
 def _reuse_key(config, num_classes, steps_per_epoch, train_batch, eval_batch):
-  """What the programs depend on: the config but its seed, the shapes."""
+  """What the programs depend on: the config but its seed and the step's
+  hyperparameter arguments (of weight decay, whether there is one: the
+  optimizer's structure), the shapes."""
   fields = config.to_dict()
   fields.pop('seed')
+  for name in training_state.HYPERPARAMETERS:
+    fields['optim'].pop(name)
+  fields['optim']['decays_weights'] = config.optim.weight_decay != 0
   shapes = [
     {k: (tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items())}
     if batch

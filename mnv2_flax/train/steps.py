@@ -1,8 +1,9 @@
 """The train and eval steps, and their pmap and shard_map builders.
 
-The steps are pure functions of (state, batch, rng). Collectives use
-`axis_name` only, so the same functions run under `jax.pmap` (as in the
-loop, with the state unreplicated: `in_axes=(None, 0, None)`,
+The steps are pure functions of (state, batch, rng, hyperparameters), the
+last the optimizer's scalars (`training_state.hyperparameters`). Collectives
+use `axis_name` only, so the same functions run under `jax.pmap` (as in the
+loop, with the state unreplicated: `in_axes=(None, 0, None, None)`,
 `out_axes=None`), under `jit(shard_map)` over a mesh of devices this host
 does not have (`sharded_steps`), or, with `axis_name=None`, under `jit`.
 Imports JAX, Flax and Optax only.
@@ -20,6 +21,7 @@ import optax
 from mnv2_flax import preprocessing
 from mnv2_flax.runtime import per_seed
 from mnv2_flax.runtime import placement
+from mnv2_flax.train import training_state
 from mnv2_flax.train.training_state import TrainState
 
 AXIS = placement.AXIS
@@ -29,8 +31,9 @@ def cross_entropy(logits, labels, num_classes, label_smoothing=0.0):
   """The batch's mean softmax cross-entropy, computed per seed in a pack
   (`per_seed`: its reductions then have the bits of a run alone)."""
   targets = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
+  # Smoothed always, as `label_smoothing` may be traced: by 0.0 the targets
+  # are the one-hot ones exactly ((1 - 0) * t + 0 / n).
+  targets = optax.smooth_labels(targets, label_smoothing)
   return _mean_cross_entropy(logits, targets)
 
 
@@ -65,12 +68,17 @@ def train_step(
   state: TrainState,
   batch: dict[str, jax.Array],
   rng: jax.Array,
+  hparams: dict[str, jax.Array],
   *,
   config: ml_collections.ConfigDict,
   learning_rate_fn: optax.Schedule,
   axis_name: str | None = AXIS,
 ):
   """One optimisation step; returns the new state and the step's metrics.
+
+  `hparams` (`training_state.hyperparameters`): the peak learning rate,
+  weight decay, label smoothing and EMA decay, as arguments (a pack's
+  members differ in them); the rest of the recipe comes from `config`.
 
   Gradients and metrics are averaged over `axis_name`; the model's BN
   normalises with statistics across it, so its running statistics agree on
@@ -93,7 +101,7 @@ def train_step(
       rngs={'dropout': rng},
     )
     loss = cross_entropy(
-      logits, batch['label'], num_classes, config.optim.label_smoothing
+      logits, batch['label'], num_classes, hparams['label_smoothing']
     )
     return loss, (logits, updates['batch_stats'])
 
@@ -103,10 +111,24 @@ def train_step(
   grads = _mean(grads, axis_name)
   # No average of `batch_stats` here: the model's BN computed them from
   # statistics over `axis_name`, so every device already holds the same ones.
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # `state.tx` with this step's hyperparameters (the same structure: the
+  # optimizer state is the one `tx` made).
+  learning_rate = training_state.at_peak(
+    learning_rate_fn, hparams['learning_rate']
+  )
+  tx = training_state.create_optimizer(
+    config, learning_rate, hparams['weight_decay']
+  )
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    batch_stats=batch_stats,
+  )
   # TF's ExponentialMovingAverage(num_updates=step): slow start, then decay.
   step = new_state.step.astype(jnp.float32)
-  decay = jnp.minimum(config.optim.ema_decay, (1.0 + step) / (10.0 + step))
+  decay = jnp.minimum(hparams['ema_decay'], (1.0 + step) / (10.0 + step))
   ema = optax.incremental_update(
     new_state.params, state.ema_params, 1.0 - decay
   )
@@ -114,7 +136,7 @@ def train_step(
   metrics = {
     'loss': loss,
     'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-    'learning_rate': learning_rate_fn(state.step),
+    'learning_rate': learning_rate(state.step),
     # 1.0 while the loss and the new state are finite: checked before every
     # save, so a diverged state is never written over a good one.
     'finite': all_finite(loss, new_state).astype(jnp.float32),
@@ -134,6 +156,7 @@ def train_steps(
   state: TrainState,
   batches: tuple[dict[str, jax.Array], ...],
   rng: jax.Array,
+  hparams: dict[str, jax.Array],
   **kwargs: Any,
 ):
   """`len(batches)` consecutive `train_step`s in one call (`lax.scan`);
@@ -146,7 +169,7 @@ def train_steps(
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
 
   def body(state, batch):
-    return train_step(state, batch, rng, **kwargs)
+    return train_step(state, batch, rng, hparams, **kwargs)
 
   return jax.lax.scan(body, state, stacked)
 
@@ -204,10 +227,12 @@ def eval_step(
 
 
 def _train_fn(config, learning_rate_fn, steps: int = 1, pack: int = 0):
-  """(state, batch or tuple of `steps` batches, rng) -> (state, metrics).
+  """(state, batch or tuple of `steps` batches, rng, hparams) -> (state,
+  metrics).
 
-  With `pack` = N > 0, N seeds at once (`jax.vmap`): the state, each batch
-  and the rng carry a leading seed axis of N, and so do the metrics. Inside
+  With `pack` = N > 0, N members at once (`jax.vmap`): the state, each
+  batch, the rng and the hyperparameters carry a leading axis of N, and so
+  do the metrics. Inside
   the device-parallel step a collective over `AXIS` then reduces over the
   devices for each seed apart, as BatchNorm and the gradient mean need.
   """
@@ -242,7 +267,7 @@ def make_p_train_step(
   return jax.pmap(
     _train_fn(config, learning_rate_fn, steps, pack),
     axis_name=AXIS,
-    in_axes=(None, 0, None),
+    in_axes=(None, 0, None, None),
     out_axes=(None, None),
     # The old state's buffers hold the new one: one state in memory, not
     # two. A buffer still referenced elsewhere is not donated but copied
@@ -290,7 +315,7 @@ def sharded_steps(
   train = jax.shard_map(
     per_device(_train_fn(config, learning_rate_fn, pack=pack)),
     mesh=mesh,
-    in_specs=(replicated, split, replicated),
+    in_specs=(replicated, split, replicated, replicated),
     out_specs=(replicated, replicated),
     # pmap's semantics: the step averages its gradients itself (with the
     # check on, autodiff would sum them over the devices first).

@@ -107,13 +107,16 @@ def train_and_evaluate(
 def train_seeds(
   configs: list[ml_collections.ConfigDict], workdirs: list[str]
 ) -> list[dict[str, Any] | TrainingDivergedError]:
-  """Trains configs that differ only in their seed as one pack.
+  """Trains configs that differ only in their seed and hyperparameters
+  (`MEMBER_FIELDS`: the peak learning rate, weight decay, label smoothing,
+  EMA decay) as one pack.
 
-  The seeds' states are stacked on a leading axis and trained by one
-  compiled program (`steps._train_fn`); each seed reads its own data
-  stream, and writes its own workdir exactly as `train_and_evaluate` would
-  (checkpoints, events, results.json). Seeds that finished are skipped; one
-  seed left trains alone. The others must resume from one step.
+  The members' states are stacked on a leading axis and trained by one
+  compiled program (`steps._train_fn`), their hyperparameters its
+  arguments; each member reads its seed's data stream, and writes its own
+  workdir exactly as `train_and_evaluate` would (checkpoints, events,
+  results.json). Members that finished are skipped; one left trains alone.
+  The others must resume from one step.
 
   Returns:
     Per seed, its result, or (packs only) the `TrainingDivergedError` that
@@ -146,20 +149,54 @@ def seed_pack(
   return configs, workdirs
 
 
+# What the members of a pack may differ in: the seed, and the train step's
+# hyperparameter arguments (`training_state.HYPERPARAMETERS`).
+MEMBER_FIELDS = ('seed',) + tuple(
+  f'optim.{name}' for name in training_state.HYPERPARAMETERS
+)
+
+
+def _field(config: ml_collections.ConfigDict, field: str) -> Any:
+  for part in field.split('.'):
+    config = config[part]
+  return config
+
+
+def member_differences(
+  configs: list[ml_collections.ConfigDict],
+) -> list[str]:
+  """The `MEMBER_FIELDS` in which `configs` differ, in that order."""
+  return [
+    f for f in MEMBER_FIELDS if len({repr(_field(c, f)) for c in configs}) > 1
+  ]
+
+
+def member_name(config: ml_collections.ConfigDict, differ: list[str]) -> str:
+  """'seed 3', or 'seed 3 learning_rate 0.05 ...' for what differs."""
+  name = f'seed {config.seed}'
+  for field in differ:
+    if field != 'seed':
+      name += f' {field.split(".")[-1]} {_field(config, field):g}'
+  return name
+
+
 def check_pack(
   configs: list[ml_collections.ConfigDict], workdirs: list[str]
 ) -> None:
-  """Configs that differ in their seed only, distinct seeds and workdirs."""
+  """Configs that differ in `MEMBER_FIELDS` only, no two alike, and their
+  own workdirs."""
   if not configs or len(configs) != len(workdirs):
     raise ValueError(
       f'a pack needs one workdir per config: {len(configs)} configs, '
       f'{len(workdirs)} workdirs.'
     )
-  seeds = [c.seed for c in configs]
-  if len(set(seeds)) < len(seeds) or len(set(workdirs)) < len(workdirs):
+  members = [tuple(repr(_field(c, f)) for f in MEMBER_FIELDS) for c in configs]
+  if len(set(members)) < len(members) or len(set(workdirs)) < len(workdirs):
     raise ValueError(
-      f'the seeds of a pack must differ, and their workdirs: seeds {seeds}, '
-      f'workdirs {workdirs}.'
+      'the members of a pack must differ (in the seed or in '
+      f'{", ".join(MEMBER_FIELDS[1:])}), and their workdirs: members '
+      f'{[member_name(c, MEMBER_FIELDS) for c in configs]}, workdirs '
+      f'{workdirs}.'
     )
   # As a checkpoint's saved config is compared (JSON: tuples as lists).
   first = json.loads(json.dumps(configs[0].to_dict()))
@@ -167,13 +204,22 @@ def check_pack(
     differ = [
       d
       for d in checkpointing.config_differences(first, config)
-      if not d.startswith('config.seed:')
+      if not d.startswith(tuple(f'config.{f}:' for f in MEMBER_FIELDS))
     ]
     if differ:
       raise ValueError(
-        f'the seeds of a pack share one config but for config.seed; seed '
-        f'{config.seed} differs from seed {configs[0].seed} in {differ[0]}.'
+        'the members of a pack share one config but for '
+        f'{", ".join("config." + f for f in MEMBER_FIELDS)}; '
+        f'{member_name(config, MEMBER_FIELDS)} differs from the first member '
+        f'in {differ[0]}.'
       )
+  if len({c.optim.weight_decay == 0 for c in configs}) > 1:
+    raise ValueError(
+      'the members of a pack decay weights, or none does: config.optim.'
+      f'weight_decay is {[c.optim.weight_decay for c in configs]} (0 '
+      'leaves the optimizer without its decay step, another structure); '
+      'train the members without decay as a pack of their own.'
+    )
 
 
 @dataclasses.dataclass
@@ -365,6 +411,7 @@ def _start(live: list['_Run']) -> _Loop:
     )
   evaluates_early = config.train.eval_every_steps < run.num_steps
   seeds = tuple(r.config.seed for r in live) if pack else ()
+  differ = member_differences([r.config for r in live]) or ['seed']
   state, p_train_step, p_eval_step, batches = programs.prepare(
     config,
     run.model,
@@ -382,7 +429,7 @@ def _start(live: list['_Run']) -> _Loop:
     _Member(
       r,
       i,
-      f'seed {r.config.seed}: ' if pack else '',
+      f'{member_name(r.config, differ)}: ' if pack else '',
       reporting.create_writer(r.config, r.workdir, start_step),
     )
     for i, r in enumerate(live)
@@ -393,7 +440,12 @@ def _start(live: list['_Run']) -> _Loop:
     start_step=start_step,
     state=state,
     call=_StepCaller(
-      config, run.learning_rate_fn, p_train_step, batches, seeds
+      config,
+      run.learning_rate_fn,
+      p_train_step,
+      batches,
+      seeds,
+      [training_state.hyperparameters(r.config) for r in live],
     ),
     p_eval_step=p_eval_step,
     eval_ds=eval_ds,
@@ -587,8 +639,14 @@ class _StepCaller:
   save or stop step comes first, single steps up to one. With `seeds`, the
   steps of a pack of those seeds."""
 
-  def __init__(self, config, learning_rate_fn, p_train_step, batches, seeds):
+  def __init__(
+    self, config, learning_rate_fn, p_train_step, batches, seeds, hparams
+  ):
     self.config, self.batches = config, batches
+    # Each member's hyperparameters (stacked on the pack's axis).
+    self.hparams = (
+      jax.tree.map(lambda *x: np.stack(x), *hparams) if seeds else hparams[0]
+    )
     self.per_call = config.train.steps_per_call
     self.p_steps = p_train_step
     self.p_step = (
@@ -609,8 +667,11 @@ class _StepCaller:
       done + self.per_call
     ):
       batches = tuple(next(self.batches) for _ in range(self.per_call))
-      return (*self.p_steps(state, batches, self.rng), self.per_call)
-    return (*self.p_step(state, next(self.batches), self.rng), 1)
+      return (
+        *self.p_steps(state, batches, self.rng, self.hparams),
+        self.per_call,
+      )
+    return (*self.p_step(state, next(self.batches), self.rng, self.hparams), 1)
 
 
 def _next_boundary(done: int, num_steps: int, config) -> int:

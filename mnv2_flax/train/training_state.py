@@ -18,6 +18,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mnv2_flax import models
@@ -58,30 +59,92 @@ def create_model(
 # ----------------------------------------------------------------- optimizer
 
 
+# The optimizer's scalars that keep a program's shapes. The train step takes
+# them as arguments (`hyperparameters`), not as constants: the members of a
+# pack may differ in them, and runs that differ only in them compile one
+# program.
+HYPERPARAMETERS = (
+  'learning_rate',
+  'weight_decay',
+  'label_smoothing',
+  'ema_decay',
+)
+
+
+def base_learning_rate(config: ml_collections.ConfigDict) -> float:
+  """`config.optim.learning_rate` scaled with the global batch: the peak."""
+  optim = config.optim
+  return optim.learning_rate * config.data.batch_size / optim.lr_reference_batch
+
+
+def hyperparameters(
+  config: ml_collections.ConfigDict, members: int = 0
+) -> dict[str, Any]:
+  """The train step's scalar arguments, from `config.optim` (float32, as
+  the step computes); with `members` = N, each repeated on a pack's axis of
+  N. 'learning_rate' is the schedule's peak (`base_learning_rate`), the
+  others the fields of their names."""
+  optim = config.optim
+  values = {
+    'learning_rate': base_learning_rate(config),
+    'weight_decay': optim.weight_decay,
+    'label_smoothing': optim.label_smoothing,
+    'ema_decay': optim.ema_decay,
+  }
+  if members:
+    return {k: np.full((members,), v, np.float32) for k, v in values.items()}
+  return {k: np.float32(v) for k, v in values.items()}
+
+
+class LearningRate:
+  """`config`'s learning-rate schedule: an optax schedule (count -> rate),
+  and `at(peak)`, the same schedule at another peak. The train step builds
+  it at its `hyperparameters()['learning_rate']`, a traced scalar: at the
+  config's own peak, bitwise the rates of the schedule with the peak built
+  in (optax computes the same expressions with a float or an array)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
+    self._optim, self._steps_per_epoch = config.optim, steps_per_epoch
+    self._total = max(1, int(config.train.num_epochs * steps_per_epoch))
+    self._schedule = self.at(base_learning_rate(config))
+
+  def __call__(self, count: Any) -> Any:
+    return self._schedule(count)
+
+  def at(self, peak: Any) -> optax.Schedule:
+    """Warm-up to `peak` (a float or a traced scalar), then the schedule."""
+    optim, steps_per_epoch = self._optim, self._steps_per_epoch
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+    if optim.schedule == 'exponential':  # TF-slim: x0.98 every 2.5 epochs
+      main = optax.exponential_decay(
+        peak,
+        transition_steps=max(1, int(optim.decay_epochs * steps_per_epoch)),
+        decay_rate=optim.decay_rate,
+        staircase=True,
+      )
+    elif optim.schedule == 'cosine':
+      main = optax.cosine_decay_schedule(peak, max(1, self._total - warmup))
+    else:
+      main = optax.constant_schedule(peak)
+    if warmup == 0:
+      return main
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, warmup), main], [warmup]
+    )
+
+
 def create_learning_rate_fn(
   config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.Schedule:
+) -> LearningRate:
   """Base rate scaled with the global batch, warm-up, then the schedule."""
-  optim = config.optim
-  base = optim.learning_rate * config.data.batch_size / optim.lr_reference_batch
-  warmup = int(optim.warmup_epochs * steps_per_epoch)
-  total = max(1, int(config.train.num_epochs * steps_per_epoch))
-  if optim.schedule == 'exponential':  # TF-slim: x0.98 every 2.5 epochs
-    main = optax.exponential_decay(
-      base,
-      transition_steps=max(1, int(optim.decay_epochs * steps_per_epoch)),
-      decay_rate=optim.decay_rate,
-      staircase=True,
-    )
-  elif optim.schedule == 'cosine':
-    main = optax.cosine_decay_schedule(base, max(1, total - warmup))
-  else:
-    main = optax.constant_schedule(base)
-  if warmup == 0:
-    return main
-  return optax.join_schedules(
-    [optax.linear_schedule(0.0, base, warmup), main], [warmup]
-  )
+  return LearningRate(config, steps_per_epoch)
+
+
+def at_peak(learning_rate_fn: optax.Schedule, peak: Any) -> optax.Schedule:
+  """`learning_rate_fn` at `peak` where it is a `LearningRate`; any other
+  schedule (a test's constant) as it is."""
+  at = getattr(learning_rate_fn, 'at', None)
+  return at(peak) if at else learning_rate_fn
 
 
 def weight_decay_mask(params: Any, mode: str) -> Any:
@@ -99,10 +162,17 @@ def weight_decay_mask(params: Any, mode: str) -> Any:
 
 
 def create_optimizer(
-  config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule
+  config: ml_collections.ConfigDict,
+  learning_rate_fn: optax.Schedule,
+  weight_decay: Any = None,
 ) -> optax.GradientTransformation:
+  """`config.optim`'s optimizer; `weight_decay` (a float or a traced
+  scalar) in place of `config.optim.weight_decay`, whose being zero or not
+  alone decides the optimizer's structure."""
   optim = config.optim
-  tx = _optimizer(optim, learning_rate_fn)
+  if weight_decay is None:
+    weight_decay = optim.weight_decay
+  tx = _optimizer(optim, learning_rate_fn, weight_decay)
   if not optim.freeze_backbone:
     return tx
   # A linear probe: the classifier trains, every other parameter gets a zero
@@ -118,7 +188,9 @@ def create_optimizer(
   )
 
 
-def _optimizer(optim, learning_rate_fn) -> optax.GradientTransformation:
+def _optimizer(
+  optim, learning_rate_fn, weight_decay
+) -> optax.GradientTransformation:
   mask = functools.partial(weight_decay_mask, mode=optim.weight_decay_mask)
   if optim.optimizer == 'rmsprop_tf':
     # TF1 RMSProp: epsilon inside the square root, accumulator starting at 1.
@@ -136,7 +208,7 @@ def _optimizer(optim, learning_rate_fn) -> optax.GradientTransformation:
       learning_rate_fn,
       b1=optim.momentum,
       b2=optim.adam_b2,
-      weight_decay=optim.weight_decay,
+      weight_decay=weight_decay,
       mask=mask,
     )
   else:
@@ -147,7 +219,7 @@ def _optimizer(optim, learning_rate_fn) -> optax.GradientTransformation:
     return opt
   # L2 as TF-slim and torch's SGD apply it: wd * w is added to the gradient
   # before the optimizer (the gradient of wd / 2 * ||w||^2).
-  return optax.chain(optax.add_decayed_weights(optim.weight_decay, mask), opt)
+  return optax.chain(optax.add_decayed_weights(weight_decay, mask), opt)
 
 
 # --------------------------------------------------------------------- state
