@@ -12,7 +12,9 @@ is a name (SWEEPS, or `grid` for none) followed by `key=value` items: a value
 with `|`-separated alternatives is an axis, and the sweep is the product of
 its axes (a named sweep's own axes give way to yours); `seeds=N` adds the
 axis seed=0|...|N-1. Every (point, seed) is its own run; the summary groups
-the seeds of a point and compares points seed by seed.
+the seeds of a point and compares points seed by seed. Runs that differ only
+in `seed`, `lr`, `wd`, `ls` and `ema` (`mnv2_flax.sweep.grid.MEMBER_KEYS`)
+share one program and may train as one pack (`--pack`).
 
 Named sweeps, on Fashion-MNIST unless `data=imagenet`: `fashion_mnist`
 (`make sweep`; grid, epochs and seeds below, times in docs/sweeps.md),
@@ -34,6 +36,11 @@ KEYS = (
   'shortcut',  # 'bottleneck' (the design), 'expansion' or 'none' (Fig. 6b)
   'expand',  # the expansion ratio t (6 in the paper)
   'epochs',  # config.train.num_epochs
+  # The recipe's scalars that a pack's members may differ in (one program):
+  'lr',  # config.optim.learning_rate (the peak, before batch scaling)
+  'wd',  # config.optim.weight_decay
+  'ls',  # config.optim.label_smoothing
+  'ema',  # config.optim.ema_decay
   'seed',  # config.seed: initialisation, data order and augmentation
 )
 DATASETS = ('fashion_mnist', 'imagenet')
@@ -63,7 +70,20 @@ SWEEPS = {
   'shortcut': dict(shortcut=CHOICES['shortcut'], seed=SEEDS),
   'grid': {},
 }
-NUMBERS = dict(width=float, res=int, expand=float, epochs=float, seed=int)
+NUMBERS = dict(
+  width=float,
+  res=int,
+  expand=float,
+  epochs=float,
+  lr=float,
+  wd=float,
+  ls=float,
+  ema=float,
+  seed=int,
+)
+# Where 0 is valid (>= 0); every other number must be > 0. Fractions < 1.
+ZERO_VALID = ('seed', 'wd', 'ls')
+FRACTIONS = ('ls', 'ema')
 
 # The TF-slim checkpoints' published ImageNet numbers, (width, resolution):
 # (MACs in millions, top-1 %): the numeric form of the paper's Fig. 5, drawn
@@ -108,9 +128,16 @@ def _value(key: str, value: str):
     number = kind(value)
   except ValueError:
     number = None
-  if number is None or number < 0 or (number == 0 and key != 'seed'):
+  if (
+    number is None
+    or number < 0
+    or (number == 0 and key not in ZERO_VALID)
+    or (key in FRACTIONS and number >= 1)
+  ):
     what = 'an integer' if kind is int else 'a number'
-    bound = '>= 0' if key == 'seed' else '> 0'
+    bound = '>= 0' if key in ZERO_VALID else '> 0'
+    if key in FRACTIONS:
+      bound += ' and < 1'
     raise ValueError(
       f'ablation argument {key}={value!r} is not {what} {bound}.'
     )
@@ -185,6 +212,10 @@ def get_config(arg=None):
     shortcut=('model', 'shortcut'),
     expand=('model', 'expand_ratio'),
     epochs=('train', 'num_epochs'),
+    lr=('optim', 'learning_rate'),
+    wd=('optim', 'weight_decay'),
+    ls=('optim', 'label_smoothing'),
+    ema=('optim', 'ema_decay'),
   )
   for key, (section, field) in fields.items():
     if key in args:

@@ -132,15 +132,15 @@ def _simulate(points, costs, count):
   while queue:
     w = min(range(count), key=lambda i: free_at[i])
     pack = queue.pop(workers.next_pack(queue, built[w], costs))
-    built[w].add(grid.seedless(pack[0].arg))
+    built[w].add(grid.pack_key(pack[0].arg))
     starts.append((free_at[w], w, pack[0].arg))
-    free_at[w] += costs[grid.seedless(pack[0].arg)]
+    free_at[w] += costs[grid.pack_key(pack[0].arg)]
   return starts, free_at
 
 
 def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
   points = ablation.get_sweep('fashion_mnist')  # 4 points x seeds 0-4
-  costs = {grid.seedless(a): grid.cost(ablation.get_config(a)) for a in points}
+  costs = {grid.pack_key(a): grid.cost(ablation.get_config(a)) for a in points}
   assert costs['width=0.75,res=48'] == max(costs.values())
   assert costs['width=0.35,res=32'] == min(costs.values())
   starts, free_at = _simulate(points, costs, count=2)
@@ -153,7 +153,7 @@ def test_workers_take_the_costliest_points_first_and_keep_their_shapes():
   # worker takes what is left rather than idle.
   owner = {}
   for _, w, arg in starts[:-1]:
-    assert owner.setdefault(grid.seedless(arg), w) == w, arg
+    assert owner.setdefault(grid.pack_key(arg), w) == w, arg
   # The two workers end within the cost of the cheapest point of each
   # other; the order of the grid (first point first) idles one for longer.
   assert abs(free_at[0] - free_at[1]) <= min(costs.values()) * 1.01
@@ -206,7 +206,7 @@ def _simulate_in_order(points, costs, workers):
   for arg in points:
     w = min(range(workers), key=lambda i: free_at[i])
     starts.append((free_at[w], w, arg))
-    free_at[w] += costs[grid.seedless(arg)]
+    free_at[w] += costs[grid.pack_key(arg)]
   return starts, free_at
 
 
@@ -363,15 +363,32 @@ def test_seeded_sweep_interrupted_and_rerun_redoes_nothing_finished(
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_hyperparameter_keys_are_axes_whose_runs_share_packs(tmp_path):
+  points = ablation.get_sweep('grid,width=0.35,lr=0.05|0.1,wd=0|4e-5,seeds=2')
+  assert len(points) == 8
+  config = ablation.get_config('width=0.35,lr=0.1,wd=0,ls=0.1,ema=0.9,seed=1')
+  optim = config.optim
+  assert (optim.learning_rate, optim.weight_decay) == (0.1, 0.0)
+  assert (optim.label_smoothing, optim.ema_decay, config.seed) == (0.1, 0.9, 1)
+  packs = grid.make_packs(grid.make_points(points, str(tmp_path)), 0)
+  # Without weight decay apart (no decay step: another optimizer state).
+  assert [len(p) for p in packs] == [4, 4]
+  for pack in packs:
+    assert len({'wd=0' in p.arg for p in pack}) == 1
+    assert len({grid.pack_key(p.arg) for p in pack}) == 1
+  for bad, match in (('ls=1', '>= 0 and < 1'), ('ema=0', '> 0 and < 1')):
+    with pytest.raises(ValueError, match=match):
+      ablation.get_sweep(f'grid,{bad}')
+
+
 @pytest.mark.slow
-def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
-  """Seeds 0 and 1 of the point train as one pack (`--pack=2`), seed 2
-  alone; the files and summary are those of runs trained one at a time.
-  Seeds saved at different steps cannot resume as one pack: they train one
-  at a time instead."""
+def test_a_sweep_packs_runs_of_one_program(data_dirs, tmp_path):
+  """`--pack=2`: the two learning rates of seed 0 train as one pack, those
+  of seed 1 (saved at different steps) one at a time; the files and
+  summary are those of runs trained one at a time."""
   _, data_dir = data_dirs
   root = str(tmp_path / 'sweep')
-  points = ablation.get_sweep('grid,width=0.35,res=32,seeds=4')
+  points = ablation.get_sweep('grid,width=0.35,res=32,lr=0.05|0.1,seeds=2')
   names = [grid.point_name(p) for p in points]
   configs = grid.point_configs(
     ablation, grid.make_points(points, root), _tiny(data_dir)
@@ -388,16 +405,16 @@ def test_a_sweep_packs_the_seeds_of_a_point(data_dirs, tmp_path):
     json.loads(open(os.path.join(root, n, 'results.json')).read())
     for n in names
   ]
-  # Seeds 0 and 1: one pack. Seeds 2 (at step 0) and 3 (at step 1): one
-  # at a time, seed 3 resumed.
+  # Seed 0's two rates: one pack. Seed 1's (at steps 0 and 1): one at a
+  # time, the second resumed.
   assert [r.get('pack') for r in results] == [2, 2, None, None]
   assert all(r['completed_steps'] == 2 for r in results)
   for name in names:  # each point records its share of the wall time
     record = json.loads(open(os.path.join(root, name, 'sweep.json')).read())
     assert record['wall_seconds'] > 0 and record['error'] is None
   with open(os.path.join(root, 'points.csv')) as f:
-    (point,) = list(csv.DictReader(f))
-  assert point['n'] == '4'
+    table = list(csv.DictReader(f))
+  assert [(p['lr'], p['n']) for p in table] == [('0.05', '2'), ('0.1', '2')]
   # A rerun finds everything finished.
   rows = driver.run(ablation, points, root, _tiny(data_dir))
   assert [r['status'] for r in rows] == ['finished'] * 4

@@ -149,9 +149,10 @@ if __name__ == '__main__':
   _PACK = flags.DEFINE_integer(
     'pack',
     None,
-    'The most seeds of a point trained together as one program (a pack); '
-    '0: all of them; 1: one at a time; default: 0 on a GPU or TPU, 1 on '
-    'the CPU.',
+    'The most runs trained together as one program (a pack): runs that '
+    'differ only in seed=, lr=, wd=, ls= or ema= (the seeds of a point and '
+    'its hyperparameter values); 0: all of them; 1: one at a time; '
+    'default: 0 on a GPU or TPU, 1 on the CPU.',
   )
   _SUBMIT = flags.DEFINE_string(
     'submit', '', "'slurm' (one array job via submitit) or 'local'."

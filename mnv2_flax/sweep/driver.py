@@ -88,7 +88,7 @@ def run(
       overrides or {},
       parallel,
       point_args,
-      {grid.seedless(p.arg): grid.cost(configs[p]) for p in todo},
+      {grid.pack_key(p.arg): grid.cost(configs[p]) for p in todo},
     )
   else:
     progress = grid.Progress(len(todo))

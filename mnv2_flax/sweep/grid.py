@@ -216,9 +216,28 @@ def train_pack(
   return train_lib.train_seeds(configs, workdirs)
 
 
-def seedless(arg: str) -> str:
-  """A point's argument without its seed: what the seeds of a point share."""
-  return ','.join(k for k in arg.split(',') if not k.startswith('seed='))
+# The point keys a pack's members may differ in: the seed and the train
+# step's hyperparameter arguments (configs/ablation.py's names for
+# `train_lib.MEMBER_FIELDS`). Runs that differ only in them share a program.
+MEMBER_KEYS = ('seed', 'lr', 'wd', 'ls', 'ema')
+
+
+def pack_key(arg: str) -> str:
+  """A point's argument without its `MEMBER_KEYS`: what the runs that may
+  share a pack (and their compiled programs) have in common."""
+  return ','.join(k for k in arg.split(',') if not _member_item(k))
+
+
+def _member_item(item: str) -> bool:
+  """Whether `key=value` is a member's own: not `wd=0` (no decay step in
+  the optimizer, whose state then differs from decaying members')."""
+  key, _, value = item.partition('=')
+  if key == 'wd':
+    try:
+      return float(value) != 0
+    except ValueError:
+      return True
+  return key in MEMBER_KEYS
 
 
 def cost(config: ml_collections.ConfigDict) -> float:
@@ -248,9 +267,10 @@ def default_pack() -> int:
 
 
 def make_packs(points: list[Point], cap: int = 0) -> list[list[Point]]:
-  """`points` grouped into packs: the seeds of a point (arguments equal but
-  for `seed=`), in the order of their first point, cut into packs of at
-  most `cap` seeds (0: all of a point's seeds; 1: one run each)."""
+  """`points` grouped into packs: the runs whose arguments are equal but
+  for `MEMBER_KEYS` (a point's seeds, and its hyperparameter values), in
+  the order of their first point, cut into packs of at most `cap` members
+  (0: all of them; 1: one run each)."""
   if cap < 0:
     raise ValueError(
       f'--pack={cap}: expected 0 (all the seeds of a point), 1 (no packs) '
@@ -258,7 +278,7 @@ def make_packs(points: list[Point], cap: int = 0) -> list[list[Point]]:
     )
   groups = {}
   for point in points:
-    groups.setdefault(seedless(point.arg), []).append(point)
+    groups.setdefault(pack_key(point.arg), []).append(point)
   size = cap or max(map(len, groups.values()), default=1)
   return [
     group[i : i + size]

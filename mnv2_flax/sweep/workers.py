@@ -105,7 +105,7 @@ def next_pack(queue, built: set[str], costs: dict[str, float]) -> int:
   so that the largest points start first and none is left for the end.
   """
   seeds = list(dict.fromkeys(pack_seed(pack) for pack in queue))
-  shape = lambda i: grid.seedless(queue[i][0].arg)  # noqa: E731
+  shape = lambda i: grid.pack_key(queue[i][0].arg)  # noqa: E731
   cost = lambda i: costs.get(shape(i), 0.0)  # noqa: E731
   for seed in seeds[:2]:
     mine = [
@@ -198,7 +198,7 @@ def _run_workers(
   def feed(worker):
     if queue and stop.signum is None:
       pack = queue.pop(next_pack(queue, worker.built, costs))
-      worker.built.add(grid.seedless(pack[0].arg))
+      worker.built.add(grid.pack_key(pack[0].arg))
       worker.send(pack)
     else:
       worker.pack = None
