@@ -171,3 +171,72 @@ def test_figure_intervals_stay_within_what_accuracy_can_be():
   assert below[1] == pytest.approx(6.0)
   assert above[1] == pytest.approx(100 * low.half)
   assert below[2] == above[2] == 0
+
+
+def _tuned_rows():
+  """Widths 0.35, 0.5, 0.75 x lr 0.05, 0.1, 0.2 x seeds 0-2. Minival prefers
+  lr 0.2 at width 0.35 (the edge), lr 0.1 at 0.5 and 0.75; the eval split
+  prefers lr 0.05 everywhere (never to be chosen on)."""
+  minival = {'0.35': (0.80, 0.82, 0.84), '0.5': (0.83, 0.86, 0.84)}
+  minival['0.75'] = (0.84, 0.88, 0.85)
+  rows = []
+  for seed in range(3):
+    for width in ('0.35', '0.5', '0.75'):
+      for i, lr in enumerate(('0.05', '0.1', '0.2')):
+        row = _row(seed, width=width, lr=lr, top1=0.9 - 0.01 * i)
+        row['top1'] += 0.01 * float(width) + 0.001 * seed * (1 + i)
+        row['minival_top1'] = minival[width][i] + 0.002 * seed
+        rows.append(row)
+  return rows
+
+
+def test_tuned_keys_are_chosen_on_minival_and_compared_as_one_family():
+  rows = _tuned_rows()
+  points = summary.group(rows, ['width', 'lr', 'seed'])
+  choices = summary.choose(points)
+  assert [(c.args, c.values) for c in choices] == [
+    ({'width': '0.35'}, 'lr=0.2'),
+    ({'width': '0.5'}, 'lr=0.1'),
+    ({'width': '0.75'}, 'lr=0.1'),
+  ]
+  assert [c.edges for c in choices] == [('lr',), (), ()]
+  assert [c.tried for c in choices] == [3, 3, 3]
+  comparisons = summary.compare_choices(choices)
+  # Width pairs: each against 0.35, and 0.5 -> 0.75: three, one family.
+  assert [(c.base, c.other) for c in comparisons] == [
+    ('0.35 (lr=0.2)', '0.5 (lr=0.1)'),
+    ('0.35 (lr=0.2)', '0.75 (lr=0.1)'),
+    ('0.5 (lr=0.1)', '0.75 (lr=0.1)'),
+  ]
+  first = comparisons[0]
+  assert first.confidence == pytest.approx(1 - 0.05 / 3)
+  # Seed by seed, at the chosen values: eval top-1 of (0.5, lr 0.1) minus
+  # (0.35, lr 0.2); the Student t quantile of 1 - 0.05 / 6, 2 dof.
+  diffs = [
+    (0.89 + 0.005 + 0.002 * s) - (0.88 + 0.0035 + 0.003 * s) for s in range(3)
+  ]
+  stat = summary.interval(diffs, 1 - 0.05 / 3)
+  assert first.diffs['top1'].mean == pytest.approx(stat.mean)
+  assert first.diffs['top1'].half == pytest.approx(stat.half)
+  assert stat.half == pytest.approx(
+    7.6488 * stat.std / math.sqrt(3), rel=1e-3
+  )  # t(1 - 0.05 / 6, 2)
+  text = summary.markdown(rows, ['width', 'lr', 'seed'], 'tuned')
+  assert '## Tuned keys: chosen on minival' in text
+  assert 'at the edge of the tried range: lr' in text
+  assert 'Bonferroni, 95% / 3' in text
+  files = summary.csv_files(rows, ['width', 'lr', 'seed'])
+  chosen = list(csv.DictReader(io.StringIO(files['choices.csv'])))
+  assert [r['chosen'] for r in chosen] == ['lr=0.2', 'lr=0.1', 'lr=0.1']
+  assert [r['edges'] for r in chosen] == ['lr', '', '']
+  assert 'chosen_comparisons.csv' in files
+
+
+def test_no_tuned_key_no_choice_and_no_minival_no_choice():
+  rows = [r for r in _tuned_rows() if r['lr'] == '0.1']
+  assert summary.choose(summary.group(rows, ['width', 'lr', 'seed'])) == []
+  assert 'choices.csv' not in summary.csv_files(rows, ['width', 'lr', 'seed'])
+  rows = _tuned_rows()
+  for row in rows:
+    row['minival_top1'] = None  # runs from before the minival split
+  assert summary.choose(summary.group(rows, ['width', 'lr', 'seed'])) == []

@@ -11,9 +11,15 @@ order and augmentation) get their own mean and interval, and a verdict:
 distinguishable at 95%'. A key's first value is its baseline: each value is
 compared with the baseline and with the value before it.
 
+Where a recipe key (`TUNED_KEYS`: lr, wd, ls, ema) varies, each point of
+the other keys is also reported at its values of the best minival mean
+(`choose`), and those chosen points are compared with each other, one
+Bonferroni-adjusted family (`compare_choices`).
+
 Files (in the sweep's root): `results.md` (the tables), `results.csv` (one
-row per run), `points.csv`, `comparisons.csv`, and `accuracy_vs_macs.png`
-or, when all points share width and resolution, `variants.png`.
+row per run), `points.csv`, `comparisons.csv`, `choices.csv` and
+`chosen_comparisons.csv` (tuned keys), and `accuracy_vs_macs.png` or, when
+all points share width and resolution, `variants.png`.
 """
 
 import contextlib
@@ -150,9 +156,12 @@ class Comparison:
   context: dict[str, str]  # the other varying keys, fixed
   seeds: tuple[str, ...]
   diffs: dict[str, Interval]  # metric: interval of the differences
+  confidence: float = CONFIDENCE  # of the intervals
 
   def verdict(self, metric: str = 'top1') -> str:
     d = self.diffs[metric]
+    if d is None:
+      return 'no values'
     if d.n < 2:
       return 'one seed: no interval'
     if d.low > 0:
@@ -161,7 +170,7 @@ class Comparison:
       return 'worse'
     if d.std == 0:  # identical runs
       return 'identical'
-    return f'not distinguishable at {CONFIDENCE:.0%}'
+    return f'not distinguishable at {self.confidence:.1%}'.replace('.0%', '%')
 
 
 def _pairs(values: list[str]) -> list[tuple[str, str]]:
@@ -205,6 +214,137 @@ def compare(points: list[Point]) -> list[Comparison]:
           continue
         diffs = {m: _paired(at[base], at[other], seeds, m) for m in METRICS}
         comparisons.append(Comparison(key, base, other, fixed, seeds, diffs))
+  return comparisons
+
+
+# ------------------------------------------------------- tuned keys, chosen
+
+# The recipe's keys a sweep may tune (configs/ablation.py's; a pack's member
+# fields besides the seed). Where one varies, each point of the other keys
+# takes the tried values with the best minival mean over its seeds, and is
+# reported, and compared, on the eval split there: choices are never made
+# on the numbers that are reported.
+TUNED_KEYS = ('lr', 'wd', 'ls', 'ema')
+CHOOSE_ON = 'minival_top1'
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+  """The tuned values chosen for one point of the other keys."""
+
+  args: dict[str, str]  # the other keys
+  chosen: Point  # the runs at the chosen values
+  tuned: tuple[str, ...]  # the tuned keys
+  tried: int  # the tuned values' combinations with a minival mean
+  edges: tuple[str, ...]  # tuned keys chosen at their lowest or highest
+
+  @property
+  def values(self) -> str:
+    """'lr=0.1,wd=4e-05'."""
+    return ','.join(f'{k}={self.chosen.args[k]}' for k in self.tuned)
+
+
+def _number(text: str) -> float | str:
+  try:
+    return float(text)
+  except ValueError:
+    return text
+
+
+def choose(points: list[Point]) -> list[Choice]:
+  """Per point of the untuned keys, its tuned values of the best `CHOOSE_ON`
+  mean (the first tried on a tie); none where no tuned key varies. A point
+  none of whose values has a minival mean gets no choice."""
+  tuned = [k for k in varying(points) if k in TUNED_KEYS]
+  if not tuned:
+    return []
+  others = [k for k in points[0].args if k not in tuned]
+  groups = {}
+  for p in points:
+    groups.setdefault(tuple(p.args[k] for k in others), []).append(p)
+  choices = []
+  for context, group in groups.items():
+    scored = [(p, p.stat(CHOOSE_ON)) for p in group]
+    scored = [(p, stat.mean) for p, stat in scored if stat is not None]
+    if not scored:
+      continue
+    best = max(scored, key=lambda item: item[1])[0]  # max: the first of ties
+    edges = []
+    for key in tuned:
+      tried = sorted({_number(p.args[key]) for p in group}, key=str)
+      numbers = sorted(v for v in tried if isinstance(v, float))
+      if len(numbers) > 1 and _number(best.args[key]) in (
+        numbers[0],
+        numbers[-1],
+      ):
+        edges.append(key)
+    choices.append(
+      Choice(
+        dict(zip(others, context, strict=True)),
+        best,
+        tuple(tuned),
+        len(scored),
+        tuple(edges),
+      )
+    )
+  return choices
+
+
+def compare_choices(choices: list[Choice]) -> list[Comparison]:
+  """Paired comparisons of the chosen points along each untuned key that
+  varies (as `compare`), each at its own chosen values. One family: its
+  intervals are Bonferroni-adjusted, at 1 - 5% / (number of comparisons),
+  so that all of its verdicts hold together at 95%."""
+  if not choices:
+    return []
+  keys = [k for k in choices[0].args if len({c.args[k] for c in choices}) > 1]
+  found = []
+  for key in keys:
+    values = list(dict.fromkeys(c.args[key] for c in choices))
+    others = [k for k in keys if k != key]
+    for context in dict.fromkeys(
+      tuple(c.args[k] for k in others) for c in choices
+    ):
+      fixed = dict(zip(others, context, strict=True))
+      at = {
+        c.args[key]: c
+        for c in choices
+        if all(c.args[k] == v for k, v in fixed.items())
+      }
+      for base, other in _pairs(values):
+        if base in at and other in at:
+          found.append((key, fixed, at[base], at[other]))
+  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  comparisons = []
+  for key, fixed, base, other in found:
+    runs = [
+      {r.get('seed', ''): r for r in c.chosen.finished} for c in (base, other)
+    ]
+    seeds = tuple(s for s in runs[0] if s in runs[1])
+    if not seeds:
+      continue
+    diffs = {
+      m: interval(
+        (
+          runs[1][s][m] - runs[0][s][m]
+          for s in seeds
+          if runs[1][s].get(m) is not None and runs[0][s].get(m) is not None
+        ),
+        confidence,
+      )
+      for m in METRICS
+    }
+    comparisons.append(
+      Comparison(
+        key,
+        f'{base.args[key]} ({base.values})',
+        f'{other.args[key]} ({other.values})',
+        fixed,
+        seeds,
+        diffs,
+        confidence,
+      )
+    )
   return comparisons
 
 
@@ -319,6 +459,63 @@ def comparisons_table(comparisons: list[Comparison]) -> str:
   return '\n'.join(_table(header, rows))
 
 
+def _edge_note(choice: Choice) -> str:
+  if not choice.edges:
+    return ''
+  return 'at the edge of the tried range: ' + ', '.join(choice.edges)
+
+
+def choices_table(choices: list[Choice]) -> str:
+  keys = list(choices[0].args)
+  header = keys + ['chosen', 'tried', 'n']
+  header += [NAMES[m] for m in (CHOOSE_ON, 'top1', 'ema_top1')] + ['note']
+  rows = [
+    [c.args[k] for k in keys]
+    + [c.values, str(c.tried), str(len(c.chosen.finished))]
+    + [
+      format_interval(c.chosen.stat(m)) for m in (CHOOSE_ON, 'top1', 'ema_top1')
+    ]
+    + [_edge_note(c)]
+    for c in choices
+  ]
+  return '\n'.join(_table(header, rows))
+
+
+def _tuned_parts(points: list[Point]) -> list[str]:
+  """The markdown of the tuned keys' choices and their comparisons."""
+  choices = choose(points)
+  if not choices:
+    return []
+  parts = [
+    '## Tuned keys: chosen on minival',
+    '',
+    f'Per point of the other keys, the values of {", ".join(choices[0].tuned)} '
+    'with the best minival top-1 mean over the seeds (every point tried '
+    'the same values: the same budget); the eval split is reported there, '
+    'never used to choose. A choice at the lowest or highest value tried '
+    'may lie outside the range: try further values before reading it.',
+    '',
+    choices_table(choices),
+    '',
+  ]
+  comparisons = compare_choices(choices)
+  if comparisons:
+    parts += [
+      '## Paired comparisons at the chosen values',
+      '',
+      'Other point minus base point, each at its own chosen values, seed by '
+      f'seed, in accuracy points. The {len(comparisons)} comparisons are one '
+      'family: intervals at '
+      f'{comparisons[0].confidence:.2%} (Bonferroni, 95% / '
+      f'{len(comparisons)}), so that all of their verdicts hold together at '
+      '95%.',
+      '',
+      comparisons_table(comparisons),
+      '',
+    ]
+  return parts
+
+
 def markdown(rows: list[dict], keys: list[str], title: str) -> str:
   points = group(rows, keys)
   comparisons = compare(points)
@@ -347,6 +544,7 @@ def markdown(rows: list[dict], keys: list[str], title: str) -> str:
       comparisons_table(comparisons),
       '',
     ]
+  parts += _tuned_parts(points)
   parts += ['## Runs', '', runs_table(rows, keys), '']
   return '\n'.join(parts)
 
@@ -376,27 +574,46 @@ def csv_files(rows: list[dict], keys: list[str]) -> dict[str, str]:
     for c in ('params', 'macs', 'wall_seconds', 'images_per_second'):
       row[c] = p.cost(c)
     point_rows.append(row)
+  files = {
+    'results.csv': _csv(keys + list(COLUMNS), rows),
+    'points.csv': _csv(list(point_rows[0]) if point_rows else [], point_rows),
+    'comparisons.csv': _comparisons_csv(compare(points)),
+  }
+  choices = choose(points)
+  if choices:
+    choice_rows = []
+    for c in choices:
+      row = dict(
+        c.args, chosen=c.values, tried=c.tried, n=len(c.chosen.finished)
+      )
+      for m in METRICS:
+        row.update(_interval_columns(m, c.chosen.stat(m)))
+      row['edges'] = ' '.join(c.edges)
+      choice_rows.append(row)
+    files['choices.csv'] = _csv(list(choice_rows[0]), choice_rows)
+    files['chosen_comparisons.csv'] = _comparisons_csv(compare_choices(choices))
+  return files
+
+
+def _comparisons_csv(comparisons: list[Comparison]) -> str:
   comparison_rows = []
-  for c in compare(points):
+  for c in comparisons:
     row = dict(
       key=c.key,
       base=c.base,
       other=c.other,
       at=_at(c),
       n=len(c.seeds),
+      confidence=c.confidence,
       verdict=c.verdict(),
     )
     for m in METRICS:
       row.update(_interval_columns(f'diff_{m}', c.diffs[m]))
     comparison_rows.append(row)
-  return {
-    'results.csv': _csv(keys + list(COLUMNS), rows),
-    'points.csv': _csv(list(point_rows[0]) if point_rows else [], point_rows),
-    'comparisons.csv': _csv(
-      list(comparison_rows[0]) if comparison_rows else ['key'],
-      comparison_rows,
-    ),
-  }
+  return _csv(
+    list(comparison_rows[0]) if comparison_rows else ['key'],
+    comparison_rows,
+  )
 
 
 def plot(
@@ -530,7 +747,8 @@ def write(
   files['results.md'] = markdown(rows, keys, title)
   name, png = plot(rows, keys, title, published)
   files[name] = png
-  for stale in {'accuracy_vs_macs.png', 'variants.png'} - {name}:
+  every = {'accuracy_vs_macs.png', 'variants.png', 'choices.csv'}
+  for stale in (every | {'chosen_comparisons.csv'}) - set(files):
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(root, stale))
   for name, content in files.items():
