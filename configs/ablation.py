@@ -19,7 +19,8 @@ share one program and may train as one pack (`--pack`).
 Named sweeps, on Fashion-MNIST unless `data=imagenet`: `fashion_mnist`
 (`make sweep`; grid, epochs and seeds below, times in docs/sweeps.md),
 `imagenet` (the paper's 21 points, one seed, not run here), and the Fig. 6
-ablations `bottleneck` (6a) and `shortcut` (6b).
+ablations `bottleneck` (6a) and `shortcut` (6b); `equal_cost` (POINTS:
+widths against resolutions at matched MACs).
 """
 
 import itertools
@@ -68,7 +69,22 @@ SWEEPS = {
   'imagenet': IMAGENET_GRID,
   'bottleneck': dict(bottleneck=CHOICES['bottleneck'], seed=SEEDS),
   'shortcut': dict(shortcut=CHOICES['shortcut'], seed=SEEDS),
+  'equal_cost': dict(seed=SEEDS),
   'grid': {},
+}
+# Named sweeps of chosen (width, res) points rather than a product: the
+# summary compares points within 1.15x of each other's MACs
+# (`summary.compare_equal_cost`). `equal_cost`: width against resolution at
+# ~4.5M multiply-adds (0.35@64 4.75M, 0.5@40 4.70M, 0.75@32 4.25M) and at
+# ~6.5M (0.5@56 7.00M, 1.0@32 6.12M), output stride 32.
+POINTS = {
+  'equal_cost': (
+    dict(width='0.35', res='64'),
+    dict(width='0.5', res='40'),
+    dict(width='0.75', res='32'),
+    dict(width='0.5', res='56'),
+    dict(width='1.0', res='32'),
+  ),
 }
 NUMBERS = dict(
   width=float,
@@ -264,6 +280,13 @@ def get_sweep(arg=None) -> list[str]:
     dict(zip(keys, values, strict=True))
     for values in itertools.product(*(axes[k] for k in keys))
   ]
+  if name in POINTS:
+    if {'width', 'res'} & set(user):
+      raise ValueError(
+        f'sweep {name!r} chooses its own width and res; drop them from '
+        'the items, or use grid.'
+      )
+    points = [dict(p, **q) for p in points for q in POINTS[name]]
   if name == 'imagenet' and not {'width', 'res'} & set(user):
     # The paper's largest model beside the grid, with every other axis.
     others = [k for k in keys if k not in ('width', 'res')]

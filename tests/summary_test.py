@@ -240,3 +240,38 @@ def test_no_tuned_key_no_choice_and_no_minival_no_choice():
   for row in rows:
     row['minival_top1'] = None  # runs from before the minival split
   assert summary.choose(summary.group(rows, ['width', 'lr', 'seed'])) == []
+
+
+def test_equal_cost_pairs_differ_in_two_keys_within_the_mac_ratio():
+  """width x res at (MACs): 0.35@64 (4.75M), 0.5@40 (4.70M), 0.75@32
+  (4.25M), 0.35@32 (1.2M). Three pairs within 1.15x, each two keys apart;
+  0.35@32 is cheaper than all by far; no pair one key apart."""
+  macs = {('0.35', '64'): 4.75e6, ('0.5', '40'): 4.70e6}
+  macs.update({('0.75', '32'): 4.25e6, ('0.35', '32'): 1.2e6})
+  rows = []
+  for seed in range(3):
+    for (width, res), mac in macs.items():
+      row = _row(seed, width=width, res=res, top1=0.8 + mac / 1e8 + seed / 100)
+      row['macs'] = mac
+      rows.append(row)
+  points = summary.group(rows, ['width', 'res', 'seed'])
+  found = summary.compare_equal_cost(points)
+  assert [(c.key, c.base, c.other) for c in found] == [
+    ('width+res', 'width=0.75,res=32', 'width=0.5,res=40'),
+    ('width+res', 'width=0.75,res=32', 'width=0.35,res=64'),
+    ('width+res', 'width=0.5,res=40', 'width=0.35,res=64'),
+  ]
+  assert found[0].confidence == pytest.approx(1 - 0.05 / 3)
+  # Seed by seed the difference is exactly the MACs' term: std 0, 'better'.
+  assert found[0].diffs['top1'].mean == pytest.approx(0.0045)
+  assert [c.verdict() for c in found] == ['better'] * 3
+  (near,) = summary.compare_equal_cost(points, ratio=1.05)  # a family of 1
+  assert (near.base, near.other, near.confidence) == (
+    'width=0.5,res=40',
+    'width=0.35,res=64',
+    0.95,
+  )
+  text = summary.markdown(rows, ['width', 'res', 'seed'], 'equal cost')
+  assert '## Equal-cost comparisons' in text and 'one family of 3' in text
+  files = summary.csv_files(rows, ['width', 'res', 'seed'])
+  assert len(files['equal_cost_comparisons.csv'].splitlines()) == 4

@@ -10,9 +10,12 @@ import sys
 import pytest
 
 from configs import ablation
+from mnv2_flax import models
+from mnv2_flax import stats
 from mnv2_flax.sweep import driver
 from mnv2_flax.sweep import grid
 from mnv2_flax.sweep import slurm
+from mnv2_flax.sweep import summary
 from mnv2_flax.sweep import workers
 from mnv2_flax.train import train_lib
 
@@ -632,3 +635,24 @@ def test_config_loads_from_outside_the_repository_root(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split()[-1] == '20'
+
+
+def test_the_equal_cost_sweep_pairs_widths_with_resolutions_at_matched_macs():
+  points = ablation.get_sweep('equal_cost')
+  assert len(points) == 25 and points[0] == 'width=0.35,res=64,seed=0'
+  with pytest.raises(ValueError, match='chooses its own width and res'):
+    ablation.get_sweep('equal_cost,res=32')
+  macs = {}
+  for arg in points[:5]:
+    config = ablation.get_config(arg)
+    model = models.MobileNetV2(num_classes=10, **config.model)
+    macs[arg.rsplit(',', 1)[0]] = stats.count(
+      model, config.data.image_size
+    ).macs
+  # The two cost levels' points are within summary.MAC_RATIO of each other.
+  for level in (
+    ('width=0.35,res=64', 'width=0.5,res=40', 'width=0.75,res=32'),
+    ('width=0.5,res=56', 'width=1.0,res=32'),
+  ):
+    costs = [macs[p] for p in level]
+    assert max(costs) <= summary.MAC_RATIO * min(costs), costs

@@ -14,12 +14,15 @@ compared with the baseline and with the value before it.
 Where a recipe key (`TUNED_KEYS`: lr, wd, ls, ema) varies, each point of
 the other keys is also reported at its values of the best minival mean
 (`choose`), and those chosen points are compared with each other, one
-Bonferroni-adjusted family (`compare_choices`).
+Bonferroni-adjusted family (`compare_choices`). Points that differ in two
+or more keys at about the same MACs (`MAC_RATIO`) are compared too
+(`compare_equal_cost`: width against resolution at equal cost).
 
 Files (in the sweep's root): `results.md` (the tables), `results.csv` (one
 row per run), `points.csv`, `comparisons.csv`, `choices.csv` and
-`chosen_comparisons.csv` (tuned keys), and `accuracy_vs_macs.png` or, when
-all points share width and resolution, `variants.png`.
+`chosen_comparisons.csv` (tuned keys), `equal_cost_comparisons.csv`, and
+`accuracy_vs_macs.png` or, when all points share width and resolution,
+`variants.png`.
 """
 
 import contextlib
@@ -179,13 +182,18 @@ def _pairs(values: list[str]) -> list[tuple[str, str]]:
   return pairs + [(values[i - 1], values[i]) for i in range(2, len(values))]
 
 
-def _paired(base, other, seeds, metric) -> Interval | None:
+def _paired(
+  base, other, seeds, metric, confidence: float = CONFIDENCE
+) -> Interval | None:
   """The interval of other - base over the seeds where both have `metric`
   (runs from before the minival split have none)."""
   return interval(
-    other[s][metric] - base[s][metric]
-    for s in seeds
-    if other[s].get(metric) is not None and base[s].get(metric) is not None
+    (
+      other[s][metric] - base[s][metric]
+      for s in seeds
+      if other[s].get(metric) is not None and base[s].get(metric) is not None
+    ),
+    confidence,
   )
 
 
@@ -324,15 +332,7 @@ def compare_choices(choices: list[Choice]) -> list[Comparison]:
     if not seeds:
       continue
     diffs = {
-      m: interval(
-        (
-          runs[1][s][m] - runs[0][s][m]
-          for s in seeds
-          if runs[1][s].get(m) is not None and runs[0][s].get(m) is not None
-        ),
-        confidence,
-      )
-      for m in METRICS
+      m: _paired(runs[0], runs[1], seeds, m, confidence) for m in METRICS
     }
     comparisons.append(
       Comparison(
@@ -346,6 +346,63 @@ def compare_choices(choices: list[Choice]) -> list[Comparison]:
       )
     )
   return comparisons
+
+
+# ------------------------------------------------------------ equal cost
+
+# Points within this ratio of each other's multiply-adds cost the same, for
+# `compare_equal_cost` (the TF-slim table's ~100M-MAC points span 1.05x).
+MAC_RATIO = 1.15
+
+
+def compare_equal_cost(
+  points: list[Point], ratio: float = MAC_RATIO
+) -> list[Comparison]:
+  """Every two points that differ in two or more keys (width against
+  resolution, say; one key apart they are `compare`'s) and whose MACs are
+  within `ratio` of each other: the costlier minus the cheaper, seed by
+  seed. Where tuned keys vary, the points at their chosen values
+  (`choose`). One Bonferroni-adjusted family, as `compare_choices`."""
+  choices = choose(points)
+  if choices:
+    labelled = [(c.args, c.chosen, f' ({c.values})') for c in choices]
+  else:
+    labelled = [(p.args, p, '') for p in points]
+  labelled = [x for x in labelled if x[1].cost('macs')]
+  labelled.sort(key=lambda x: x[1].cost('macs'))
+  found = []
+  for i, (args, point, note) in enumerate(labelled):
+    for other_args, other, other_note in labelled[i + 1 :]:
+      apart = [k for k in args if args[k] != other_args[k]]
+      if len(apart) < 2:
+        continue
+      if other.cost('macs') > ratio * point.cost('macs'):
+        continue
+      found.append((apart, args, point, note, other_args, other, other_note))
+  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  comparisons = []
+  for apart, args, point, note, other_args, other, other_note in found:
+    runs = [{r.get('seed', ''): r for r in p.finished} for p in (point, other)]
+    seeds = tuple(s for s in runs[0] if s in runs[1])
+    if not seeds:
+      continue
+    shared = {k: v for k, v in args.items() if k not in apart}
+    comparisons.append(
+      Comparison(
+        '+'.join(apart),
+        _label(args, apart, note),
+        _label(other_args, apart, other_note),
+        shared,
+        seeds,
+        {m: _paired(runs[0], runs[1], seeds, m, confidence) for m in METRICS},
+        confidence,
+      )
+    )
+  return comparisons
+
+
+def _label(args: dict[str, str], keys: list[str], note: str) -> str:
+  return ','.join(f'{k}={args[k]}' for k in keys) + note
 
 
 # ------------------------------------------------------------------ writing
@@ -545,6 +602,20 @@ def markdown(rows: list[dict], keys: list[str], title: str) -> str:
       '',
     ]
   parts += _tuned_parts(points)
+  equal_cost = compare_equal_cost(points)
+  if equal_cost:
+    parts += [
+      '## Equal-cost comparisons',
+      '',
+      'Points that differ in two or more keys with MACs within '
+      f'{MAC_RATIO:g}x of each other (at their chosen values where keys are '
+      'tuned): the costlier minus the cheaper, seed by seed, in accuracy '
+      f'points; one family of {len(equal_cost)}, intervals at '
+      f'{equal_cost[0].confidence:.2%} (Bonferroni).',
+      '',
+      comparisons_table(equal_cost),
+      '',
+    ]
   parts += ['## Runs', '', runs_table(rows, keys), '']
   return '\n'.join(parts)
 
@@ -579,6 +650,9 @@ def csv_files(rows: list[dict], keys: list[str]) -> dict[str, str]:
     'points.csv': _csv(list(point_rows[0]) if point_rows else [], point_rows),
     'comparisons.csv': _comparisons_csv(compare(points)),
   }
+  equal_cost = compare_equal_cost(points)
+  if equal_cost:
+    files['equal_cost_comparisons.csv'] = _comparisons_csv(equal_cost)
   choices = choose(points)
   if choices:
     choice_rows = []
@@ -748,7 +822,8 @@ def write(
   name, png = plot(rows, keys, title, published)
   files[name] = png
   every = {'accuracy_vs_macs.png', 'variants.png', 'choices.csv'}
-  for stale in (every | {'chosen_comparisons.csv'}) - set(files):
+  every |= {'chosen_comparisons.csv', 'equal_cost_comparisons.csv'}
+  for stale in every - set(files):
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(root, stale))
   for name, content in files.items():
