@@ -100,6 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_min_object_covered = 0.1
   config.data.random_flip = True  # horizontal, in training
   config.data.eval_crop_fraction = 0.875
+  # Also evaluate the final state at these image sizes (the train and test
+  # resolutions apart, as FixRes: random-resized crops make objects look
+  # larger in training than in a centre crop of the same size). BatchNorm
+  # statistics as trained. results.json: at_resolution; () for none.
+  config.data.test_image_sizes = ()
   # Also report top-1/top-5 of the mean softmax over each eval image and its
   # mirror (metrics flip_*, ema_flip_*); the plain metrics stay single-view.
   config.data.eval_flip_average = False
@@ -275,6 +280,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     fail('crop_aspect_range', '(min, max) with 0 < min <= max')
   if not 0 < data.eval_crop_fraction <= 1:
     fail('eval_crop_fraction', 'a fraction in (0, 1]')
+  sizes = data.test_image_sizes
+  if not isinstance(sizes, tuple | list) or not all(
+    isinstance(s, int) and MIN_IMAGE_SIZE <= s <= MAX_IMAGE_SIZE for s in sizes
+  ):
+    fail(
+      'test_image_sizes',
+      f'a tuple of integers in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], e.g. '
+      '(32, 48)',
+    )
   if not isinstance(data.eval_flip_average, bool):
     fail('eval_flip_average', 'True or False')
   if not data.shuffle_buffer > 0:
@@ -321,13 +335,16 @@ def check_schema(
     wrong = not isinstance(value, kinds) or (
       isinstance(value, bool) and not isinstance(default, bool)
     )
-    if isinstance(default, tuple) and not wrong:
+    # An empty default tuple: a list of any length (its own check).
+    if isinstance(default, tuple) and default and not wrong:
       wrong = len(value) != len(default) or not all(
         isinstance(v, (int, float)) for v in value
       )
     if wrong:
       expected = (
         f'{len(default)} numbers, e.g. {default}'
+        if isinstance(default, tuple) and default
+        else 'a tuple'
         if isinstance(default, tuple)
         else f'a {type(default).__name__}'
       )

@@ -275,3 +275,37 @@ def test_equal_cost_pairs_differ_in_two_keys_within_the_mac_ratio():
   assert '## Equal-cost comparisons' in text and 'one family of 3' in text
   files = summary.csv_files(rows, ['width', 'res', 'seed'])
   assert len(files['equal_cost_comparisons.csv'].splitlines()) == 4
+
+
+def test_train_x_test_resolution_table_and_whether_testing_larger_helps():
+  """Points trained at 32 and 48 px, each also evaluated at 48 and 64:
+  testing 16 px above the training size adds 2 points, seed by seed."""
+  rows = []
+  for seed in range(3):
+    for res in ('32', '48'):
+      row = _row(seed, width='0.5', res=res, top1=0.80 + 0.01 * seed)
+      row['at_resolution'] = {
+        str(size): dict(
+          top1=row['top1'] + 0.02 * (size - int(res)) / 16, ema_top1=0.5
+        )
+        for size in (48, 64)
+        if size != int(res)
+      }
+      rows.append(row)
+  points = summary.group(rows, ['width', 'res', 'seed'])
+  assert summary.test_sizes(points) == ['48', '64']
+  found = summary.compare_test_resolutions(points)
+  assert [(c.context['res'], c.other) for c in found] == [
+    ('32', '48'),
+    ('32', '64'),
+    ('48', '64'),
+  ]
+  assert [round(c.diffs['top1'].mean, 6) for c in found] == [0.02, 0.04, 0.02]
+  assert found[0].confidence == pytest.approx(1 - 0.05 / 3)
+  assert [c.verdict() for c in found] == ['better'] * 3
+  text = summary.markdown(rows, ['width', 'res', 'seed'], 'fixres')
+  assert '| width | res | test 32 px | test 48 px | test 64 px |' in text
+  assert '| 0.5 | 32 | 81.00 ± 2.48 (1.00) | 83.00 ± 2.48 (1.00) |' in text
+  files = summary.csv_files(rows, ['width', 'res', 'seed'])
+  assert 'at_resolution' not in files['results.csv']  # not a column
+  assert len(files['test_resolution_comparisons.csv'].splitlines()) == 4

@@ -508,3 +508,27 @@ def test_a_linear_probe_from_a_finished_run(full_run, tmp_path, absl_log):
     tuned['params']['classifier']['kernel'],
     pretrained['ema_params']['classifier']['kernel'],
   )
+
+
+def test_test_image_sizes_are_checked_before_anything_runs(tmp_path):
+  config = tiny_config()
+  config.data.test_image_sizes = (48, 16)
+  with pytest.raises(
+    ValueError, match=r'config.data.test_image_sizes=\(48, 16\)'
+  ):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_run_is_also_evaluated_at_its_test_image_sizes(data_dirs, tmp_path):
+  """Trained at 32 px, evaluated at 32 (its metrics) and at 48 px: the
+  same final state, another eval program; results.json `at_resolution`."""
+  config = tiny_config(data_dirs[1], num_epochs=0.4)  # 2 steps
+  config.data.test_image_sizes = (48,)
+  result = train_lib.train_and_evaluate(config, str(tmp_path))
+  at = result['at_resolution']['48']
+  assert set(at) >= {'top1', 'ema_top1', 'loss'}
+  assert 0 <= at['top1'] <= 1 and at['loss'] != result['loss']
+  saved = json.load(open(tmp_path / 'results.json'))
+  assert saved['at_resolution'] == result['at_resolution']

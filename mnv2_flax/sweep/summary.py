@@ -401,6 +401,104 @@ def compare_equal_cost(
   return comparisons
 
 
+# --------------------------------------------------------- test resolution
+
+RESOLUTION_METRICS = ('top1', 'ema_top1', 'minival_top1')
+
+
+def _at_size(run: dict[str, Any], size: str) -> dict[str, Any]:
+  """A run's metrics evaluated at test size `size` (its own size: its
+  plain metrics)."""
+  if size == str(run.get('res')):
+    return run
+  return (run.get('at_resolution') or {}).get(size, {})
+
+
+def test_sizes(points: list[Point]) -> list[str]:
+  """The test sizes the runs were also evaluated at, ascending."""
+  sizes = {
+    s for p in points for r in p.finished for s in r.get('at_resolution') or {}
+  }
+  return sorted(sizes, key=int)
+
+
+def compare_test_resolutions(points: list[Point]) -> list[Comparison]:
+  """Per point with a training size (`res`), each larger test size against
+  testing at the training size, seed by seed: whether testing above the
+  training resolution helps. One Bonferroni-adjusted family."""
+  found = []
+  for p in points:
+    if 'res' not in p.args:
+      continue
+    for size in test_sizes([p]):
+      if int(size) > int(p.args['res']):
+        found.append((p, size))
+  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  comparisons = []
+  for p, size in found:
+    base = {r.get('seed', ''): r for r in p.finished}
+    other = {s: _at_size(r, size) for s, r in base.items()}
+    seeds = tuple(s for s in base if other[s])
+    if not seeds:
+      continue
+    comparisons.append(
+      Comparison(
+        'test res',
+        p.args['res'],
+        size,
+        dict(p.args),
+        seeds,
+        {
+          m: _paired(base, other, seeds, m, confidence)
+          for m in RESOLUTION_METRICS
+        },
+        confidence,
+      )
+    )
+  return comparisons
+
+
+def _resolution_parts(points: list[Point]) -> list[str]:
+  sizes = test_sizes(points)
+  if not sizes:
+    return []
+  keys = list(points[0].args)
+  sizes = sorted(
+    set(sizes) | {p.args['res'] for p in points if 'res' in p.args}, key=int
+  )
+  rows = []
+  for p in points:
+    cells = []
+    for size in sizes:
+      cells.append(
+        format_interval(
+          interval(_at_size(r, size).get('top1') for r in p.finished)
+        )
+      )
+    rows.append([p.args[k] for k in keys] + cells)
+  parts = [
+    '## Train x test resolution',
+    '',
+    'Top-1 % on the eval split of each point (trained at its `res`) '
+    'evaluated at each test size: centre crop resized to it, BatchNorm '
+    'statistics as trained.',
+    '',
+    '\n'.join(_table(keys + [f'test {s} px' for s in sizes], rows)),
+    '',
+  ]
+  comparisons = compare_test_resolutions(points)
+  if comparisons:
+    parts += [
+      'Testing above the training size minus testing at it, seed by seed '
+      f'(one family of {len(comparisons)}, intervals at '
+      f'{comparisons[0].confidence:.2%}, Bonferroni):',
+      '',
+      comparisons_table(comparisons),
+      '',
+    ]
+  return parts
+
+
 def _label(args: dict[str, str], keys: list[str], note: str) -> str:
   return ','.join(f'{k}={args[k]}' for k in keys) + note
 
@@ -616,13 +714,16 @@ def markdown(rows: list[dict], keys: list[str], title: str) -> str:
       comparisons_table(equal_cost),
       '',
     ]
+  parts += _resolution_parts(points)
   parts += ['## Runs', '', runs_table(rows, keys), '']
   return '\n'.join(parts)
 
 
 def _csv(header: list[str], rows: list[dict]) -> str:
   out = io.StringIO()
-  writer = csv.DictWriter(out, header, lineterminator='\n')
+  writer = csv.DictWriter(
+    out, header, lineterminator='\n', extrasaction='ignore'
+  )
   writer.writeheader()
   writer.writerows(rows)
   return out.getvalue()
@@ -653,6 +754,9 @@ def csv_files(rows: list[dict], keys: list[str]) -> dict[str, str]:
   equal_cost = compare_equal_cost(points)
   if equal_cost:
     files['equal_cost_comparisons.csv'] = _comparisons_csv(equal_cost)
+  resolutions = compare_test_resolutions(points)
+  if resolutions:
+    files['test_resolution_comparisons.csv'] = _comparisons_csv(resolutions)
   choices = choose(points)
   if choices:
     choice_rows = []
@@ -682,7 +786,7 @@ def _comparisons_csv(comparisons: list[Comparison]) -> str:
       verdict=c.verdict(),
     )
     for m in METRICS:
-      row.update(_interval_columns(f'diff_{m}', c.diffs[m]))
+      row.update(_interval_columns(f'diff_{m}', c.diffs.get(m)))
     comparison_rows.append(row)
   return _csv(
     list(comparison_rows[0]) if comparison_rows else ['key'],
@@ -823,6 +927,7 @@ def write(
   files[name] = png
   every = {'accuracy_vs_macs.png', 'variants.png', 'choices.csv'}
   every |= {'chosen_comparisons.csv', 'equal_cost_comparisons.csv'}
+  every |= {'test_resolution_comparisons.csv'}
   for stale in every - set(files):
     with contextlib.suppress(FileNotFoundError):
       os.remove(os.path.join(root, stale))

@@ -267,6 +267,41 @@ class _Loop:
     ):
       member.eval_metrics = metrics
 
+  def evaluate_at_resolutions(self) -> None:
+    """The final state on the eval (and minival) split at each of
+    `config.data.test_image_sizes`, centre-cropped and resized to it as at
+    the training size; BatchNorm statistics as trained. Into each member's
+    metrics as `at_resolution` {size: metrics}."""
+    config = self.run.config
+    for size in config.data.test_image_sizes:
+      at = ml_collections.ConfigDict(config.to_dict())
+      at.data.image_size = size
+      builder = self.run.builder
+      minival = None
+      if at.data.minival_split:
+        minival = input_pipeline.create_eval_dataset(
+          builder, at, field='minival_split'
+        )
+      per_member = _evaluate_splits(
+        self.p_eval_step,
+        self.state,
+        input_pipeline.create_eval_dataset(builder, at),
+        minival,
+        self.pack,
+      )
+      for member, metrics in zip(self.members, per_member, strict=True):
+        member.eval_metrics.setdefault('at_resolution', {})[str(size)] = {
+          k: v for k, v in metrics.items() if 'top1' in k or 'loss' in k
+        }
+        logging.info(
+          '%seval at %d px (trained at %d): top1 %.4f (EMA %.4f)',
+          member.name,
+          size,
+          config.data.image_size,
+          metrics['top1'],
+          metrics['ema_top1'],
+        )
+
   def take_metrics(self, pending: list[dict], done: int) -> None:
     """The pending steps' metrics to each member's log; a member whose
     metrics turned non-finite stops there (a single run raises)."""
@@ -340,6 +375,10 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
       break
 
   train_seconds = time.perf_counter() - loop_start - eval_seconds
+  if done == run.num_steps and config.data.test_image_sizes:
+    eval_start = time.perf_counter()
+    loop.evaluate_at_resolutions()
+    eval_seconds += time.perf_counter() - eval_start
   for m in loop.members:
     checkpointing.wait_until_finished(m.run.manager)
     m.writer.flush()
