@@ -227,6 +227,13 @@ def compare(points: list[Point]) -> list[Comparison]:
 
 # ------------------------------------------------------- tuned keys, chosen
 
+
+def family_confidence(comparisons: int) -> float:
+  """Each interval's confidence for `comparisons` verdicts to hold together
+  at `CONFIDENCE` (Bonferroni: 1 - 5% / m)."""
+  return 1 - (1 - CONFIDENCE) / max(1, comparisons)
+
+
 # The recipe's keys a sweep may tune (configs/ablation.py's; a pack's member
 # fields besides the seed). Where one varies, each point of the other keys
 # takes the tried values with the best minival mean over its seeds, and is
@@ -322,7 +329,7 @@ def compare_choices(choices: list[Choice]) -> list[Comparison]:
       for base, other in _pairs(values):
         if base in at and other in at:
           found.append((key, fixed, at[base], at[other]))
-  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  confidence = family_confidence(len(found))
   comparisons = []
   for key, fixed, base, other in found:
     runs = [
@@ -379,7 +386,7 @@ def compare_equal_cost(
       if other.cost('macs') > ratio * point.cost('macs'):
         continue
       found.append((apart, args, point, note, other_args, other, other_note))
-  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  confidence = family_confidence(len(found))
   comparisons = []
   for apart, args, point, note, other_args, other, other_note in found:
     runs = [{r.get('seed', ''): r for r in p.finished} for p in (point, other)]
@@ -433,7 +440,7 @@ def compare_test_resolutions(points: list[Point]) -> list[Comparison]:
     for size in test_sizes([p]):
       if int(size) > int(p.args['res']):
         found.append((p, size))
-  confidence = 1 - (1 - CONFIDENCE) / max(1, len(found))
+  confidence = family_confidence(len(found))
   comparisons = []
   for p, size in found:
     base = {r.get('seed', ''): r for r in p.finished}
