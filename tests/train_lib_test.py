@@ -45,6 +45,7 @@ def _state_and_step(config, axis_name=None):
   )
   step = functools.partial(
     steps.train_step,
+    hparams=training_state.hyperparameters(config),
     config=config,
     learning_rate_fn=lr,
     axis_name=axis_name,
@@ -93,8 +94,9 @@ _PMAP_SCRIPT = textwrap.dedent("""
     lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
     state = training_state.create_train_state(
         config, model, lr, jax.random.key(0))
-    step = functools.partial(steps.train_step, config=config,
-                             learning_rate_fn=lr)
+    step = functools.partial(
+        steps.train_step, config=config, learning_rate_fn=lr,
+        hparams=training_state.hyperparameters(config))
     batch = _fixed_batch()
     out = {{}}
     for n in (1, {devices}):
