@@ -309,3 +309,26 @@ def test_train_x_test_resolution_table_and_whether_testing_larger_helps():
   files = summary.csv_files(rows, ['width', 'res', 'seed'])
   assert 'at_resolution' not in files['results.csv']  # not a column
   assert len(files['test_resolution_comparisons.csv'].splitlines()) == 4
+
+
+def test_the_front_keeps_the_points_no_cheaper_point_beats():
+  rows = []
+  for seed in range(2):
+    for width, res, mac, top1 in (
+      ('0.35', '32', 1.2e6, 0.80),
+      ('0.5', '32', 2.0e6, 0.79),  # beaten by a cheaper point
+      ('0.35', '48', 3.2e6, 0.83),
+      ('0.75', '32', 4.2e6, 0.83),  # only ties a cheaper one
+      ('0.75', '48', 11e6, 0.86),
+    ):
+      row = _row(seed, width=width, res=res, top1=top1 + seed / 1000)
+      row['macs'] = mac
+      rows.append(row)
+  points = summary.group(rows, ['width', 'res', 'seed'])
+  assert [(p.args['width'], p.args['res']) for p in summary.front(points)] == [
+    ('0.35', '32'),
+    ('0.35', '48'),
+    ('0.75', '48'),
+  ]
+  name, png = summary.plot(rows, ['width', 'res', 'seed'], 'front')
+  assert name == 'accuracy_vs_macs.png' and png[:8] == b'\x89PNG\r\n\x1a\n'

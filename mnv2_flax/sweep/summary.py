@@ -884,13 +884,24 @@ def plot(
           xytext=(4, -10),
           fontsize=8,
         )
+    best = front(points)
+    if len(best) > 1:
+      ax.step(
+        [p.cost('macs') / 1e6 for p in best],
+        [100 * p.stat('top1').mean for p in best],
+        where='post',
+        color='0.4',
+        linewidth=4,
+        alpha=0.25,
+        label='front (best mean top-1 at its cost or less)',
+      )
     for width in sorted({w for w, _ in published or {}}):
       line = sorted(v for (w, _), v in published.items() if w == width)
       ax.plot(
         *zip(*line, strict=True),
         'x--',
         alpha=0.6,
-        label=f'width {width}, TF-slim published',
+        label=f'width {width}, TF-slim published (ImageNet, its recipe)',
       )
     ax.set_xscale('log')
     plain = matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:g}')
@@ -909,6 +920,21 @@ def plot(
   fig.savefig(out, format='png')
   plt.close(fig)
   return name, out.getvalue()
+
+
+def front(points: list[Point]) -> list[Point]:
+  """The points no cheaper point beats: each has a higher mean top-1 than
+  every point of fewer MACs (the accuracy-cost front), by MACs."""
+  ranked = sorted(
+    (p for p in points if p.cost('macs') and p.stat('top1')),
+    key=lambda p: (p.cost('macs'), -p.stat('top1').mean),
+  )
+  best, found = -math.inf, []
+  for p in ranked:
+    if p.stat('top1').mean > best:
+      best = p.stat('top1').mean
+      found.append(p)
+  return found
 
 
 def error_bars(stats) -> list[list[float]]:
