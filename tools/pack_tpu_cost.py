@@ -1,7 +1,7 @@
 """Deviceless TPU compile of seed packs: cost per seed-step.
 
   python tools/pack_tpu_cost.py [--packs=1,4,8] [--topology=v5e:1x1]
-      [--pointwise=matmul]
+      [--pointwise=matmul] [--hlo_dir=DIR]
 
 The quickstart's model (width from --width, 32 px, batch 128 per seed, bf16)
 train step, vmapped over a pack of N seeds (`steps._train_fn`), compiled for
@@ -32,6 +32,9 @@ from mnv2_flax.train import training_state  # noqa: E402
 _PACKS = flags.DEFINE_list('packs', ['1', '4', '8'], 'Pack sizes.')
 _TOPOLOGY = flags.DEFINE_string('topology', 'v5e:1x1', 'TPU topology.')
 _WIDTH = flags.DEFINE_float('width', 0.35, 'Width multiplier.')
+_HLO_DIR = flags.DEFINE_string(
+  'hlo_dir', '', "Also write each pack's compiled HLO text here."
+)
 _POINTWISE = flags.DEFINE_enum(
   'pointwise', 'conv', ['conv', 'matmul'], 'How the 1x1 convs are written.'
 )
@@ -97,6 +100,10 @@ def main(argv):
     start = time.perf_counter()
     compiled = train.trace(*args).lower().compile()
     seconds = time.perf_counter() - start
+    if _HLO_DIR.value:
+      os.makedirs(_HLO_DIR.value, exist_ok=True)
+      with open(os.path.join(_HLO_DIR.value, f'pack{pack}.hlo'), 'w') as f:
+        f.write(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     fusions = len(re.findall(r'^\s*\S*fusion\S* = ', compiled.as_text(), re.M))
