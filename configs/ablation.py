@@ -74,7 +74,7 @@ SWEEPS = {
 }
 # Named sweeps of chosen (width, res) points rather than a product: the
 # summary compares points within 1.15x of each other's MACs
-# (`summary.compare_equal_cost`). `equal_cost`: width against resolution at
+# (`verdicts.compare_equal_cost`). `equal_cost`: width against resolution at
 # ~4.5M multiply-adds (0.35@64 4.75M, 0.5@40 4.70M, 0.75@32 4.25M) and at
 # ~6.5M (0.5@56 7.00M, 1.0@32 6.12M), output stride 32.
 POINTS = {

@@ -7,24 +7,25 @@ import math
 import pytest
 
 from mnv2_flax.sweep import summary
+from mnv2_flax.sweep import verdicts
 
 # Student t quantiles t(0.975, dof), from printed tables.
 T975 = {1: 12.7062, 2: 4.3027, 4: 2.7764}
 
 
 def test_interval_is_the_student_t_interval():
-  stat = summary.interval([0.80, 0.82, 0.84])
+  stat = verdicts.interval([0.80, 0.82, 0.84])
   assert stat.n == 3 and (stat.mean, stat.std) == pytest.approx((0.82, 0.02))
   assert stat.half == pytest.approx(T975[2] * 0.02 / math.sqrt(3), rel=1e-4)
-  five = summary.interval([1, 2, 3, 4, 5])
+  five = verdicts.interval([1, 2, 3, 4, 5])
   assert five.half == pytest.approx(
     T975[4] * math.sqrt(2.5) / math.sqrt(5), rel=1e-4
   )
-  assert summary.interval([1, 3]).half == pytest.approx(T975[1], rel=1e-4)
-  one = summary.interval([0.5])
+  assert verdicts.interval([1, 3]).half == pytest.approx(T975[1], rel=1e-4)
+  one = verdicts.interval([0.5])
   assert one.mean == 0.5 and math.isnan(one.std) and math.isnan(one.half)
-  assert summary.interval([]) is None
-  assert summary.interval([None, 0.5, None]).n == 1
+  assert verdicts.interval([]) is None
+  assert verdicts.interval([None, 0.5, None]).n == 1
   assert summary.format_interval(stat) == '82.00 ± 4.97 (2.00)'
   assert summary.format_interval(one) == '50.00'
 
@@ -67,7 +68,7 @@ def _variant_rows(effects, key='shortcut'):
 def test_points_pool_their_seeds_and_count_failures():
   rows = _variant_rows({'bottleneck': 0.0, 'none': -0.01})
   rows[-1] = _row(4, 'failed', shortcut='none')
-  (base, other) = summary.group(rows, ['shortcut', 'seed'])
+  (base, other) = verdicts.group(rows, ['shortcut', 'seed'])
   assert base.args == {'shortcut': 'bottleneck'} and len(base.finished) == 5
   assert len(other.finished) == 4 and other.status() == '4 finished, 1 failed'
   expected = [r['top1'] for r in rows[:-1] if r['shortcut'] == 'none']
@@ -77,11 +78,11 @@ def test_points_pool_their_seeds_and_count_failures():
 
 def test_paired_comparisons_see_what_unpaired_intervals_cannot():
   rows = _variant_rows({'bottleneck': 0.0, 'expansion': -0.01, 'none': 0.01})
-  points = summary.group(rows, ['shortcut', 'seed'])
+  points = verdicts.group(rows, ['shortcut', 'seed'])
   # The points' own intervals overlap widely (the seeds' shared noise) ...
   assert points[0].stat('top1').half > 0.02
   # ... while the per-seed differences are tight.
-  comparisons = summary.compare(points)
+  comparisons = verdicts.compare(points)
   pairs = [(c.key, c.base, c.other) for c in comparisons]
   assert pairs == [  # against the baseline, then against the value before
     ('shortcut', 'bottleneck', 'expansion'),
@@ -96,12 +97,12 @@ def test_paired_comparisons_see_what_unpaired_intervals_cannot():
 
 def test_no_difference_is_not_distinguishable_and_one_seed_has_no_verdict():
   rows = _variant_rows({'linear': 0.0, 'relu6': 0.0}, 'bottleneck')
-  (comparison,) = summary.compare(summary.group(rows, ['bottleneck', 'seed']))
+  (comparison,) = verdicts.compare(verdicts.group(rows, ['bottleneck', 'seed']))
   assert comparison.verdict() == 'not distinguishable at 95%'
   assert comparison.diffs['top1'].low < 0 < comparison.diffs['top1'].high
   # Seeds are matched: only seed 0 is finished in both.
   rows = [r for r in rows if r['seed'] == '0' or r['bottleneck'] == 'linear']
-  (comparison,) = summary.compare(summary.group(rows, ['bottleneck', 'seed']))
+  (comparison,) = verdicts.compare(verdicts.group(rows, ['bottleneck', 'seed']))
   assert comparison.seeds == ('0',) and 'no interval' in comparison.verdict()
 
 
@@ -114,9 +115,9 @@ def test_grid_comparisons_hold_the_other_keys_fixed():
     for w in ('0.35', '0.5', '1.0')
     for r in ('32', '48')
   ]
-  points = summary.group(rows, ['width', 'res', 'seed'])
-  assert summary.varying(points) == ['width', 'res']
-  comparisons = summary.compare(points)
+  points = verdicts.group(rows, ['width', 'res', 'seed'])
+  assert verdicts.varying(points) == ['width', 'res']
+  comparisons = verdicts.compare(points)
   width = [
     (c.base, c.other, c.context) for c in comparisons if c.key == 'width'
   ]
@@ -161,9 +162,9 @@ def test_files(tmp_path):
 
 def test_figure_intervals_stay_within_what_accuracy_can_be():
   # Two seeds far apart: the 95% interval (t = 12.7) runs past 0 and 100.
-  high = summary.interval([0.99, 0.91])
-  low = summary.interval([0.02, 0.10])
-  one = summary.interval([0.5])
+  high = verdicts.interval([0.99, 0.91])
+  low = verdicts.interval([0.02, 0.10])
+  one = verdicts.interval([0.5])
   below, above = summary.error_bars([high, low, one])
   assert 100 * high.half > 40
   assert above[0] == pytest.approx(100 - 95.0)
@@ -192,8 +193,8 @@ def _tuned_rows():
 
 def test_tuned_keys_are_chosen_on_minival_and_compared_as_one_family():
   rows = _tuned_rows()
-  points = summary.group(rows, ['width', 'lr', 'seed'])
-  choices = summary.choose(points)
+  points = verdicts.group(rows, ['width', 'lr', 'seed'])
+  choices = verdicts.choose(points)
   assert [(c.args, c.values) for c in choices] == [
     ({'width': '0.35'}, 'lr=0.2'),
     ({'width': '0.5'}, 'lr=0.1'),
@@ -201,7 +202,7 @@ def test_tuned_keys_are_chosen_on_minival_and_compared_as_one_family():
   ]
   assert [c.edges for c in choices] == [('lr',), (), ()]
   assert [c.tried for c in choices] == [3, 3, 3]
-  comparisons = summary.compare_choices(choices)
+  comparisons = verdicts.compare_choices(choices)
   # Width pairs: each against 0.35, and 0.5 -> 0.75: three, one family.
   assert [(c.base, c.other) for c in comparisons] == [
     ('0.35 (lr=0.2)', '0.5 (lr=0.1)'),
@@ -215,7 +216,7 @@ def test_tuned_keys_are_chosen_on_minival_and_compared_as_one_family():
   diffs = [
     (0.89 + 0.005 + 0.002 * s) - (0.88 + 0.0035 + 0.003 * s) for s in range(3)
   ]
-  stat = summary.interval(diffs, 1 - 0.05 / 3)
+  stat = verdicts.interval(diffs, 1 - 0.05 / 3)
   assert first.diffs['top1'].mean == pytest.approx(stat.mean)
   assert first.diffs['top1'].half == pytest.approx(stat.half)
   assert stat.half == pytest.approx(
@@ -234,12 +235,12 @@ def test_tuned_keys_are_chosen_on_minival_and_compared_as_one_family():
 
 def test_no_tuned_key_no_choice_and_no_minival_no_choice():
   rows = [r for r in _tuned_rows() if r['lr'] == '0.1']
-  assert summary.choose(summary.group(rows, ['width', 'lr', 'seed'])) == []
+  assert verdicts.choose(verdicts.group(rows, ['width', 'lr', 'seed'])) == []
   assert 'choices.csv' not in summary.csv_files(rows, ['width', 'lr', 'seed'])
   rows = _tuned_rows()
   for row in rows:
     row['minival_top1'] = None  # runs from before the minival split
-  assert summary.choose(summary.group(rows, ['width', 'lr', 'seed'])) == []
+  assert verdicts.choose(verdicts.group(rows, ['width', 'lr', 'seed'])) == []
 
 
 def test_equal_cost_pairs_differ_in_two_keys_within_the_mac_ratio():
@@ -254,8 +255,8 @@ def test_equal_cost_pairs_differ_in_two_keys_within_the_mac_ratio():
       row = _row(seed, width=width, res=res, top1=0.8 + mac / 1e8 + seed / 100)
       row['macs'] = mac
       rows.append(row)
-  points = summary.group(rows, ['width', 'res', 'seed'])
-  found = summary.compare_equal_cost(points)
+  points = verdicts.group(rows, ['width', 'res', 'seed'])
+  found = verdicts.compare_equal_cost(points)
   assert [(c.key, c.base, c.other) for c in found] == [
     ('width+res', 'width=0.75,res=32', 'width=0.5,res=40'),
     ('width+res', 'width=0.75,res=32', 'width=0.35,res=64'),
@@ -265,7 +266,7 @@ def test_equal_cost_pairs_differ_in_two_keys_within_the_mac_ratio():
   # Seed by seed the difference is exactly the MACs' term: std 0, 'better'.
   assert found[0].diffs['top1'].mean == pytest.approx(0.0045)
   assert [c.verdict() for c in found] == ['better'] * 3
-  (near,) = summary.compare_equal_cost(points, ratio=1.05)  # a family of 1
+  (near,) = verdicts.compare_equal_cost(points, ratio=1.05)  # a family of 1
   assert (near.base, near.other, near.confidence) == (
     'width=0.5,res=40',
     'width=0.35,res=64',
@@ -292,9 +293,9 @@ def test_train_x_test_resolution_table_and_whether_testing_larger_helps():
         if size != int(res)
       }
       rows.append(row)
-  points = summary.group(rows, ['width', 'res', 'seed'])
-  assert summary.test_sizes(points) == ['48', '64']
-  found = summary.compare_test_resolutions(points)
+  points = verdicts.group(rows, ['width', 'res', 'seed'])
+  assert verdicts.test_sizes(points) == ['48', '64']
+  found = verdicts.compare_test_resolutions(points)
   assert [(c.context['res'], c.other) for c in found] == [
     ('32', '48'),
     ('32', '64'),
@@ -324,8 +325,8 @@ def test_the_front_keeps_the_points_no_cheaper_point_beats():
       row = _row(seed, width=width, res=res, top1=top1 + seed / 1000)
       row['macs'] = mac
       rows.append(row)
-  points = summary.group(rows, ['width', 'res', 'seed'])
-  assert [(p.args['width'], p.args['res']) for p in summary.front(points)] == [
+  points = verdicts.group(rows, ['width', 'res', 'seed'])
+  assert [(p.args['width'], p.args['res']) for p in verdicts.front(points)] == [
     ('0.35', '32'),
     ('0.35', '48'),
     ('0.75', '48'),

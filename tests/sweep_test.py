@@ -15,7 +15,7 @@ from mnv2_flax import stats
 from mnv2_flax.sweep import driver
 from mnv2_flax.sweep import grid
 from mnv2_flax.sweep import slurm
-from mnv2_flax.sweep import summary
+from mnv2_flax.sweep import verdicts
 from mnv2_flax.sweep import workers
 from mnv2_flax.train import train_lib
 
@@ -649,10 +649,10 @@ def test_the_equal_cost_sweep_pairs_widths_with_resolutions_at_matched_macs():
     macs[arg.rsplit(',', 1)[0]] = stats.count(
       model, config.data.image_size
     ).macs
-  # The two cost levels' points are within summary.MAC_RATIO of each other.
+  # The two cost levels' points are within verdicts.MAC_RATIO of each other.
   for level in (
     ('width=0.35,res=64', 'width=0.5,res=40', 'width=0.75,res=32'),
     ('width=0.5,res=56', 'width=1.0,res=32'),
   ):
     costs = [macs[p] for p in level]
-    assert max(costs) <= summary.MAC_RATIO * min(costs), costs
+    assert max(costs) <= verdicts.MAC_RATIO * min(costs), costs

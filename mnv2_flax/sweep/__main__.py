@@ -113,10 +113,11 @@ def main(argv):
     )
 
   from mnv2_flax.sweep import summary  # pylint: disable=g-import-not-at-top
+  from mnv2_flax.sweep import verdicts  # pylint: disable=g-import-not-at-top
 
   keys = [k for k in rows[0] if k not in summary.COLUMNS] if rows else []
   if rows:
-    print(summary.points_table(summary.group(rows, keys)))
+    print(summary.points_table(verdicts.group(rows, keys)))
   # The last line says whether every run finished, and so does the status.
   # (rows are in the sweep's order; this command's are its shard's)
   mine = (
