@@ -90,12 +90,13 @@ def _train(config, workdir):
     num_processes=_NUM_PROCESSES.value,
     process_id=_PROCESS_ID.value,
   )
+  from mnv2_flax.train import members  # pylint: disable=g-import-not-at-top
   from mnv2_flax.train import train_lib  # pylint: disable=g-import-not-at-top
 
   if config.train.seeds == 1:
     train_lib.train_and_evaluate(config, workdir)
     return
-  configs, workdirs = train_lib.seed_pack(config, workdir)
+  configs, workdirs = members.seed_pack(config, workdir)
   results = train_lib.train_seeds(configs, workdirs)
   failed = [
     (c.seed, r)

@@ -220,7 +220,7 @@ def train_pack(
 
 # The point keys a pack's members may differ in: the seed and the train
 # step's hyperparameter arguments (configs/ablation.py's names for
-# `train_lib.MEMBER_FIELDS`). Runs that differ only in them share a program.
+# `train.members.MEMBER_FIELDS`). Runs that differ only in them share a program.
 MEMBER_KEYS = ('seed', 'lr', 'wd', 'ls', 'ema')
 
 

@@ -12,7 +12,6 @@ states), `reporting` (TensorBoard events, results.json) and
 from collections.abc import Callable
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -36,6 +35,7 @@ from mnv2_flax.runtime import preemption
 from mnv2_flax.runtime import workdir_lock
 from mnv2_flax.train import divergence
 from mnv2_flax.train import finetune
+from mnv2_flax.train import members
 from mnv2_flax.train import programs
 from mnv2_flax.train import reporting
 from mnv2_flax.train import steps
@@ -124,7 +124,7 @@ def train_seeds(
     on. A single run raises it.
   """
   wall_start = time.perf_counter()
-  check_pack(configs, workdirs)
+  members.check_pack(configs, workdirs)
   with contextlib.ExitStack() as held:
     runs = []
     for config, workdir in zip(configs, workdirs, strict=True):
@@ -133,93 +133,6 @@ def train_seeds(
       runs.append(run)
     watch = held.enter_context(preemption.Watch())
     return _train(runs, watch, wall_start)
-
-
-def seed_pack(
-  config: ml_collections.ConfigDict, workdir: str
-) -> tuple[list[ml_collections.ConfigDict], list[str]]:
-  """The pack `config.train.seeds` asks for: seeds config.seed, ...,
-  config.seed + seeds - 1, each in `<workdir>/seed-<seed>`, one run each."""
-  configs, workdirs = [], []
-  for i in range(config.train.seeds):
-    c = ml_collections.ConfigDict(config.to_dict())
-    c.seed, c.train.seeds = config.seed + i, 1
-    configs.append(c)
-    workdirs.append(os.path.join(workdir, f'seed-{c.seed}'))
-  return configs, workdirs
-
-
-# What the members of a pack may differ in: the seed, and the train step's
-# hyperparameter arguments (`training_state.HYPERPARAMETERS`).
-MEMBER_FIELDS = ('seed',) + tuple(
-  f'optim.{name}' for name in training_state.HYPERPARAMETERS
-)
-
-
-def _field(config: ml_collections.ConfigDict, field: str) -> Any:
-  for part in field.split('.'):
-    config = config[part]
-  return config
-
-
-def member_differences(
-  configs: list[ml_collections.ConfigDict],
-) -> list[str]:
-  """The `MEMBER_FIELDS` in which `configs` differ, in that order."""
-  return [
-    f for f in MEMBER_FIELDS if len({repr(_field(c, f)) for c in configs}) > 1
-  ]
-
-
-def member_name(config: ml_collections.ConfigDict, differ: list[str]) -> str:
-  """'seed 3', or 'seed 3 learning_rate 0.05 ...' for what differs."""
-  name = f'seed {config.seed}'
-  for field in differ:
-    if field != 'seed':
-      name += f' {field.split(".")[-1]} {_field(config, field):g}'
-  return name
-
-
-def check_pack(
-  configs: list[ml_collections.ConfigDict], workdirs: list[str]
-) -> None:
-  """Configs that differ in `MEMBER_FIELDS` only, no two alike, and their
-  own workdirs."""
-  if not configs or len(configs) != len(workdirs):
-    raise ValueError(
-      f'a pack needs one workdir per config: {len(configs)} configs, '
-      f'{len(workdirs)} workdirs.'
-    )
-  members = [tuple(repr(_field(c, f)) for f in MEMBER_FIELDS) for c in configs]
-  if len(set(members)) < len(members) or len(set(workdirs)) < len(workdirs):
-    raise ValueError(
-      'the members of a pack must differ (in the seed or in '
-      f'{", ".join(MEMBER_FIELDS[1:])}), and their workdirs: members '
-      f'{[member_name(c, MEMBER_FIELDS) for c in configs]}, workdirs '
-      f'{workdirs}.'
-    )
-  # As a checkpoint's saved config is compared (JSON: tuples as lists).
-  first = json.loads(json.dumps(configs[0].to_dict()))
-  for config in configs[1:]:
-    differ = [
-      d
-      for d in checkpointing.config_differences(first, config)
-      if not d.startswith(tuple(f'config.{f}:' for f in MEMBER_FIELDS))
-    ]
-    if differ:
-      raise ValueError(
-        'the members of a pack share one config but for '
-        f'{", ".join("config." + f for f in MEMBER_FIELDS)}; '
-        f'{member_name(config, MEMBER_FIELDS)} differs from the first member '
-        f'in {differ[0]}.'
-      )
-  if len({c.optim.weight_decay == 0 for c in configs}) > 1:
-    raise ValueError(
-      'the members of a pack decay weights, or none does: config.optim.'
-      f'weight_decay is {[c.optim.weight_decay for c in configs]} (0 '
-      'leaves the optimizer without its decay step, another structure); '
-      'train the members without decay as a pack of their own.'
-    )
 
 
 @dataclasses.dataclass
@@ -450,7 +363,7 @@ def _start(live: list['_Run']) -> _Loop:
     )
   evaluates_early = config.train.eval_every_steps < run.num_steps
   seeds = tuple(r.config.seed for r in live) if pack else ()
-  differ = member_differences([r.config for r in live]) or ['seed']
+  differ = members.differences([r.config for r in live]) or ['seed']
   state, p_train_step, p_eval_step, batches = programs.prepare(
     config,
     run.model,
@@ -464,11 +377,11 @@ def _start(live: list['_Run']) -> _Loop:
     input_pipeline.batch_spec(eval_ds) if evaluates_early else None,
     seeds,
   )
-  members = [
+  loop_members = [
     _Member(
       r,
       i,
-      f'{member_name(r.config, differ)}: ' if pack else '',
+      f'{members.name(r.config, differ)}: ' if pack else '',
       reporting.create_writer(r.config, r.workdir, start_step),
     )
     for i, r in enumerate(live)
@@ -491,10 +404,10 @@ def _start(live: list['_Run']) -> _Loop:
     minival_ds=minival_ds,
     progress=periodic_actions.ReportProgress(
       num_train_steps=run.num_steps,
-      writer=members[0].writer,
+      writer=loop_members[0].writer,
       every_steps=config.train.log_every_steps,
     ),
-    members=members,
+    members=loop_members,
     model_stats=model_stats,
   )
   return loop
