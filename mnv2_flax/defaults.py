@@ -105,6 +105,12 @@ def get_config() -> ml_collections.ConfigDict:
   # larger in training than in a centre crop of the same size). BatchNorm
   # statistics as trained. results.json: at_resolution; () for none.
   config.data.test_image_sizes = ()
+  # With N > 0, also evaluate at each of test_image_sizes and at image_size
+  # with BatchNorm statistics re-estimated there (FixRes's fix for the
+  # statistics' shift with resolution): the exact moments of the first N
+  # training images (whole eval batches), preprocessed as for evaluation,
+  # under the raw parameters. results.json: at_resolution_bn.
+  config.data.test_bn_examples = 0
   # Also report top-1/top-5 of the mean softmax over each eval image and its
   # mirror (metrics flip_*, ema_flip_*); the plain metrics stay single-view.
   config.data.eval_flip_average = False
@@ -288,6 +294,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       'test_image_sizes',
       f'a tuple of integers in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], e.g. '
       '(32, 48)',
+    )
+  examples = data.test_bn_examples
+  if type(examples) is not int or (
+    examples and not data.eval_batch_size <= examples
+  ):
+    fail(
+      'test_bn_examples',
+      '0 (statistics as trained) or an integer >= data.eval_batch_size '
+      f'({data.eval_batch_size}): whole eval batches of training images',
     )
   if not isinstance(data.eval_flip_average, bool):
     fail('eval_flip_average', 'True or False')

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mnv2_flax.train import programs
 from mnv2_flax.train import steps
 from mnv2_flax.train import train_lib
 from mnv2_flax.train import training_state
@@ -73,3 +74,63 @@ def test_a_run_with_steps_per_call_stops_at_every_eval_and_save(
   assert compiled.steps == 3 and compiled.steps_in_loop == 1, compiled.names
   steps = [p.name for p in (tmp_path / 'checkpoints').iterdir()]
   assert sorted(int(s) for s in steps if s.isdigit()) == [5, 10]
+
+
+@pytest.mark.slow
+def test_batchnorm_statistics_re_estimated_over_batches_pool_moments():
+  """Moments summed over two batches of 4 give, at the stem, the statistics
+  of the 8 images as one batch: the variance pools E[x^2], not the batches'
+  variances. Deeper layers see each batch normalised by its own statistics
+  (training mode, as precise-BN has them), so theirs differ from one batch
+  of 8 as much as the batches differ.
+  A pack's members get their own statistics."""
+  config = tiny_config()
+  config.model.bn_momentum = 0.0
+  lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
+  still = training_state.create_model(config, 10)
+  states = [
+    training_state.create_train_state(config, still, lr, jax.random.key(s))
+    for s in (0, 1)
+  ]
+  # Dark and bright halves: batches whose means differ.
+  rng = np.random.default_rng(0)
+  images = np.concatenate(
+    [rng.integers(lo, lo + 128, (1, 4, 32, 32, 3)) for lo in (0, 128)], 1
+  )
+  batch = lambda lo, hi: {'image': images[:, lo:hi].astype(np.uint8)}
+  alone = steps.make_p_batch_moments(still.apply, 'inception')
+  whole = steps.stats_from_moments(alone(states[0], batch(0, 8)), 1)
+  halves = jax.tree.map(
+    jnp.add, alone(states[0], batch(0, 4)), alone(states[0], batch(4, 8))
+  )
+  pooled = steps.stats_from_moments(halves, 2)
+  for name in ('mean', 'var'):
+    np.testing.assert_allclose(
+      pooled['stem_bn'][name], whole['stem_bn'][name], rtol=1e-5, atol=1e-6
+    )
+    # Not the average of the halves' variances: that misses the spread of
+    # their means.
+  halves_var = [
+    steps.stats_from_moments(alone(states[0], batch(lo, lo + 4)), 1)
+    for lo in (0, 4)
+  ]
+  averaged = (
+    halves_var[0]['stem_bn']['var'] + halves_var[1]['stem_bn']['var']
+  ) / 2
+  assert np.abs(averaged - whole['stem_bn']['var']).max() > 1e-3
+  # Not the running averages (init: mean 0, var 1).
+  assert np.abs(whole['stem_bn']['mean']).max() > 1e-3
+  assert np.abs(whole['head_bn']['var'] - 1).max() > 1e-3
+
+  packed = steps.make_p_batch_moments(still.apply, 'inception', pack=2)
+  per_member = steps.stats_from_moments(
+    packed(programs.stack(states), batch(0, 8)), 1
+  )
+  second = steps.stats_from_moments(alone(states[1], batch(0, 8)), 1)
+  for member, got in ((0, whole), (1, second)):
+    for a, b in zip(
+      jax.tree.leaves(programs.unstack(per_member, member)),
+      jax.tree.leaves(got),
+      strict=True,
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

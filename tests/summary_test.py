@@ -292,6 +292,15 @@ def test_train_x_test_resolution_table_and_whether_testing_larger_helps():
         for size in (48, 64)
         if size != int(res)
       }
+      # Re-estimated statistics: 1 point at the training size, 3 per 16 px.
+      row['at_resolution_bn'] = {
+        str(size): dict(
+          top1=row['top1'] + 0.01 + 0.03 * (size - int(res)) / 16,
+          ema_top1=0.5,
+        )
+        for size in (32, 48, 64)
+        if size >= int(res)
+      }
       rows.append(row)
   points = verdicts.group(rows, ['width', 'res', 'seed'])
   assert verdicts.test_sizes(points) == ['48', '64']
@@ -307,9 +316,29 @@ def test_train_x_test_resolution_table_and_whether_testing_larger_helps():
   text = summary.markdown(rows, ['width', 'res', 'seed'], 'fixres')
   assert '| width | res | test 32 px | test 48 px | test 64 px |' in text
   assert '| 0.5 | 32 | 81.00 ± 2.48 (1.00) | 83.00 ± 2.48 (1.00) |' in text
+  bn = verdicts.compare_test_resolutions(points, verdicts.REESTIMATED)
+  assert [(c.context['res'], c.other) for c in bn] == [
+    ('32', '32'),
+    ('32', '48'),
+    ('32', '64'),
+    ('48', '48'),
+    ('48', '64'),
+  ]
+  assert [round(c.diffs['top1'].mean, 6) for c in bn] == [
+    0.01,
+    0.04,
+    0.07,
+    0.01,
+    0.04,
+  ]
+  assert bn[0].confidence == pytest.approx(1 - 0.05 / 5)
+  assert '## Train x test resolution, BatchNorm statistics re-estimated' in (
+    text
+  )
+  assert '| 0.5 | 48 |  | 82.00 ± 2.48 (1.00) | 85.00 ± 2.48 (1.00) |' in text
   files = summary.csv_files(rows, ['width', 'res', 'seed'])
   assert 'at_resolution' not in files['results.csv']  # not a column
-  assert len(files['test_resolution_comparisons.csv'].splitlines()) == 4
+  assert len(files['test_resolution_comparisons.csv'].splitlines()) == 1 + 8
 
 
 def test_the_front_keeps_the_points_no_cheaper_point_beats():

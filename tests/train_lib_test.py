@@ -522,15 +522,43 @@ def test_test_image_sizes_are_checked_before_anything_runs(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+  'examples, message',
+  [
+    (4, r'config.data.test_bn_examples=4 is not valid; expected 0 .*>= '),
+    (48, r"test_bn_examples=48 .* at most the training split's 40"),
+  ],
+)
+def test_test_bn_examples_are_checked_before_anything_runs(
+  data_dirs, tmp_path, examples, message
+):
+  config = tiny_config(data_dirs[1])  # eval batches of 8, 40 train images
+  config.data.test_bn_examples = examples
+  with pytest.raises(ValueError, match=message):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists() or not list(
+    (tmp_path / 'run').iterdir()
+  )
+
+
 @pytest.mark.slow
 def test_a_run_is_also_evaluated_at_its_test_image_sizes(data_dirs, tmp_path):
   """Trained at 32 px, evaluated at 32 (its metrics) and at 48 px: the
-  same final state, another eval program; results.json `at_resolution`."""
+  same final state, another eval program; results.json `at_resolution`.
+  With `test_bn_examples`, also at both sizes with BatchNorm statistics
+  re-estimated there (`at_resolution_bn`)."""
   config = tiny_config(data_dirs[1], num_epochs=0.4)  # 2 steps
   config.data.test_image_sizes = (48,)
+  config.data.test_bn_examples = 16  # 2 eval batches of the 40 images
   result = train_lib.train_and_evaluate(config, str(tmp_path))
   at = result['at_resolution']['48']
   assert set(at) >= {'top1', 'ema_top1', 'loss'}
   assert 0 <= at['top1'] <= 1 and at['loss'] != result['loss']
+  bn = result['at_resolution_bn']
+  assert set(bn) == {'32', '48'}
+  # 2 steps at momentum 0.9 leave the running averages far from the
+  # images' statistics: re-estimated, the same weights score otherwise.
+  assert bn['32']['loss'] != result['loss'] and bn['48']['loss'] != at['loss']
   saved = json.load(open(tmp_path / 'results.json'))
   assert saved['at_resolution'] == result['at_resolution']
+  assert saved['at_resolution_bn'] == bn

@@ -151,8 +151,9 @@ def point_status(point: Point) -> dict[str, Any]:
   sweep = files.read_json(os.path.join(point.workdir, 'sweep.json'))
   row = {k: results.get(k) for k in summary.COLUMNS}
   row['wall_seconds'] = sweep.get('wall_seconds')
-  if results.get('at_resolution'):  # {test size: metrics}: not a CSV column
-    row['at_resolution'] = results['at_resolution']
+  for key in ('at_resolution', 'at_resolution_bn'):
+    if results.get(key):  # {test size: metrics}: not a CSV column
+      row[key] = results[key]
   if row['wall_seconds'] is not None and row['train_seconds'] is not None:
     # The point's whole cost (its wall time over every attempt) minus
     # training and evaluation.

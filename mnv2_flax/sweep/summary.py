@@ -55,45 +55,60 @@ NAMES = dict(
 
 
 def _resolution_parts(points: list[verdicts.Point]) -> list[str]:
-  sizes = verdicts.test_sizes(points)
-  if not sizes:
-    return []
-  keys = list(points[0].args)
-  sizes = sorted(
-    set(sizes) | {p.args['res'] for p in points if 'res' in p.args}, key=int
-  )
-  rows = []
-  for p in points:
-    cells = []
-    for size in sizes:
-      cells.append(
-        format_interval(
-          verdicts.interval(
-            verdicts.at_size(r, size).get('top1') for r in p.finished
+  parts = []
+  for key, statistics in verdicts.STATISTICS.items():
+    sizes = verdicts.test_sizes(points, key)
+    if not sizes:
+      continue
+    keys = list(points[0].args)
+    if key == verdicts.AS_TRAINED:
+      sizes = sorted(
+        set(sizes) | {p.args['res'] for p in points if 'res' in p.args},
+        key=int,
+      )
+    rows = []
+    for p in points:
+      cells = []
+      for size in sizes:
+        cells.append(
+          format_interval(
+            verdicts.interval(
+              verdicts.at_size(r, size, key).get('top1') for r in p.finished
+            )
           )
         )
-      )
-    rows.append([p.args[k] for k in keys] + cells)
-  parts = [
-    '## Train x test resolution',
-    '',
-    'Top-1 % on the eval split of each point (trained at its `res`) '
-    'evaluated at each test size: centre crop resized to it, BatchNorm '
-    'statistics as trained.',
-    '',
-    '\n'.join(_table(keys + [f'test {s} px' for s in sizes], rows)),
-    '',
-  ]
-  comparisons = verdicts.compare_test_resolutions(points)
-  if comparisons:
+      rows.append([p.args[k] for k in keys] + cells)
     parts += [
-      'Testing above the training size minus testing at it, seed by seed '
-      f'(one family of {len(comparisons)}, intervals at '
-      f'{comparisons[0].confidence:.2%}, Bonferroni):',
+      f'## Train x test resolution, BatchNorm statistics {statistics}',
       '',
-      comparisons_table(comparisons),
+      'Top-1 % on the eval split of each point (trained at its `res`) '
+      'evaluated at each test size: centre crop resized to it, BatchNorm '
+      f'statistics {statistics}'
+      + (
+        ''
+        if key == verdicts.AS_TRAINED
+        else ' there on training images (`config.data.test_bn_examples`)'
+      )
+      + '.',
+      '',
+      '\n'.join(_table(keys + [f'test {s} px' for s in sizes], rows)),
       '',
     ]
+    comparisons = verdicts.compare_test_resolutions(points, key)
+    if comparisons:
+      parts += [
+        (
+          'Testing above the training size'
+          if key == verdicts.AS_TRAINED
+          else 'Testing at each size with statistics re-estimated there'
+        )
+        + ' minus testing at the training size as trained, seed by seed '
+        f'(one family of {len(comparisons)}, intervals at '
+        f'{comparisons[0].confidence:.2%}, Bonferroni):',
+        '',
+        comparisons_table(comparisons),
+        '',
+      ]
   return parts
 
 
@@ -353,7 +368,11 @@ def csv_files(rows: list[dict], keys: list[str]) -> dict[str, str]:
   equal_cost = verdicts.compare_equal_cost(points)
   if equal_cost:
     files['equal_cost_comparisons.csv'] = _comparisons_csv(equal_cost)
-  resolutions = verdicts.compare_test_resolutions(points)
+  resolutions = [
+    c
+    for key in verdicts.STATISTICS
+    for c in verdicts.compare_test_resolutions(points, key)
+  ]
   if resolutions:
     files['test_resolution_comparisons.csv'] = _comparisons_csv(resolutions)
   choices = verdicts.choose(points)

@@ -357,46 +357,59 @@ def compare_equal_cost(
 # --------------------------------------------------------- test resolution
 
 RESOLUTION_METRICS = ('top1', 'ema_top1', 'minival_top1')
+# results.json's evaluations at other test sizes: BatchNorm statistics as
+# trained, or re-estimated at the test size (`config.data.test_bn_examples`;
+# the training size too).
+AS_TRAINED, REESTIMATED = 'at_resolution', 'at_resolution_bn'
+STATISTICS = {AS_TRAINED: 'as trained', REESTIMATED: 're-estimated'}
 
 
-def at_size(run: dict[str, Any], size: str) -> dict[str, Any]:
-  """A run's metrics evaluated at test size `size` (its own size: its
-  plain metrics)."""
-  if size == str(run.get('res')):
+def at_size(
+  run: dict[str, Any], size: str, key: str = AS_TRAINED
+) -> dict[str, Any]:
+  """A run's metrics evaluated at test size `size` (its own size, as
+  trained: its plain metrics)."""
+  if key == AS_TRAINED and size == str(run.get('res')):
     return run
-  return (run.get('at_resolution') or {}).get(size, {})
+  return (run.get(key) or {}).get(size, {})
 
 
-def test_sizes(points: list[Point]) -> list[str]:
+def test_sizes(points: list[Point], key: str = AS_TRAINED) -> list[str]:
   """The test sizes the runs were also evaluated at, ascending."""
-  sizes = {
-    s for p in points for r in p.finished for s in r.get('at_resolution') or {}
-  }
+  sizes = {s for p in points for r in p.finished for s in r.get(key) or {}}
   return sorted(sizes, key=int)
 
 
-def compare_test_resolutions(points: list[Point]) -> list[Comparison]:
+def compare_test_resolutions(
+  points: list[Point], key: str = AS_TRAINED
+) -> list[Comparison]:
   """Per point with a training size (`res`), each larger test size against
-  testing at the training size, seed by seed: whether testing above the
-  training resolution helps. One Bonferroni-adjusted family."""
+  testing at the training size (statistics as trained), seed by seed:
+  whether testing above the training resolution helps. With `key`
+  REESTIMATED, the test sizes with statistics re-estimated there, the
+  training size included (what re-estimation alone gives). One
+  Bonferroni-adjusted family."""
   found = []
   for p in points:
     if 'res' not in p.args:
       continue
-    for size in test_sizes([p]):
-      if int(size) > int(p.args['res']):
+    for size in test_sizes([p], key):
+      if int(size) > int(p.args['res']) or (
+        key == REESTIMATED and size == p.args['res']
+      ):
         found.append((p, size))
   confidence = family_confidence(len(found))
+  kind = 'test res' + ('' if key == AS_TRAINED else ', BN re-estimated')
   comparisons = []
   for p, size in found:
     base = _by_seed(p)
-    other = {s: at_size(r, size) for s, r in base.items()}
+    other = {s: at_size(r, size, key) for s, r in base.items()}
     seeds = tuple(s for s in base if other[s])
     if not seeds:
       continue
     comparisons.append(
       Comparison(
-        'test res',
+        kind,
         p.args['res'],
         size,
         dict(p.args),

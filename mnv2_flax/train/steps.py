@@ -252,6 +252,67 @@ def _eval_fn(config, pack: int = 0) -> Callable:
   return jax.vmap(fn, in_axes=(0, None)) if pack else fn
 
 
+def batch_moments(
+  state: TrainState,
+  batch: dict[str, jax.Array],
+  *,
+  still_apply: Callable,
+  normalization: str = 'inception',
+) -> Any:
+  """Per BatchNorm layer, the mean and the mean square of its inputs over
+  `batch` (over all devices of `axis_name`) under `state.params`.
+
+  `still_apply` is the model's `apply` with BatchNorm momentum 0, so the
+  statistics a training-mode pass writes are the batch's own. Returned in
+  `state.batch_stats`'s structure: 'mean' E[x], 'var' E[x^2] (summed over
+  batches and finished by `stats_from_moments`).
+  """
+  images = preprocessing.normalize(batch['image'], normalization)
+  _, updates = still_apply(
+    {'params': state.params, 'batch_stats': state.batch_stats},
+    images,
+    train=True,
+    features_only=True,  # no dropout, no classifier: BN layers only
+    mutable=['batch_stats'],
+  )
+  return jax.tree.map(
+    lambda stats: {
+      'mean': stats['mean'],
+      'var': stats['var'] + jnp.square(stats['mean']),
+    },
+    updates['batch_stats'],
+    is_leaf=lambda node: isinstance(node, dict) and 'var' in node,
+  )
+
+
+def stats_from_moments(sums: Any, count: int) -> Any:
+  """BatchNorm statistics from `batch_moments` summed over `count` batches
+  of one size: the mean of the means, E[x^2] - E[x]^2 (the exact moments
+  of all the batches together)."""
+  return jax.tree.map(
+    lambda moments: {
+      'mean': moments['mean'] / count,
+      'var': jnp.maximum(
+        moments['var'] / count - jnp.square(moments['mean'] / count), 0.0
+      ),
+    },
+    sums,
+    is_leaf=lambda node: isinstance(node, dict) and 'var' in node,
+  )
+
+
+def make_p_batch_moments(
+  still_apply: Callable, normalization: str, pack: int = 0
+) -> Callable:
+  """`batch_moments` pmap-ed over the local devices, the state unreplicated
+  (with `pack`: a state of stacked members, moments per member)."""
+  fn = functools.partial(
+    batch_moments, still_apply=still_apply, normalization=normalization
+  )
+  fn = jax.vmap(fn, in_axes=(0, None)) if pack else fn
+  return jax.pmap(fn, axis_name=AXIS, in_axes=(None, 0), out_axes=None)
+
+
 def make_p_train_step(
   config: ml_collections.ConfigDict,
   learning_rate_fn: optax.Schedule,

@@ -12,6 +12,7 @@ states), `reporting` (TensorBoard events, results.json) and
 from collections.abc import Callable
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -183,37 +184,74 @@ class _Loop:
   def evaluate_at_resolutions(self) -> None:
     """The final state on the eval (and minival) split at each of
     `config.data.test_image_sizes`, centre-cropped and resized to it as at
-    the training size; BatchNorm statistics as trained. Into each member's
-    metrics as `at_resolution` {size: metrics}."""
+    the training size, with BatchNorm statistics as trained (`at_resolution`
+    {size: metrics} in each member's metrics); with
+    `config.data.test_bn_examples`, also at those sizes and the training
+    size with the statistics re-estimated there (`at_resolution_bn`)."""
     config = self.run.config
-    for size in config.data.test_image_sizes:
-      at = ml_collections.ConfigDict(config.to_dict())
-      at.data.image_size = size
-      builder = self.run.builder
-      minival = None
-      if at.data.minival_split:
-        minival = input_pipeline.create_eval_dataset(
-          builder, at, field='minival_split'
-        )
-      per_member = _evaluate_splits(
-        self.p_eval_step,
-        self.state,
-        input_pipeline.create_eval_dataset(builder, at),
-        minival,
-        self.pack,
+    sizes = tuple(config.data.test_image_sizes)
+    for size in sizes:
+      self._evaluate_at(size, self.state, 'at_resolution', 'as trained')
+    if config.data.test_bn_examples:
+      for size in sorted({config.data.image_size, *sizes}):
+        state = self.state.replace(batch_stats=self._reestimated_stats(size))
+        self._evaluate_at(size, state, 'at_resolution_bn', 're-estimated')
+
+  def _at_size(self, size: int) -> ml_collections.ConfigDict:
+    at = ml_collections.ConfigDict(self.run.config.to_dict())
+    at.data.image_size = size
+    return at
+
+  def _evaluate_at(self, size: int, state, key: str, stats: str) -> None:
+    at, builder = self._at_size(size), self.run.builder
+    minival = None
+    if at.data.minival_split:
+      minival = input_pipeline.create_eval_dataset(
+        builder, at, field='minival_split'
       )
-      for member, metrics in zip(self.members, per_member, strict=True):
-        member.eval_metrics.setdefault('at_resolution', {})[str(size)] = {
-          k: v for k, v in metrics.items() if 'top1' in k or 'loss' in k
-        }
-        logging.info(
-          '%seval at %d px (trained at %d): top1 %.4f (EMA %.4f)',
-          member.name,
-          size,
-          config.data.image_size,
-          metrics['top1'],
-          metrics['ema_top1'],
-        )
+    per_member = _evaluate_splits(
+      self.p_eval_step,
+      state,
+      input_pipeline.create_eval_dataset(builder, at),
+      minival,
+      self.pack,
+    )
+    for member, metrics in zip(self.members, per_member, strict=True):
+      member.eval_metrics.setdefault(key, {})[str(size)] = {
+        k: v for k, v in metrics.items() if 'top1' in k or 'loss' in k
+      }
+      logging.info(
+        '%seval at %d px (trained at %d, BatchNorm statistics %s): top1 '
+        '%.4f (EMA %.4f)',
+        member.name,
+        size,
+        self.run.config.data.image_size,
+        stats,
+        metrics['top1'],
+        metrics['ema_top1'],
+      )
+
+  def _reestimated_stats(self, size: int) -> Any:
+    """BatchNorm statistics at `size`: the exact moments of the first
+    `config.data.test_bn_examples` training images (whole eval batches),
+    preprocessed as for evaluation, under each member's raw parameters."""
+    at = self._at_size(size)
+    batches = at.data.test_bn_examples // at.data.eval_batch_size
+    at.model.bn_momentum = 0.0
+    still = training_state.create_model(at, self.run.meta.num_classes)
+    moments = steps.make_p_batch_moments(
+      still.apply, at.data.normalization, self.pack
+    )
+    data = input_pipeline.create_eval_dataset(
+      self.run.builder, at, field='train_split'
+    )
+    sums = None
+    for batch in itertools.islice(
+      input_pipeline.prefetch_to_device(data, placement.split()), batches
+    ):
+      new = moments(self.state, batch)
+      sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
+    return steps.stats_from_moments(sums, batches)
 
   def take_metrics(self, pending: list[dict], done: int) -> None:
     """The pending steps' metrics to each member's log; a member whose
@@ -288,7 +326,9 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
       break
 
   train_seconds = time.perf_counter() - loop_start - eval_seconds
-  if done == run.num_steps and config.data.test_image_sizes:
+  if done == run.num_steps and (
+    config.data.test_image_sizes or config.data.test_bn_examples
+  ):
     eval_start = time.perf_counter()
     loop.evaluate_at_resolutions()
     eval_seconds += time.perf_counter() - eval_start
@@ -507,6 +547,13 @@ class _Run:
     self.learning_rate_fn = training_state.create_learning_rate_fn(
       config, self.steps_per_epoch
     )
+    if config.data.test_bn_examples > self.meta.num_train_examples:
+      raise ValueError(
+        f'config.data.test_bn_examples={config.data.test_bn_examples} is not '
+        "valid; expected at most the training split's "
+        f'{self.meta.num_train_examples} examples '
+        f'(config.data.train_split={config.data.train_split!r}).'
+      )
     self.model = training_state.create_model(config, self.meta.num_classes)
     self.manager = checkpointing.create_manager(workdir, config)
     self.results_path = os.path.join(workdir, reporting.RESULTS_FILE)
