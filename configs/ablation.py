@@ -39,6 +39,9 @@ KEYS = (
   'shortcut',  # 'bottleneck' (the design), 'expansion' or 'none' (Fig. 6b)
   'expand',  # the expansion ratio t (6 in the paper)
   'epochs',  # config.train.num_epochs
+  # config.data.crop_area_range = (crop, 1): random-resized crops of at
+  # least this share of the image in training; 1 for none (Fashion-MNIST's)
+  'crop',
   # The recipe's scalars that a pack's members may differ in (one program):
   'lr',  # config.optim.learning_rate (the peak, before batch scaling)
   'wd',  # config.optim.weight_decay
@@ -97,15 +100,18 @@ NUMBERS = dict(
   res=int,
   expand=float,
   epochs=float,
+  crop=float,
   lr=float,
   wd=float,
   ls=float,
   ema=float,
   seed=int,
 )
-# Where 0 is valid (>= 0); every other number must be > 0. Fractions < 1.
+# Where 0 is valid (>= 0); every other number must be > 0. Fractions < 1;
+# shares <= 1.
 ZERO_VALID = ('seed', 'wd', 'ls')
 FRACTIONS = ('ls', 'ema')
+SHARES = ('crop',)
 
 # The TF-slim checkpoints' published ImageNet numbers, (width, resolution):
 # (MACs in millions, top-1 %): the numeric form of the paper's Fig. 5, drawn
@@ -155,11 +161,14 @@ def _value(key: str, value: str):
     or number < 0
     or (number == 0 and key not in ZERO_VALID)
     or (key in FRACTIONS and number >= 1)
+    or (key in SHARES and number > 1)
   ):
     what = 'an integer' if kind is int else 'a number'
     bound = '>= 0' if key in ZERO_VALID else '> 0'
     if key in FRACTIONS:
       bound += ' and < 1'
+    if key in SHARES:
+      bound += ' and <= 1'
     raise ValueError(
       f'ablation argument {key}={value!r} is not {what} {bound}.'
     )
@@ -242,6 +251,8 @@ def get_config(arg=None):
   for key, (section, field) in fields.items():
     if key in args:
       config[section][field] = args[key]
+  if 'crop' in args:
+    config.data.crop_area_range = (args['crop'], 1.0)
   if 'seed' in args:
     config.seed = args['seed']
   return config

@@ -95,6 +95,8 @@ def test_point_configs():
   assert config.model.expand_ratio == 4.0
   assert config.data.name == 'fashion_mnist'
   assert config.train.num_epochs == 1.0
+  assert config.data.crop_area_range == (1.0, 1.0)  # no random crops
+  assert ablation.get_config('crop=0.25').data.crop_area_range == (0.25, 1.0)
   config = ablation.get_config('data=imagenet,width=1.4,res=224')
   assert config.data.name.startswith('imagenet2012')
   assert (config.model.width_multiplier, config.data.image_size) == (1.4, 224)
@@ -103,6 +105,7 @@ def test_point_configs():
     ('width', "'width'"),
     ('res=big', "res='big' is not an integer > 0"),
     ('seed=-1', "seed='-1' is not an integer >= 0"),
+    ('crop=1.5', "crop='1.5' is not a number > 0 and <= 1"),
     ('data=cifar', "data='cifar'"),
   ]:
     with pytest.raises(ValueError, match=words):
