@@ -247,8 +247,12 @@ def test_overrides_are_typed_and_checked():
       'checkpoint.async_save': 'False',
       'data.batch_size': '16',
       'model.output_stride': '8',  # a placeholder(int)
+      'data.test_image_sizes': '(40, 48)',
+      'data.crop_area_range': '[0.25, 1.0]',
     },
   )
+  assert config.data.test_image_sizes == (40, 48)
+  assert config.data.crop_area_range == (0.25, 1.0)
   assert config.train.num_epochs == 2.0 and config.data.data_dir == '/d'
   assert config.model.output_stride == 8
   assert config.checkpoint.async_save is False
@@ -261,6 +265,10 @@ def test_overrides_are_typed_and_checked():
     grid.apply_overrides(config, {'nothing_like_it': '1'})
   with pytest.raises(ValueError, match='data.batch_size=many: expected a int'):
     grid.apply_overrides(config, {'data.batch_size': 'many'})
+  with pytest.raises(
+    ValueError, match=r'sizes=40: expected a tuple, e.g. \(40,\)'
+  ):
+    grid.apply_overrides(config, {'data.test_image_sizes': '40'})
 
 
 def _tiny(data_dir, **extra):

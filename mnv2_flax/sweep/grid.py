@@ -7,6 +7,7 @@ error; the run's own `results.json`) is what `point_status` reads back, in
 any process: the sweep's, a worker's or a Slurm task's.
 """
 
+import ast
 from collections.abc import Callable
 import contextlib
 import dataclasses
@@ -131,6 +132,16 @@ def apply_overrides(
         raise ValueError(
           f'--set {key}={text}: expected a {kind.__name__}.'
         ) from None
+    elif kind in (tuple, list):
+      try:
+        value = ast.literal_eval(text)
+      except (ValueError, SyntaxError):
+        value = None
+      if not isinstance(value, tuple | list):
+        raise ValueError(
+          f'--set {key}={text}: expected a tuple, e.g. (40,) or (40, 48).'
+        )
+      value = tuple(value)  # its items are checked with the config
     else:
       raise ValueError(
         f'--set {key}: a {kind.__name__} field cannot be set here.'
