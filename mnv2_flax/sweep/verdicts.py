@@ -198,10 +198,13 @@ def _comparison(
   return Comparison(key, *labels, fixed, seeds, diffs, confidence)
 
 
-def compare(points: list[Point]) -> list[Comparison]:
-  """Paired comparisons along every varying key (see the module docstring)."""
+def compare(
+  points: list[Point], confidence: float = CONFIDENCE
+) -> list[Comparison]:
+  """Paired comparisons along every varying key (see the module docstring),
+  each interval at `confidence`."""
   found = (
-    _comparison(key, (b.args[key], o.args[key]), fixed, b, o, CONFIDENCE)
+    _comparison(key, (b.args[key], o.args[key]), fixed, b, o, confidence)
     for key, fixed, b, o in _along_keys(points, lambda p: p.args)
   )
   return [c for c in found if c]
