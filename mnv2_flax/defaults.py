@@ -8,6 +8,7 @@ TensorFlow, so `train.py` checks a config before loading them.
 """
 
 import difflib
+import math
 import os
 import re
 
@@ -107,9 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.test_image_sizes = ()
   # With N > 0, also evaluate at each of test_image_sizes and at image_size
   # with BatchNorm statistics re-estimated there (FixRes's fix for the
-  # statistics' shift with resolution): the exact moments of the first N
-  # training images (whole eval batches), preprocessed as for evaluation,
-  # under the raw parameters. results.json: at_resolution_bn.
+  # statistics' shift with resolution): those of N training images (rounded
+  # down to whole eval batches; each process the first of its share),
+  # preprocessed as for evaluation, under the raw parameters (the EMA
+  # metrics use them too). results.json: at_resolution_bn.
   config.data.test_bn_examples = 0
   # Also report top-1/top-5 of the mean softmax over each eval image and its
   # mirror (metrics flip_*, ema_flip_*); the plain metrics stay single-view.
@@ -259,6 +261,20 @@ def check_init(config: ml_collections.ConfigDict) -> None:
     ) from None
 
 
+def _pair(value) -> tuple[float, float]:
+  """(lo, hi) of a range field; (nan, nan), which fails every check, for
+  anything but two numbers."""
+  if (
+    isinstance(value, tuple | list)
+    and len(value) == 2
+    and all(
+      isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+  ):
+    return value[0], value[1]
+  return math.nan, math.nan
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
   """Validates `config.data` before anything is read; one clear error."""
   data = config.data
@@ -278,10 +294,10 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     )
   if data.normalization not in NORMALIZATIONS:
     fail('normalization', ' or '.join(repr(n) for n in NORMALIZATIONS))
-  lo, hi = data.crop_area_range
+  lo, hi = _pair(data.crop_area_range)
   if not 0 < lo <= hi <= 1:
     fail('crop_area_range', '(min, max) with 0 < min <= max <= 1')
-  lo, hi = data.crop_aspect_range
+  lo, hi = _pair(data.crop_aspect_range)
   if not 0 < lo <= hi:
     fail('crop_aspect_range', '(min, max) with 0 < min <= max')
   if not 0 < data.eval_crop_fraction <= 1:

@@ -101,3 +101,20 @@ def _error(fn, *args, **kwargs) -> str | None:
   except ValueError as e:
     return str(e)
   return None
+
+
+@pytest.mark.parametrize(
+  'field, value',
+  [
+    ('crop_area_range', (0.1, 0.5, 1.0)),
+    ('crop_area_range', ('0.1', 1.0)),
+    ('crop_aspect_range', (0.75, None)),
+  ],
+)
+def test_a_range_field_that_is_not_two_numbers_gets_one_clear_error(
+  field, value
+):
+  config = defaults.get_config()
+  config.data[field] = value
+  with pytest.raises(ValueError, match=rf'config.data.{field}=.* \(min, max\)'):
+    defaults.check_data(config)

@@ -77,13 +77,12 @@ def test_a_run_with_steps_per_call_stops_at_every_eval_and_save(
 
 
 @pytest.mark.slow
-def test_batchnorm_statistics_re_estimated_over_batches_pool_moments():
-  """Moments summed over two batches of 4 give, at the stem, the statistics
-  of the 8 images as one batch: the variance pools E[x^2], not the batches'
-  variances. Deeper layers see each batch normalised by its own statistics
+def test_batchnorm_statistics_re_estimated_over_batches_are_pooled():
+  """Two batches of 4 pooled give, at the stem, the statistics of the 8
+  images as one batch: the variance includes the spread of the batches'
+  means. Deeper layers see each batch normalised by its own statistics
   (training mode, as precise-BN has them), so theirs differ from one batch
-  of 8 as much as the batches differ.
-  A pack's members get their own statistics."""
+  of 8 as much as the batches differ. A pack's members get their own."""
   config = tiny_config()
   config.model.bn_momentum = 0.0
   lr = training_state.create_learning_rate_fn(config, steps_per_epoch=10)
@@ -99,34 +98,26 @@ def test_batchnorm_statistics_re_estimated_over_batches_pool_moments():
   )
   batch = lambda lo, hi: {'image': images[:, lo:hi].astype(np.uint8)}
   alone = steps.make_p_batch_moments(still.apply, 'inception')
-  whole = steps.stats_from_moments(alone(states[0], batch(0, 8)), 1)
-  halves = jax.tree.map(
-    jnp.add, alone(states[0], batch(0, 4)), alone(states[0], batch(4, 8))
-  )
-  pooled = steps.stats_from_moments(halves, 2)
+  whole = steps.pooled_statistics([alone(states[0], batch(0, 8))])
+  halves = [alone(states[0], batch(lo, lo + 4)) for lo in (0, 4)]
+  pooled = steps.pooled_statistics(halves)
   for name in ('mean', 'var'):
     np.testing.assert_allclose(
       pooled['stem_bn'][name], whole['stem_bn'][name], rtol=1e-5, atol=1e-6
     )
-    # Not the average of the halves' variances: that misses the spread of
-    # their means.
-  halves_var = [
-    steps.stats_from_moments(alone(states[0], batch(lo, lo + 4)), 1)
-    for lo in (0, 4)
-  ]
-  averaged = (
-    halves_var[0]['stem_bn']['var'] + halves_var[1]['stem_bn']['var']
-  ) / 2
+  # Not the average of the halves' variances: that misses the spread of
+  # their means.
+  averaged = (halves[0]['stem_bn']['var'] + halves[1]['stem_bn']['var']) / 2
   assert np.abs(averaged - whole['stem_bn']['var']).max() > 1e-3
   # Not the running averages (init: mean 0, var 1).
   assert np.abs(whole['stem_bn']['mean']).max() > 1e-3
   assert np.abs(whole['head_bn']['var'] - 1).max() > 1e-3
 
   packed = steps.make_p_batch_moments(still.apply, 'inception', pack=2)
-  per_member = steps.stats_from_moments(
-    packed(programs.stack(states), batch(0, 8)), 1
+  per_member = steps.pooled_statistics(
+    [packed(programs.stack(states), batch(0, 8))]
   )
-  second = steps.stats_from_moments(alone(states[1], batch(0, 8)), 1)
+  second = steps.pooled_statistics([alone(states[1], batch(0, 8))])
   for member, got in ((0, whole), (1, second)):
     for a, b in zip(
       jax.tree.leaves(programs.unstack(per_member, member)),
@@ -134,3 +125,23 @@ def test_batchnorm_statistics_re_estimated_over_batches_pool_moments():
       strict=True,
     ):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_statistics_keep_a_small_spread_under_a_large_mean():
+  """Mean 10, std 0.01 in float32 batches: E[x^2] - E[x]^2 would lose it;
+  pooled in float64 from each batch's mean and variance it is kept."""
+  values = 10 + 0.01 * np.random.default_rng(0).standard_normal((4, 256, 3))
+  values = values.astype(np.float32)
+  per_batch = [
+    {
+      'bn': {
+        'mean': b.mean(0),
+        'var': b.var(0, dtype=np.float64).astype(np.float32),
+      }
+    }
+    for b in values
+  ]
+  pooled = steps.pooled_statistics(per_batch)['bn']
+  everything = values.reshape(-1, 3).astype(np.float64)
+  np.testing.assert_allclose(pooled['mean'], everything.mean(0), rtol=1e-6)
+  np.testing.assert_allclose(pooled['var'], everything.var(0), rtol=1e-3)

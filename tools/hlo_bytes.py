@@ -7,12 +7,16 @@ For each top-level instruction of the ENTRY computation of a compiled HLO
 bytes it reads and writes: its result plus its operands, in the tiled
 (padded) sizes of their layouts. Async copies and slices count their
 destination twice (read and write); `ConcatBitcast` (slices placed side by
-side) counts nothing. Grouped by instruction kind, pass (forward, backward,
-optimizer) and layer kind from the op_name metadata (`depthwise_conv`,
-`expand_bn`, ...), and divided by N (and M), the members of a pack, so a
-pack of 4 lines up with a run alone. XLA's own `bytes accessed` counts the
-same instructions its way (for the pack of 1 of pack_tpu_cost.py: 394 MB
-against 363 MB here); the split by layer is what this adds.
+side) counts nothing; other async `-start`s (collectives, which a
+one-device program has none of) count their result and operands, perhaps
+twice. Grouped by instruction kind, pass (backward: under `transpose(`;
+everything else, the optimizer's update too, is forward) and layer kind from
+the op_name metadata (`depthwise_conv`, `expand_bn`, ...), and divided by N
+(and M), the members of a pack, so a pack of 4 lines up with a run alone.
+Only a layout's first tile pads (bf16's `(2,1)` packing is not counted).
+XLA's own `bytes accessed` counts the same instructions its way (for the
+pack of 1 of pack_tpu_cost.py: 394 MB against 363 MB here); the split by
+layer is what this adds.
 """
 
 import argparse
@@ -20,7 +24,23 @@ import collections
 import re
 
 _BYTES = dict(
-  pred=1, s8=1, u8=1, bf16=2, f16=2, s32=4, u32=4, f32=4, s64=8, u64=8, f64=8
+  pred=1,
+  s8=1,
+  u8=1,
+  f8e4m3fn=1,
+  f8e5m2=1,
+  s16=2,
+  u16=2,
+  bf16=2,
+  f16=2,
+  s32=4,
+  u32=4,
+  f32=4,
+  s64=8,
+  u64=8,
+  f64=8,
+  c64=8,
+  c128=16,
 )
 _SHAPE = re.compile(
   r'\b(' + '|'.join(_BYTES) + r')\[([\d,]*)\]'
@@ -133,7 +153,12 @@ def main():
     print(f'{spec}: {sum(by.values()):,.0f} MB per member')
   groups = set().union(*(by for by, _, _ in columns))
   first, last = columns[0][0], columns[-1][0]
-  ranked = sorted(groups, key=lambda g: -abs(last.get(g, 0) - first.get(g, 0)))
+  if len(columns) == 1:  # the largest groups
+    ranked = sorted(groups, key=lambda g: -first[g])
+  else:  # the largest changes
+    ranked = sorted(
+      groups, key=lambda g: -abs(last.get(g, 0) - first.get(g, 0))
+    )
   head = ' | '.join(f'{spec} MB/member (n)' for _, _, spec in columns)
   print(f'| group | {head} | last - first |')
   print('|---|' + '---|' * len(columns) + '---|')

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mnv2_flax import preprocessing
@@ -259,13 +260,13 @@ def batch_moments(
   still_apply: Callable,
   normalization: str = 'inception',
 ) -> Any:
-  """Per BatchNorm layer, the mean and the mean square of its inputs over
-  `batch` (over all devices of `axis_name`) under `state.params`.
+  """Per BatchNorm layer, the mean and variance of its inputs over `batch`
+  (over all devices of the BN layers' axis) under `state.params`.
 
-  `still_apply` is the model's `apply` with BatchNorm momentum 0, so the
-  statistics a training-mode pass writes are the batch's own. Returned in
-  `state.batch_stats`'s structure: 'mean' E[x], 'var' E[x^2] (summed over
-  batches and finished by `stats_from_moments`).
+  `still_apply` is the model's `apply` with BatchNorm momentum 0 (and not
+  frozen), so the statistics a training-mode pass writes are the batch's
+  own, computed as the layers compute them. In `state.batch_stats`'s
+  structure; `pooled_statistics` combines several batches'.
   """
   images = preprocessing.normalize(batch['image'], normalization)
   _, updates = still_apply(
@@ -275,28 +276,25 @@ def batch_moments(
     features_only=True,  # no dropout, no classifier: BN layers only
     mutable=['batch_stats'],
   )
-  return jax.tree.map(
-    lambda stats: {
-      'mean': stats['mean'],
-      'var': stats['var'] + jnp.square(stats['mean']),
-    },
-    updates['batch_stats'],
-    is_leaf=lambda node: isinstance(node, dict) and 'var' in node,
-  )
+  return updates['batch_stats']
 
 
-def stats_from_moments(sums: Any, count: int) -> Any:
-  """BatchNorm statistics from `batch_moments` summed over `count` batches
-  of one size: the mean of the means, E[x^2] - E[x]^2 (the exact moments
-  of all the batches together)."""
+def pooled_statistics(per_batch: list[Any]) -> Any:
+  """BatchNorm statistics of batches of one size together, from each one's
+  (`batch_moments`, fetched to the host): the mean of the means, and the
+  mean of the variances plus the variance of the means, in float64 (no
+  E[x^2] - E[x]^2 cancellation)."""
+
+  def pool(*stats):
+    means = np.stack([np.asarray(s['mean'], np.float64) for s in stats])
+    variances = np.stack([np.asarray(s['var'], np.float64) for s in stats])
+    mean = means.mean(0)
+    var = variances.mean(0) + np.square(means - mean).mean(0)
+    return {'mean': mean.astype(np.float32), 'var': var.astype(np.float32)}
+
   return jax.tree.map(
-    lambda moments: {
-      'mean': moments['mean'] / count,
-      'var': jnp.maximum(
-        moments['var'] / count - jnp.square(moments['mean'] / count), 0.0
-      ),
-    },
-    sums,
+    pool,
+    *per_batch,
     is_leaf=lambda node: isinstance(node, dict) and 'var' in node,
   )
 

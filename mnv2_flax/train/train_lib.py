@@ -232,12 +232,14 @@ class _Loop:
       )
 
   def _reestimated_stats(self, size: int) -> Any:
-    """BatchNorm statistics at `size`: the exact moments of the first
-    `config.data.test_bn_examples` training images (whole eval batches),
-    preprocessed as for evaluation, under each member's raw parameters."""
+    """BatchNorm statistics at `size`: those of `config.data.test_bn_examples`
+    training images (rounded down to whole eval batches; each process the
+    first of its share), preprocessed as for evaluation, pooled over the
+    batches, under each member's raw parameters."""
     at = self._at_size(size)
     batches = at.data.test_bn_examples // at.data.eval_batch_size
-    at.model.bn_momentum = 0.0
+    at.model.bn_momentum = 0.0  # the batch's own statistics
+    at.model.bn_frozen = False  # else training mode leaves them as trained
     still = training_state.create_model(at, self.run.meta.num_classes)
     moments = steps.make_p_batch_moments(
       still.apply, at.data.normalization, self.pack
@@ -245,13 +247,18 @@ class _Loop:
     data = input_pipeline.create_eval_dataset(
       self.run.builder, at, field='train_split'
     )
-    sums = None
-    for batch in itertools.islice(
-      input_pipeline.prefetch_to_device(data, placement.split()), batches
-    ):
-      new = moments(self.state, batch)
-      sums = new if sums is None else jax.tree.map(jnp.add, sums, new)
-    return steps.stats_from_moments(sums, batches)
+    per_batch = [
+      jax.device_get(moments(self.state, batch))
+      for batch in itertools.islice(
+        input_pipeline.prefetch_to_device(data, placement.split()), batches
+      )
+    ]
+    logging.info(
+      'BatchNorm statistics at %d px from %d training images.',
+      size,
+      batches * at.data.eval_batch_size,
+    )
+    return steps.pooled_statistics(per_batch)
 
   def take_metrics(self, pending: list[dict], done: int) -> None:
     """The pending steps' metrics to each member's log; a member whose
