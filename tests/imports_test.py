@@ -59,11 +59,12 @@ def test_the_blocker_blocks(tmp_path):
   assert result.returncode != 0 and 'blocked' in result.stderr
 
 
-# What reads data, and so loads TensorFlow: data/ and its three users. Every
+# What reads data, and so loads TensorFlow: data/ and its four users. Every
 # other module must import on a host with JAX, Flax and Optax alone.
 READS_DATA = (
   'mnv2_flax.data',
   'mnv2_flax.train.train_lib',
+  'mnv2_flax.train.resolutions',
   'mnv2_flax.export.lib',
   'mnv2_flax.benchmark.pipeline',
 )

@@ -12,7 +12,6 @@ states), `reporting` (TensorBoard events, results.json) and
 from collections.abc import Callable
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
 import time
@@ -39,6 +38,7 @@ from mnv2_flax.train import finetune
 from mnv2_flax.train import members
 from mnv2_flax.train import programs
 from mnv2_flax.train import reporting
+from mnv2_flax.train import resolutions
 from mnv2_flax.train import steps
 from mnv2_flax.train import training_state
 
@@ -182,83 +182,32 @@ class _Loop:
       member.eval_metrics = metrics
 
   def evaluate_at_resolutions(self) -> None:
-    """The final state on the eval (and minival) split at each of
-    `config.data.test_image_sizes`, centre-cropped and resized to it as at
-    the training size, with BatchNorm statistics as trained (`at_resolution`
-    {size: metrics} in each member's metrics); with
-    `config.data.test_bn_examples`, also at those sizes and the training
-    size with the statistics re-estimated there (`at_resolution_bn`)."""
+    """The final state at the other test sizes the config asks for
+    (`resolutions`), into each member's metrics as `at_resolution` and
+    `at_resolution_bn`: {size: metrics}."""
     config = self.run.config
-    sizes = tuple(config.data.test_image_sizes)
-    for size in sizes:
-      self._evaluate_at(size, self.state, 'at_resolution', 'as trained')
-    if config.data.test_bn_examples:
-      for size in sorted({config.data.image_size, *sizes}):
-        state = self.state.replace(batch_stats=self._reestimated_stats(size))
-        self._evaluate_at(size, state, 'at_resolution_bn', 're-estimated')
-
-  def _at_size(self, size: int) -> ml_collections.ConfigDict:
-    at = ml_collections.ConfigDict(self.run.config.to_dict())
-    at.data.image_size = size
-    return at
-
-  def _evaluate_at(self, size: int, state, key: str, stats: str) -> None:
-    at, builder = self._at_size(size), self.run.builder
-    minival = None
-    if at.data.minival_split:
-      minival = input_pipeline.create_eval_dataset(
-        builder, at, field='minival_split'
-      )
-    per_member = _evaluate_splits(
-      self.p_eval_step,
-      state,
-      input_pipeline.create_eval_dataset(builder, at),
-      minival,
+    for key, size, per_member in resolutions.evaluate(
+      config,
+      self.run.builder,
+      self.run.meta.num_classes,
+      self.state,
       self.pack,
-    )
-    for member, metrics in zip(self.members, per_member, strict=True):
-      member.eval_metrics.setdefault(key, {})[str(size)] = {
-        k: v for k, v in metrics.items() if 'top1' in k or 'loss' in k
-      }
-      logging.info(
-        '%seval at %d px (trained at %d, BatchNorm statistics %s): top1 '
-        '%.4f (EMA %.4f)',
-        member.name,
-        size,
-        self.run.config.data.image_size,
-        stats,
-        metrics['top1'],
-        metrics['ema_top1'],
-      )
-
-  def _reestimated_stats(self, size: int) -> Any:
-    """BatchNorm statistics at `size`: those of `config.data.test_bn_examples`
-    training images (rounded down to whole eval batches; each process the
-    first of its share), preprocessed as for evaluation, pooled over the
-    batches, under each member's raw parameters."""
-    at = self._at_size(size)
-    batches = at.data.test_bn_examples // at.data.eval_batch_size
-    at.model.bn_momentum = 0.0  # the batch's own statistics
-    at.model.bn_frozen = False  # else training mode leaves them as trained
-    still = training_state.create_model(at, self.run.meta.num_classes)
-    moments = steps.make_p_batch_moments(
-      still.apply, at.data.normalization, self.pack
-    )
-    data = input_pipeline.create_eval_dataset(
-      self.run.builder, at, field='train_split'
-    )
-    per_batch = [
-      jax.device_get(moments(self.state, batch))
-      for batch in itertools.islice(
-        input_pipeline.prefetch_to_device(data, placement.split()), batches
-      )
-    ]
-    logging.info(
-      'BatchNorm statistics at %d px from %d training images.',
-      size,
-      batches * at.data.eval_batch_size,
-    )
-    return steps.pooled_statistics(per_batch)
+      lambda state, eval_ds, minival_ds: _evaluate_splits(
+        self.p_eval_step, state, eval_ds, minival_ds, self.pack
+      ),
+    ):
+      for member, metrics in zip(self.members, per_member, strict=True):
+        member.eval_metrics.setdefault(key, {})[str(size)] = metrics
+        logging.info(
+          '%seval at %d px (trained at %d, BatchNorm statistics %s): top1 '
+          '%.4f (EMA %.4f)',
+          member.name,
+          size,
+          config.data.image_size,
+          're-estimated' if key == 'at_resolution_bn' else 'as trained',
+          metrics['top1'],
+          metrics['ema_top1'],
+        )
 
   def take_metrics(self, pending: list[dict], done: int) -> None:
     """The pending steps' metrics to each member's log; a member whose
