@@ -3,13 +3,15 @@
 Fashion-MNIST is prepared from local idx files and scikit-learn's digits from
 the copy scikit-learn ships; any other registered tfds dataset is prepared
 only with `config.data.download=True` (ImageNet from its tars in
-`downloads/manual/`). A process that finds another preparing the same
-dataset waits for it; a failed preparation leaves no empty directory.
+`downloads/manual/`, whose structure `imagenet_tars` checks first). A
+process that finds another preparing the same dataset waits for it; a failed
+preparation leaves no directory it made.
 """
 
 import contextlib
 import dataclasses
 import os
+import shutil
 
 import ml_collections
 import tensorflow as tf
@@ -18,6 +20,7 @@ import tensorflow_datasets as tfds
 from mnv2_flax import defaults
 from mnv2_flax.data import digits  # registers the tfds dataset sklearn_digits
 from mnv2_flax.data import fashion_mnist
+from mnv2_flax.data import imagenet_tars
 from mnv2_flax.runtime import workdir_lock
 
 # TensorFlow only prepares and feeds the data: keep it off the accelerators.
@@ -111,23 +114,16 @@ def _prepare(builder, config: ml_collections.ConfigDict):
   if name == digits.SklearnDigits.name:  # scikit-learn ships the data
     builder.download_and_prepare()
     return builder
-  if name.startswith('imagenet2012') and not os.path.exists(
-    os.path.join(manual_dir, 'ILSVRC2012_img_train.tar')
-  ):
-    raise DataError(
-      f'{name} is not prepared in {data_dir}. '
-      + IMAGENET_HOW_TO.format(manual_dir=manual_dir, data_dir=data_dir)
-    )
-  if not config.data.download and not name.startswith('imagenet2012'):
+  if name.startswith('imagenet2012'):
+    return _prepare_imagenet(builder, config, manual_dir)
+  if not config.data.download:
     raise DataError(
       f'{name} is not prepared in {data_dir}. Set config.data.download=True '
       'on a machine with internet access to download and prepare it once, '
       'or point config.data.data_dir to where it is prepared.'
     )
   try:
-    builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    _download_and_prepare(builder, data_dir, manual_dir)
   except Exception as e:  # network errors come in many types
     raise DataError(
       f'{name} could not be downloaded and prepared in {data_dir} '
@@ -135,6 +131,104 @@ def _prepare(builder, config: ml_collections.ConfigDict):
       'provide the files locally (see README: Data).'
     ) from None
   return builder
+
+
+def _download_and_prepare(builder, data_dir: str, manual_dir: str) -> None:
+  """`builder.download_and_prepare`; a failure leaves nothing it made: no
+  incomplete directory, no directory that was not there before."""
+  made = [d for d in _tfds_dirs(builder, data_dir) if not os.path.exists(d)]
+  try:
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+    )
+  except BaseException:
+    if '://' not in data_dir:
+      _remove_unfinished(builder, made)
+    raise
+
+
+def _tfds_dirs(builder, data_dir: str) -> list[str]:
+  """The directories tfds makes in `data_dir` to prepare `builder`, deepest
+  first: the dataset's (and its config's) above the version directory, and
+  the download directory."""
+  top, dirs = os.path.abspath(data_dir), []
+  path = os.path.dirname(os.path.abspath(os.fspath(builder.data_dir)))
+  while path != top and path.startswith(top + os.sep):
+    dirs.append(path)
+    path = os.path.dirname(path)
+  downloads = os.path.join(top, 'downloads')
+  return dirs + [os.path.join(downloads, 'extracted'), downloads]
+
+
+def _remove_unfinished(builder, made: list[str]) -> None:
+  """Removes tfds's incomplete directories of `builder`'s version (tfds
+  removes them itself unless killed), then the directories of `made` that
+  are empty: never a prepared version, another config's or a user's file.
+  The caller holds the dataset's lock: no other process prepares it."""
+  parent = os.path.dirname(os.path.abspath(os.fspath(builder.data_dir)))
+  version = str(builder.version)
+  with contextlib.suppress(OSError):
+    for entry in os.listdir(parent):
+      if 'incomplete' in entry and version in entry:
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  for directory in made:
+    with contextlib.suppress(OSError):
+      os.rmdir(directory)
+
+
+def _prepare_imagenet(
+  builder, config: ml_collections.ConfigDict, manual_dir: str
+):
+  """Prepares an imagenet2012 dataset from ImageNet's tars in `manual_dir`.
+
+  Their structure is checked first (the headers of the outer tars only:
+  seconds, even for ImageNet's 150 GB), so that a damaged or wrong tar is
+  named before hours of preparation; a failure of the preparation itself is
+  traced to the damaged synset tar where there is one. Nothing
+  half-prepared is left behind.
+  """
+  name, data_dir = config.data.name, _data_dir(config)
+  train = os.path.join(manual_dir, imagenet_tars.TRAIN_TAR)
+  val = os.path.join(manual_dir, imagenet_tars.VAL_TAR)
+  needed = [train] + ([val] if _reads_validation(config) else [])
+  missing = [os.path.basename(p) for p in needed if not os.path.exists(p)]
+  if missing:
+    raise DataError(
+      f'{name} is not prepared in {data_dir} and {manual_dir} has no '
+      f'{" or ".join(missing)}. '
+      + IMAGENET_HOW_TO.format(manual_dir=manual_dir, data_dir=data_dir)
+    )
+  try:
+    if os.path.exists(train):
+      imagenet_tars.check_train(train)
+    if os.path.exists(val):
+      imagenet_tars.check_val(val)
+  except imagenet_tars.TarError as e:
+    raise DataError(str(e)) from None
+  try:
+    _download_and_prepare(builder, data_dir, manual_dir)
+  except Exception as e:
+    damaged = (
+      imagenet_tars.damaged_synset_tar(train) if os.path.exists(train) else None
+    )
+    if damaged:
+      raise DataError(damaged) from None
+    raise DataError(
+      f'{name} could not be prepared in {data_dir} from the tars in '
+      f'{manual_dir} ({type(e).__name__}: {" ".join(str(e).split())[:300]}). '
+      'Their tar structure is complete, so a file inside them may be '
+      "damaged: compare their sha256 with tfds's imagenet2012/checksums.tsv "
+      'or copy them again.'
+    ) from None
+  return builder
+
+
+def _reads_validation(config: ml_collections.ConfigDict) -> bool:
+  data = config.data
+  return any(
+    'validation' in split
+    for split in (data.train_split, data.eval_split, data.minival_split)
+  )
 
 
 def _is_prepared(builder) -> bool:

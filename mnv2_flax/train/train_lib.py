@@ -298,6 +298,8 @@ def _train(runs: list['_Run'], watch: preemption.Watch, wall_start: float):
   shared = dict(
     eval_split=config.data.eval_split,
     minival_split=config.data.minival_split,
+    # The prepared dataset read: the original or a resized copy.
+    data_source=run.builder.data_dir,
     bits_depend_on=reporting.bits_depend_on(),
     train_seconds=train_seconds / share,
     eval_seconds=eval_seconds / share,
