@@ -101,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.crop_min_object_covered = 0.1
   config.data.random_flip = True  # horizontal, in training
   config.data.eval_crop_fraction = 0.875
+  # JPEGs: decode a crop window at 1/2, 1/4 or 1/8 scale where it is that
+  # many times image_size on both sides, then resize as ever (its speed and
+  # its pixels against the full decode's: docs/input_pipeline.md). False:
+  # always at full scale.
+  config.data.jpeg_scaled_decode = True
   # Also evaluate the final state at these image sizes (the train and test
   # resolutions apart, as FixRes: random-resized crops make objects look
   # larger in training than in a centre crop of the same size). BatchNorm
@@ -311,6 +316,8 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       f'a tuple of integers in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], e.g. '
       '(32, 48)',
     )
+  if not isinstance(data.jpeg_scaled_decode, bool):
+    fail('jpeg_scaled_decode', 'True or False')
   examples = data.test_bn_examples
   if type(examples) is not int or (
     examples and not data.eval_batch_size <= examples

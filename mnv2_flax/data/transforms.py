@@ -1,7 +1,10 @@
 """Per-example transforms (TensorFlow, on the host): Inception-style random
 resized crop and flip for training, a central crop for evaluation, then a
 bilinear resize to `config.data.image_size`, rounded to uint8 and given 3
-channels. JPEGs decode only their crop window.
+channels. JPEGs decode only their crop window, and with
+`config.data.jpeg_scaled_decode` at 1/2, 1/4 or 1/8 scale where the window
+is that many times the output size on both sides (libjpeg's scaled inverse
+DCT: what decoding costs at low resolution; docs/input_pipeline.md).
 """
 
 import ml_collections
@@ -25,20 +28,62 @@ def decode_and_random_crop(data, shape, seed, config):
   height, width, _ = tf.unstack(size)
   window = tf.stack([offset_y, offset_x, height, width])
   if isinstance(data, tuple):  # (jpeg bytes,): decode the window only
-    return tf.image.decode_and_crop_jpeg(data[0], window, channels=3)
-  return tf.image.crop_to_bounding_box(data, offset_y, offset_x, height, width)
+    return decode_window(data[0], window, shape, config)
+  # crop_to_bounding_box's pixels without its checks (a tenth of the
+  # per-image cost at 96 px from a resized copy): the box is inside.
+  return tf.ensure_shape(
+    tf.slice(data, begin, size), (None, None) + data.shape[-1:]
+  )
 
 
-def central_crop(data, shape, fraction):
+SCALES = (1, 2, 4, 8)  # the reductions libjpeg's scaled decoding has
+
+
+def decode_window(jpeg, window, shape, config):
+  """The (y, x, height, width) `window` of `jpeg`, decoded: with
+  `config.data.jpeg_scaled_decode` at the smallest scale that keeps it at
+  least `config.data.image_size` on both sides (`scaled_decode`)."""
+  if not config.data.jpeg_scaled_decode:
+    return tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+  return scaled_decode(jpeg, window, shape, config.data.image_size)
+
+
+def scaled_decode(jpeg, window, shape, size):
+  """The `window` of `jpeg` decoded at the largest 1/r of `SCALES` at which
+  both its sides stay at least `size`.
+
+  The window's ends in the 1/r image (ceil(H/r) x ceil(W/r)) are its ends
+  over r rounded to the nearest pixel: at most half a pixel of the 1/r
+  image off, under half an output pixel.
+  """
+  y, x, height, width = tf.unstack(window)
+  smaller = tf.minimum(height, width)
+  index = tf.add_n([tf.cast(smaller >= r * size, tf.int32) for r in SCALES[1:]])
+
+  def at(r):
+    def decode():
+      if r == 1:
+        return tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+      top, left = (y + r // 2) // r, (x + r // 2) // r
+      bottom = tf.minimum((y + height + r // 2) // r, (shape[0] + r - 1) // r)
+      right = tf.minimum((x + width + r // 2) // r, (shape[1] + r - 1) // r)
+      scaled = tf.stack([top, left, bottom - top, right - left])
+      return tf.image.decode_and_crop_jpeg(jpeg, scaled, channels=3, ratio=r)
+
+    return decode
+
+  return tf.switch_case(index, [at(r) for r in SCALES])
+
+
+def central_crop(data, shape, fraction, config):
   height, width = shape[0], shape[1]
   side = tf.cast(
     fraction * tf.cast(tf.minimum(height, width), tf.float32), tf.int32
   )
   offset_y, offset_x = (height - side + 1) // 2, (width - side + 1) // 2
   if isinstance(data, tuple):
-    return tf.image.decode_and_crop_jpeg(
-      data[0], tf.stack([offset_y, offset_x, side, side]), channels=3
-    )
+    window = tf.stack([offset_y, offset_x, side, side])
+    return decode_window(data[0], window, shape, config)
   return tf.image.crop_to_bounding_box(data, offset_y, offset_x, side, side)
 
 
@@ -74,7 +119,7 @@ def preprocess(example, seed, *, train, jpeg, config):
     if config.data.random_flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   else:
-    image = central_crop(data, shape, config.data.eval_crop_fraction)
+    image = central_crop(data, shape, config.data.eval_crop_fraction, config)
   return finish(image, config), tf.cast(example['label'], tf.int32)
 
 
