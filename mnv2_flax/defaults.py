@@ -106,6 +106,14 @@ def get_config() -> ml_collections.ConfigDict:
   # its pixels against the full decode's: docs/input_pipeline.md). False:
   # always at full scale.
   config.data.jpeg_scaled_decode = True
+  # > 0: read a copy of the dataset whose images have this short side,
+  # prepared once beside it (`python -m mnv2_flax.prepare_data`, or the
+  # first run). It must cover image_size and test_image_sizes: its eval
+  # centre crop at least that size (146 px: up to 127 px). Its smallest
+  # random crops see fewer pixels than the original's (docs/
+  # input_pipeline.md). 0: the original.
+  config.data.resized_short_side = 0
+  config.data.resized_format = 'jpeg'  # or 'raw': pixels, ~10x the bytes
   # Also evaluate the final state at these image sizes (the train and test
   # resolutions apart, as FixRes: random-resized crops make objects look
   # larger in training than in a centre crop of the same size). BatchNorm
@@ -280,6 +288,41 @@ def _pair(value) -> tuple[float, float]:
   return math.nan, math.nan
 
 
+RESIZED_FORMATS = ('jpeg', 'raw')
+
+
+def covering_short_side(image_size: int, eval_crop_fraction: float) -> int:
+  """The smallest short side whose eval centre crop is image_size or more
+  (the copy's images are not enlarged before the crop)."""
+  side = image_size
+  while int(eval_crop_fraction * side) < image_size:
+    side += 1
+  return side
+
+
+def _check_resized(data, fail) -> None:
+  side = data.resized_short_side
+  if not isinstance(side, int) or isinstance(side, bool) or side < 0:
+    fail('resized_short_side', 'a whole number of pixels, or 0 (none)')
+  if data.resized_format not in RESIZED_FORMATS:
+    fail('resized_format', ' or '.join(repr(f) for f in RESIZED_FORMATS))
+  if not side:
+    return
+  sizes = {'image_size': data.image_size}
+  sizes.update(
+    (f'test_image_sizes {s}', s) for s in tuple(data.test_image_sizes)
+  )
+  for field, size in sizes.items():
+    need = covering_short_side(size, data.eval_crop_fraction)
+    if side < need:
+      fail(
+        'resized_short_side',
+        f'at least {need} for {field} {size} (its eval centre crop, '
+        f'{data.eval_crop_fraction} of the short side, is not enlarged), '
+        'or 0 to read the original',
+      )
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
   """Validates `config.data` before anything is read; one clear error."""
   data = config.data
@@ -316,6 +359,7 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       f'a tuple of integers in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], e.g. '
       '(32, 48)',
     )
+  _check_resized(data, fail)
   if not isinstance(data.jpeg_scaled_decode, bool):
     fail('jpeg_scaled_decode', 'True or False')
   examples = data.test_bn_examples

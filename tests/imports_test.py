@@ -145,6 +145,19 @@ BAD_INPUT = (
   (['-m', 'mnv2_flax.benchmark', '--nosuch'], "flag 'nosuch'"),
   (['-m', 'mnv2_flax.benchmark', '--input_pipeline'], '--config='),
   (['-m', 'mnv2_flax.stats', '--width_multiplier=0'], '--width_multiplier'),
+  (
+    ['-m', 'mnv2_flax.benchmark', '--input_pipeline', '--resolutions=96,x'],
+    '--resolutions=96,x',
+  ),
+  (
+    [
+      '-m',
+      'mnv2_flax.prepare_data',
+      '--config=configs/default.py',
+      '--config.data.resized_short_side=200',
+    ],
+    'config.data.resized_short_side=200',
+  ),
 )
 
 

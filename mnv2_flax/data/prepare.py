@@ -21,6 +21,7 @@ from mnv2_flax import defaults
 from mnv2_flax.data import digits  # registers the tfds dataset sklearn_digits
 from mnv2_flax.data import fashion_mnist
 from mnv2_flax.data import imagenet_tars
+from mnv2_flax.data import resized
 from mnv2_flax.runtime import workdir_lock
 
 # TensorFlow only prepares and feeds the data: keep it off the accelerators.
@@ -52,7 +53,8 @@ def _data_dir(config: ml_collections.ConfigDict) -> str:
 
 
 def get_builder(config: ml_collections.ConfigDict):
-  """The tfds builder of `config.data.name`, prepared in the data_dir.
+  """The tfds builder of `config.data.name`, prepared in the data_dir, or of
+  its copy at `config.data.resized_short_side` (`resized`), prepared from it.
 
   Fashion-MNIST is prepared from local idx files on first use; other datasets
   are prepared only with `config.data.download=True`.
@@ -61,6 +63,13 @@ def get_builder(config: ml_collections.ConfigDict):
     DataError: unknown dataset, or data that is not there (with what to do).
   """
   defaults.check_data(config)
+  builder = _source_builder(config)
+  if not config.data.resized_short_side:
+    return builder
+  return resized.get_builder(builder, config, _data_dir(config))
+
+
+def _source_builder(config: ml_collections.ConfigDict):
   name, data_dir = config.data.name, _data_dir(config)
   try:
     builder = tfds.builder(name, data_dir=data_dir)

@@ -153,7 +153,16 @@ def _prepare_datasets(configs: list[ml_collections.ConfigDict]) -> None:
   left to its points, which record the error."""
   seen = set()
   for config in configs:
-    key = (config.data.name, config.data.data_dir, config.data.manual_dir)
+    key = tuple(
+      config.data[k]
+      for k in (
+        'name',
+        'data_dir',
+        'manual_dir',
+        'resized_short_side',
+        'resized_format',
+      )
+    )
     if key in seen:
       continue
     seen.add(key)
