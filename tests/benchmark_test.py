@@ -7,6 +7,7 @@ import types
 
 import pytest
 
+from mnv2_flax import defaults
 from mnv2_flax.benchmark import lib as benchmark_lib
 
 
@@ -170,3 +171,24 @@ def test_the_input_pipeline_is_timed_from_the_command_line(data_dirs):
   line = result.stdout.strip().splitlines()[-1]
   assert line.startswith('fashion_mnist train pipeline at 32px, batch 8')
   assert '(3 batches in' in line
+
+
+def test_the_photo_pipeline_table_times_every_source_and_copy():
+  from mnv2_flax.benchmark import pipeline  # noqa: PLC0415
+
+  config = defaults.get_config()
+  config.data.batch_size = 8
+  result = pipeline.benchmark_photos(
+    config, (64,), num_images=16, steps=2, warmup=1
+  )
+  rows = result['pipeline']
+  assert [r['source'] for r in rows] == [n for n, _ in pipeline.PHOTO_SOURCES]
+  assert all(r['images_per_second'] > 0 and r['short_side'] == 74 for r in rows)
+  copies = {c['format']: c for c in result['copies']}
+  assert sorted(copies) == ['jpeg', 'raw']
+  # Raw pixels take more room than the JPEG copy; the JPEG copy at 74 px
+  # less than the 333-500 px originals.
+  assert copies['jpeg']['mb_per_1000'] < copies['raw']['mb_per_1000']
+  assert copies['jpeg']['mb_per_1000'] < copies['jpeg']['original_mb_per_1000']
+  table = pipeline.format_photos(result, threads=1)
+  assert '| 64 | 74 |' in table and 'per core' in table

@@ -217,3 +217,21 @@ def test_an_interrupted_preparation_resumes_where_it_stopped(
   for split in ('train', 'validation'):
     a, b = examples(resumed, split), examples(fresh, split)
     assert [e['image'] for e in a] == [e['image'] for e in b]
+
+
+def test_error_a_damaged_source_leaves_no_copy(tmp_path):
+  # The source's JPEGs cut short: one error naming the examples read, and
+  # no copy directory left (no shard was finished).
+  data_dir = str(tmp_path)
+  path = photos.write_dataset(data_dir, num_train=4, num_eval=4)
+  features = tfds.builder_from_directory(path).info.features
+  for split in ('train', 'validation'):
+    file = os.path.join(path, f'photos-{split}.tfrecord-00000-of-00001')
+    with tf.io.TFRecordWriter(file) as writer:
+      for jpeg in photos.jpegs(4):
+        example = {'image': jpeg[:500], 'label': 0}
+        writer.write(features.serialize_example(example))
+  config = photos_config(data_dir, side=110)
+  with pytest.raises(resized.CopyError, match=r'examples \[0, 4\) of its'):
+    prepare.get_builder(config)
+  assert not os.path.exists(tmp_path / 'resized')

@@ -667,3 +667,15 @@ def test_the_equal_cost_sweep_pairs_widths_with_resolutions_at_matched_macs():
   ):
     costs = [macs[p] for p in level]
     assert max(costs) <= verdicts.MAC_RATIO * min(costs), costs
+
+
+def test_every_point_must_read_the_one_resized_copy():
+  # A copy for the sweep's points: one it does not cover is refused before
+  # anything runs, naming the point (no point falls back to the original).
+  points = grid.make_points(ablation.get_sweep('imagenet'), '/r')
+  overrides = {'data.resized_short_side': '256', 'data.data_dir': '/d'}
+  configs = grid.point_configs(ablation, points, overrides)
+  assert {c.data.resized_short_side for c in configs.values()} == {256}
+  overrides['data.resized_short_side'] = '183'
+  with pytest.raises(ValueError, match=r"res=192'.*at least 220"):
+    grid.point_configs(ablation, points, overrides)

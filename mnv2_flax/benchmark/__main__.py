@@ -98,6 +98,25 @@ _SYNTHETIC_JPEG = flags.DEFINE_bool(
   'With --input_pipeline: the train transforms on locally made 375x500 '
   'JPEGs instead of the configured dataset.',
 )
+_PHOTOS = flags.DEFINE_bool(
+  'photos',
+  False,
+  "With --input_pipeline: --config's train pipeline on photo-like JPEGs of "
+  'ImageNet sizes at each of --resolutions, from the original (full and '
+  'scaled decoding) and from resized copies (JPEG, raw), per core.',
+)
+_RESOLUTIONS = flags.DEFINE_list(
+  'resolutions', ['96', '128', '160', '192', '224'], 'With --photos.'
+)
+_THREADS = flags.DEFINE_integer(
+  'threads', 1, 'With --photos: tf.data threads (1: images/s per core).'
+)
+_COPY_SIDE_RATIO = flags.DEFINE_float(
+  'copy_side_ratio',
+  0.0,
+  'With --photos: copies at this times the resolution (0: the smallest '
+  'short side that covers it).',
+)
 _CONFIG = None  # --config, defined when run as a program (sweep has one)
 
 
@@ -115,6 +134,14 @@ def _check_flags() -> None:
       raise ValueError(
         f'--{flag.name}={flag.value}: expected a number above {low}.'
       )
+  if not all(
+    r.isdigit() and defaults.MIN_IMAGE_SIZE <= int(r) <= defaults.MAX_IMAGE_SIZE
+    for r in _RESOLUTIONS.value
+  ):
+    raise ValueError(
+      f'--resolutions={",".join(_RESOLUTIONS.value)}: expected integers in '
+      f'[{defaults.MIN_IMAGE_SIZE}, {defaults.MAX_IMAGE_SIZE}], e.g. 96,128.'
+    )
 
 
 def _time_input_pipeline() -> None:
@@ -124,6 +151,19 @@ def _time_input_pipeline() -> None:
   config = _CONFIG.value
   from mnv2_flax.benchmark import pipeline  # pylint: disable=g-import-not-at-top
 
+  if _PHOTOS.value:
+    result = pipeline.benchmark_photos(
+      config,
+      tuple(int(r) for r in _RESOLUTIONS.value),
+      steps=_STEPS.value,
+      threads=_THREADS.value,
+      copy_side_ratio=_COPY_SIDE_RATIO.value,
+    )
+    if _JSON.value:
+      print(json.dumps(result))
+    else:
+      print(pipeline.format_photos(result, _THREADS.value))
+    return
   if _SYNTHETIC_JPEG.value:
     result = pipeline.benchmark_jpeg(config, steps=_STEPS.value)
   else:

@@ -19,6 +19,7 @@ or let the first run do it. It lives beside the source, in
 `<data_dir>/resized/<name>_<S>px_<format>/<version>`.
 """
 
+import contextlib
 import os
 import re
 import time
@@ -28,26 +29,17 @@ import ml_collections
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from mnv2_flax import defaults
 from mnv2_flax.data import transforms
 from mnv2_flax.runtime import workdir_lock
 
-FORMATS = ('jpeg', 'raw')
+FORMATS = defaults.RESIZED_FORMATS
 JPEG_QUALITY = 90  # FFCV's, for its JPEG copies
 _DONE = 'dataset_info.json'
 
 
-def covers(short_side: int, image_size: int, eval_crop_fraction: float) -> bool:
-  """Whether a copy of this short side serves `image_size`: its evaluation
-  centre crop (the smallest window a run reads at full size) is not
-  smaller than the output."""
-  return int(eval_crop_fraction * short_side) >= image_size
-
-
-def smallest_covering(image_size: int, eval_crop_fraction: float) -> int:
-  side = image_size
-  while not covers(side, image_size, eval_crop_fraction):
-    side += 1
-  return side
+class CopyError(ValueError):
+  """The source dataset could not be read into a copy."""
 
 
 def directory(data_dir: str, source, config: ml_collections.ConfigDict) -> str:
@@ -68,12 +60,28 @@ def get_builder(source, config: ml_collections.ConfigDict, data_dir: str):
   prepares, the others wait)."""
   path = directory(data_dir, source, config)
   if not os.path.exists(os.path.join(path, _DONE)):
-    os.makedirs(path, exist_ok=True)
     lock = f'.{os.path.basename(os.path.dirname(path))}.lock'
     with workdir_lock.hold(data_dir, 'dataset directory', wait=True, file=lock):
       if not os.path.exists(os.path.join(path, _DONE)):
-        _prepare(source, config, path)
+        made = _missing(path, data_dir)
+        os.makedirs(path, exist_ok=True)
+        try:
+          _prepare(source, config, path)
+        except BaseException:
+          for made_dir in made:  # empty unless shards were written
+            with contextlib.suppress(OSError):
+              os.rmdir(made_dir)
+          raise
   return tfds.builder_from_directory(path)
+
+
+def _missing(path: str, top: str) -> list[str]:
+  """`path` and its ancestors below `top` that do not exist, deepest first."""
+  missing = []
+  while not os.path.exists(path) and path != top:
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
 
 
 def _features(source, config):
@@ -160,9 +168,18 @@ def _prepare(source, config: ml_collections.ConfigDict, path: str) -> None:
           deterministic=True,
         )
         partial = out + '.incomplete'
-        with tf.io.TFRecordWriter(partial) as writer:
-          for example in tfds.as_numpy(ds):
-            writer.write(features.serialize_example(example))
+        try:
+          with tf.io.TFRecordWriter(partial) as writer:
+            for example in tfds.as_numpy(ds):
+              writer.write(features.serialize_example(example))
+        except tf.errors.OpError as e:
+          os.remove(partial)
+          raise CopyError(
+            f'{source.info.full_name}: the resized copy could not be made '
+            f'from examples [{first}, {first + length}) of its {split!r} '
+            f'split ({type(e).__name__}: {" ".join(e.message.split())[:200]});'
+            ' the source dataset may be damaged: prepare it again.'
+          ) from None
         os.replace(partial, out)
         logging.info(
           'Resized copy %s: %s shard %d/%d written (%.0f s so far).',
