@@ -79,7 +79,16 @@ def test_the_copy_keeps_splits_shards_order_and_labels(data_dir, fmt):
       (h, w), (sh, sw) = shape_of(a['image']), shape_of(b['image'])
       assert min(sh, sw) == 110
       assert abs(sh / sw - h / w) < 0.01  # the aspect ratio kept
-  # Splits of the copy name the original's examples.
+  # Example by example: the copy holds the source's images, resized.
+  jpeg = fmt == 'jpeg'
+  for a, b in list(zip(original, small, strict=True))[::7]:
+    want = resized.resize(
+      {'image': tf.constant(a['image']), 'label': 0},
+      jpeg=True,
+      short_side=110,
+      fmt=fmt,
+    )['image'].numpy()
+    assert (want == b['image']) if jpeg else np.array_equal(want, b['image'])
   config = photos_config(data_dir, side=110, fmt=fmt)
   assert prepare.dataset_meta(copy, config).num_classes == 10
 
@@ -161,7 +170,9 @@ def test_error_copy_that_does_not_cover_the_run(data_dir, fields, words):
   with pytest.raises(ValueError, match=f'config.data.{field}=') as error:
     prepare.get_builder(config)
   assert words in str(error.value)
-  assert not os.path.exists(os.path.join(data_dir, 'resized', 'photos_100px'))
+  assert not os.path.exists(
+    os.path.join(data_dir, 'resized', 'photos', '100px_jpeg')
+  )
 
 
 @pytest.mark.slow
@@ -235,3 +246,26 @@ def test_error_a_damaged_source_leaves_no_copy(tmp_path):
   with pytest.raises(resized.CopyError, match=r'examples \[0, 4\) of its'):
     prepare.get_builder(config)
   assert not os.path.exists(tmp_path / 'resized')
+
+
+def test_error_a_copy_of_another_source_is_refused(tmp_path):
+  # The source re-prepared (other shard lengths) after its copy was made:
+  # the copy is refused, naming its directory, and nothing is deleted.
+  data_dir = str(tmp_path)
+  photos.write_dataset(data_dir, num_train=8, num_eval=4, shard_size=4)
+  copy = prepare.get_builder(photos_config(data_dir, size=64, side=80))
+  before = sorted(os.listdir(copy.data_dir))
+  source = os.path.join(data_dir, 'photos')
+  os.rename(source, str(tmp_path / 'old'))
+  photos.write_dataset(data_dir, num_train=8, num_eval=4, shard_size=8)
+  with pytest.raises(resized.CopyError, match='another source') as error:
+    prepare.get_builder(photos_config(data_dir, size=64, side=80))
+  assert copy.data_dir in str(error.value) and 'delete' in str(error.value)
+  assert sorted(os.listdir(copy.data_dir)) == before
+
+
+def test_error_a_copy_in_a_bucket_is_not_made(data_dir):
+  source = prepare.get_builder(photos_config(data_dir))
+  config = photos_config('gs://bucket/tfds', side=110)
+  with pytest.raises(resized.CopyError, match='local data_dir'):
+    resized.get_builder(source, config, 'gs://bucket/tfds')

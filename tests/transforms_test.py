@@ -44,7 +44,8 @@ def area_resize(image, config):
 
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
 def test_windows_under_twice_the_size_decode_exactly_as_before(jpegs, train):
-  # At 224 px no window of a <= 500-px image is 448 px on both sides.
+  # At 224 px: no window of these photos (short side <= 400) is 448 px on
+  # both sides, so scaled decoding changes nothing.
   full = preprocessed(jpegs, 224, train=train, scaled=False)
   scaled = preprocessed(jpegs, 224, train=train, scaled=True)
   for a, b in zip(full, scaled, strict=True):
@@ -80,12 +81,18 @@ def test_scaled_windows_stay_inside_the_scaled_image():
   for height, width in ((63, 65), (121, 97), (64, 64)):
     jpeg = tf.io.encode_jpeg(photos.photo(rng, (height, width)))
     shape = tf.image.extract_jpeg_shape(jpeg)
-    for side in (8, 17, 33, 63):
-      for y, x in ((0, 0), (height - side, width - side)):
-        window = tf.constant([y, x, side, side])
+    for h, w in ((8, 8), (17, 40), (33, 17), (63, 63), (40, 64)):
+      for y, x in ((0, 0), (height - h, width - w), (1, 3)):
+        window = tf.constant([y, x, h, w])
         image = transforms.decode_window(jpeg, window, shape, config)
-        r = max(s for s in transforms.SCALES if side >= s * 8)
-        assert abs(image.shape[0] - side / r) <= 1, (height, width, side, y)
+        r = max(s for s in transforms.SCALES if min(h, w) >= s * 8)
+        got = image.shape[:2]
+        assert abs(got[0] - h / r) <= 1 and abs(got[1] - w / r) <= 1, (
+          (height, width),
+          (y, x, h, w),
+          got,
+        )
+        assert min(got) >= 8  # never below the output size
 
 
 def test_train_stream_with_scaled_decoding_is_reproducible(jpegs):

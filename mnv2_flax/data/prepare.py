@@ -11,6 +11,7 @@ preparation leaves no directory it made.
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 
 import ml_collections
@@ -146,13 +147,14 @@ def _download_and_prepare(builder, data_dir: str, manual_dir: str) -> None:
   """`builder.download_and_prepare`; a failure leaves nothing it made: no
   incomplete directory, no directory that was not there before."""
   made = [d for d in _tfds_dirs(builder, data_dir) if not os.path.exists(d)]
+  before = set(_incomplete(builder))
   try:
     builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
     )
   except BaseException:
     if '://' not in data_dir:
-      _remove_unfinished(builder, made)
+      _remove_unfinished(builder, made, before)
     raise
 
 
@@ -169,17 +171,27 @@ def _tfds_dirs(builder, data_dir: str) -> list[str]:
   return dirs + [os.path.join(downloads, 'extracted'), downloads]
 
 
-def _remove_unfinished(builder, made: list[str]) -> None:
-  """Removes tfds's incomplete directories of `builder`'s version (tfds
-  removes them itself unless killed), then the directories of `made` that
-  are empty: never a prepared version, another config's or a user's file.
-  The caller holds the dataset's lock: no other process prepares it."""
+def _incomplete(builder) -> list[str]:
+  """tfds's incomplete directories of `builder`'s version
+  (`incomplete.<hex>.<version>` beside the version directory)."""
   parent = os.path.dirname(os.path.abspath(os.fspath(builder.data_dir)))
-  version = str(builder.version)
-  with contextlib.suppress(OSError):
-    for entry in os.listdir(parent):
-      if 'incomplete' in entry and version in entry:
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+  pattern = re.compile(
+    rf'incomplete\.[0-9a-f]+\.{re.escape(str(builder.version))}'
+  )
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return []
+  return [os.path.join(parent, e) for e in entries if pattern.fullmatch(e)]
+
+
+def _remove_unfinished(builder, made: list[str], before: set[str]) -> None:
+  """Removes the incomplete directories of `builder`'s version that this
+  preparation made (tfds removes them itself unless killed; one there
+  before it is left), then the directories of `made` that are empty: never
+  a prepared version, another config's or a user's file."""
+  for path in set(_incomplete(builder)) - before:
+    shutil.rmtree(path, ignore_errors=True)
   for directory in made:
     with contextlib.suppress(OSError):
       os.rmdir(directory)
@@ -216,20 +228,28 @@ def _prepare_imagenet(
     raise DataError(str(e)) from None
   try:
     _download_and_prepare(builder, data_dir, manual_dir)
-  except Exception as e:
-    damaged = (
-      imagenet_tars.damaged_synset_tar(train) if os.path.exists(train) else None
-    )
-    if damaged:
-      raise DataError(damaged) from None
-    raise DataError(
-      f'{name} could not be prepared in {data_dir} from the tars in '
-      f'{manual_dir} ({type(e).__name__}: {" ".join(str(e).split())[:300]}). '
-      'Their tar structure is complete, so a file inside them may be '
-      "damaged: compare their sha256 with tfds's imagenet2012/checksums.tsv "
-      'or copy them again.'
-    ) from None
+  except OSError:  # the disk (full, not writable), not the tars: as it is
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise _tars_error(e, name, data_dir, manual_dir, train) from None
   return builder
+
+
+def _tars_error(e, name, data_dir, manual_dir, train) -> DataError:
+  """The error of a preparation from the tars that failed with `e`: the
+  damaged synset tar if there is one."""
+  damaged = None
+  with contextlib.suppress(Exception):
+    damaged = imagenet_tars.damaged_synset_tar(train)
+  if damaged:
+    return DataError(damaged)
+  return DataError(
+    f'{name} could not be prepared in {data_dir} from the tars in '
+    f'{manual_dir} ({type(e).__name__}: {" ".join(str(e).split())[:300]}). '
+    'Their tar structure is complete, so a file inside them may be '
+    "damaged: compare their sha256 with tfds's imagenet2012/checksums.tsv "
+    'or copy them again.'
+  )
 
 
 def _reads_validation(config: ml_collections.ConfigDict) -> bool:
