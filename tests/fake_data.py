@@ -252,3 +252,18 @@ def logged(run):
   finally:
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+def psnr(a, b) -> float:
+  """PSNR in dB of two uint8 images (inf where they are equal)."""
+  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+  return np.inf if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def area_resize(image, config):
+  """`transforms.finish` with an area resize: an alias-free reference."""
+  import tensorflow as tf  # noqa: PLC0415
+
+  size = config.data.image_size
+  image = tf.image.resize(image, (size, size), method='area')
+  return tf.saturate_cast(tf.round(image), tf.uint8)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from fake_data import area_resize
+from fake_data import psnr
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -102,20 +104,9 @@ def test_images_no_larger_than_the_side_are_kept(data_dir):
     assert a['image'] == b['image']  # the same JPEG bytes, not re-encoded
 
 
-def psnr(a, b) -> float:
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return np.inf if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 def eval_images(config):
   ds = ip.create_eval_dataset(prepare.get_builder(config), config)
   return next(iter(tfds.as_numpy(ds)))['image'][0]
-
-
-def area_resize(image, config):
-  size = config.data.image_size
-  image = tf.image.resize(image, (size, size), method='area')
-  return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
 @pytest.mark.parametrize('size', [64, 96])

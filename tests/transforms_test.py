@@ -1,6 +1,8 @@
 """JPEG decoding at reduced scale (`config.data.jpeg_scaled_decode`) against
 the full decode, on photo-like JPEGs of ImageNet's sizes."""
 
+from fake_data import area_resize
+from fake_data import psnr
 from fake_data import tiny_config
 import numpy as np
 import pytest
@@ -17,11 +19,6 @@ def jpegs():
   return photos.jpegs(NUM_PHOTOS)
 
 
-def psnr(a, b) -> float:
-  mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-  return np.inf if mse == 0 else 10 * np.log10(255**2 / mse)
-
-
 def preprocessed(jpegs, size, *, train, scaled):
   config = tiny_config('unused')
   config.data.update(image_size=size, jpeg_scaled_decode=scaled)
@@ -34,12 +31,6 @@ def preprocessed(jpegs, size, *, train, scaled):
     )
     images.append(image.numpy())
   return images
-
-
-def area_resize(image, config):
-  size = config.data.image_size
-  image = tf.image.resize(image, (size, size), method='area')
-  return tf.saturate_cast(tf.round(image), tf.uint8)
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
