@@ -389,9 +389,13 @@ def test_error_bad_idx_file_writes_nothing(tmp_path, damage, words):
   assert not (data_dir / 'fashion_mnist').exists()
 
 
-def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path):
+@pytest.mark.parametrize(
+  'name', ['imagenet2012', 'imagenet2012_subset/1pct', 'imagenet2012:5.1.0']
+)
+def test_error_imagenet_not_there_says_where_the_tars_go(tmp_path, name):
   config = defaults.get_config()
   config.data.data_dir = str(tmp_path)
+  config.data.name = name  # a config or version: still one lock file
   with pytest.raises(prepare.DataError) as error:
     prepare.get_builder(config)
   message = str(error.value)

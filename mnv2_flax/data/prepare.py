@@ -85,13 +85,14 @@ def _source_builder(config: ml_collections.ConfigDict):
   if '://' in data_dir:  # a bucket: no file locks there
     return _prepare(builder, config)
   # One process prepares, the others wait for it: two preparing at once
-  # collide (tfds renames its incomplete directory into place).
+  # collide (tfds renames its incomplete directory into place). One lock per
+  # dataset, whatever its config or version ('imagenet2012_subset/1pct'):
+  # they share tfds's download directory, and the lock is one file.
   created = not os.path.isdir(data_dir)
   os.makedirs(data_dir, exist_ok=True)
+  lock = f'.{re.split(r"[/:]", name)[0]}.lock'
   try:
-    with workdir_lock.hold(
-      data_dir, 'dataset directory', wait=True, file=f'.{name}.lock'
-    ):
+    with workdir_lock.hold(data_dir, 'dataset directory', wait=True, file=lock):
       builder = tfds.builder(name, data_dir=data_dir)
       if _is_prepared(builder):  # by the process this one waited for
         return builder
