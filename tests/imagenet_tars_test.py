@@ -23,6 +23,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
+from mnv2_flax.data import imagenet_tars
 from mnv2_flax.data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,3 +302,16 @@ def test_a_failure_keeps_what_was_there(tmp_path):
     prepare.get_builder(_config(data_dir, manual_dir))
   assert snapshot(data_dir) == before
   assert snapshot(manual_dir) == tars
+
+
+def test_a_partial_imagenet_is_checked_with_a_warning(tmp_path, caplog):
+  """Fewer synsets or validation images than ImageNet's prepare (labels
+  stay right), with a warning that the numbers are not ImageNet's."""
+  fake_imagenet.write_tars(str(tmp_path), per_synset=1, num_val=3)
+  with caplog.at_level('WARNING'):
+    imagenet_tars.check_train(str(tmp_path / TRAIN))
+    imagenet_tars.check_val(str(tmp_path / VAL))
+  warnings = [r.getMessage() for r in caplog.records]
+  assert len(warnings) == 2, warnings
+  assert 'holds 5 of the 1000 synset tars' in warnings[0]
+  assert 'holds 3 of the 50,000 validation images' in warnings[1]

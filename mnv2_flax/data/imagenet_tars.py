@@ -11,6 +11,7 @@ import os
 import re
 import tarfile
 
+from absl import logging
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
 
@@ -120,6 +121,14 @@ def check_train(path: str) -> None:
         "ImageNet's 1,000 synsets (tfds's imagenet2012/labels.txt). Put "
         f"ImageNet's {TRAIN_TAR} there."
       )
+  if len(members) < len(synsets):  # a subset: it prepares, but say so
+    logging.warning(
+      '%s holds %d of the %d synset tars: the train split has only their '
+      'images, and top-1 is not comparable with ImageNet results.',
+      path,
+      len(members),
+      len(synsets),
+    )
 
 
 def check_val(path: str) -> None:
@@ -164,6 +173,14 @@ def check_val(path: str) -> None:
       f'{path} holds {len(indices):,} validation images; ImageNet has '
       f"{VAL_IMAGES:,} (tfds labels only those). Put ImageNet's "
       f'{VAL_TAR} there.'
+    )
+  if len(indices) < VAL_IMAGES:  # a cut at an image's end: labels hold
+    logging.warning(
+      '%s holds %s of the %s validation images (the first ones): '
+      'evaluation on the validation split uses only these.',
+      path,
+      f'{len(indices):,}',
+      f'{VAL_IMAGES:,}',
     )
 
 
