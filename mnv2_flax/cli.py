@@ -194,8 +194,10 @@ def start_jax(
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, with `EXPECTED` errors as one line."""
-  # TensorFlow's C++ INFO lines (oneDNN's notice, twice) before it loads;
-  # its warnings and errors stay.
+  # No INFO lines of TensorFlow's or XLA's C++ (tf.data's, PjRt's); their
+  # warnings and errors stay. What TensorFlow's import logs before absl is
+  # initialised (oneDNN's notice, the CPU-feature one, on CPUs with
+  # AVX512/VNNI) is out of its reach.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
   def guarded(argv):
