@@ -8,9 +8,8 @@ JAX first (a few seconds each).
 
 import os
 import shlex
-import subprocess
-import sys
 
+from fake_data import run_python
 from fake_data import snapshot
 import pytest
 
@@ -37,18 +36,6 @@ def files(tmp_path):
   for name in fashion_mnist.FILES.values():
     (tmp_path / 'bad_idx' / name).write_bytes(b'not gzip')
   return tmp_path
-
-
-def _run(args, tmp_path):
-  return subprocess.run(
-    [sys.executable, *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-  )
 
 
 def _train(*args):
@@ -184,7 +171,7 @@ CASES = [
 def test_one_line_exit_1_nothing_changed(files, args, words):
   before = snapshot(files)
   args = [a.replace('{tmp}', str(files)) for a in args]
-  result = _run(args, files)
+  result = run_python(args)
   words = words.replace('{tmp}', str(files))
   assert result.returncode == 1, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -199,7 +186,9 @@ def test_one_line_exit_1_nothing_changed(files, args, words):
 @pytest.mark.slow
 def test_stats_counts_any_resolution_without_allocating_it():
   # 100000 px: a real input array would be 120 GB.
-  result = _run(['-m', 'mnv2_flax.stats', '--resolution=100000', '--json'], '')
+  result = run_python(
+    ['-m', 'mnv2_flax.stats', '--resolution=100000', '--json']
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert '"macs": 59688751280000' in result.stdout
 
@@ -210,7 +199,7 @@ def test_a_dry_run_command_with_a_placeholder_field_runs(files):
   (and reaches the data: cifar10 is not prepared in that empty data_dir)."""
   data_dir = files / 'empty dir'  # a space: the command must quote it
   data_dir.mkdir()
-  result = _run(
+  result = run_python(
     [
       '-m',
       'mnv2_flax.sweep',
@@ -220,12 +209,11 @@ def test_a_dry_run_command_with_a_placeholder_field_runs(files):
       '--set=data.name=cifar10',
       '--dry_run',
     ],
-    files,
   )
   assert result.returncode == 0, result.stderr[-2000:]
   command = result.stdout.splitlines()[0]
   assert command.startswith('python train.py ')
   argv = shlex.split(command)[1:]
-  ran = _run(argv, files)
+  ran = run_python(argv)
   assert ran.returncode == 1
   assert f'error: cifar10 is not prepared in {data_dir}.' in ran.stderr

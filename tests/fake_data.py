@@ -20,6 +20,7 @@ from mnv2_flax.train import programs
 from mnv2_flax.train import steps as steps_lib
 
 NUM_TRAIN, NUM_TEST = 40, 23
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_idx(directory, split, images, labels):
@@ -54,6 +55,21 @@ def make_idx_dir(directory, num_train=NUM_TRAIN):
     (np.arange(NUM_TEST) % 10).astype(np.uint8),
   )
   return directory
+
+
+def run_python(args, timeout: float | None = 300, **env):
+  """`python *args` from the repository's root in a process on the CPU
+  (`env` added to this one's), its output captured; never raises for its
+  exit code."""
+  return subprocess.run(
+    [sys.executable, *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS='cpu', **env),
+  )
 
 
 def run_on_fake_devices(script: str, devices: int, timeout: int = 600):

@@ -12,10 +12,9 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import tarfile
 
+from fake_data import run_python
 from fake_data import snapshot
 import fake_imagenet
 import jax
@@ -81,17 +80,7 @@ def _check_prepared(builder, tars):
 
 
 def _run(args):
-  return subprocess.run(
-    [sys.executable, *args],
-    capture_output=True,
-    text=True,
-    timeout=300,
-    check=False,
-    cwd=ROOT,
-    env=dict(
-      os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1'
-    ),
-  )
+  return run_python(args, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
 
 
 @pytest.mark.slow

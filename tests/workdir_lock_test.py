@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+from fake_data import run_python
 from fake_data import snapshot
 from fake_data import tiny_config
 import pytest
@@ -81,14 +82,7 @@ def test_train_py_refuses_in_one_line(held, data_dirs, tmp_path):
 
 
 def _train_py(*args):
-  return subprocess.run(
-    [sys.executable, 'train.py', *args],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    check=False,
-  )
+  return run_python(['train.py', *args], timeout=None)
 
 
 @pytest.mark.parametrize(
