@@ -221,8 +221,7 @@ def _prepare_imagenet(
       + IMAGENET_HOW_TO.format(manual_dir=manual_dir, data_dir=data_dir)
     )
   try:
-    if os.path.exists(train):
-      imagenet_tars.check_train(train)
+    imagenet_tars.check_train(train)  # there: checked just above
     if os.path.exists(val):
       imagenet_tars.check_val(val)
   except imagenet_tars.TarError as e:
